@@ -1,0 +1,1 @@
+"""llmc compiler: pure Python, never imports torch."""

@@ -1,0 +1,47 @@
+"""`[data]`: where tokens come from, how they are tokenized and split."""
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from .base import Invalid, Table
+
+
+class SourceSpec(Table):
+    """One `[[data.sources]]` entry."""
+
+    path: str = Field(..., min_length=1, description="File or folder (relative to the spec), or `builtin:NAME` "
+                                                     "for a corpus that ships with Python (builtin:stdlib).")
+    format: Literal["text", "jsonl", "csv"] = Field("text", description="File format.")
+    field: str = Field("text", description="jsonl: key of the text (or of `messages` for sft); csv: column name.")
+    weight: float = Field(1.0, gt=0, description="Sampling weight in the mixture (relative).")
+    lang: str = Field("", description="Language tag, informational (e.g. en, zh).")
+    glob: str = Field("**/*", description="For a folder: which files to read.")
+
+
+class TokenizerSpec(Table):
+    """`[data.tokenizer]`: train a byte-level BPE, or load a tokenizer.json."""
+
+    path: str | None = Field(None, description="A tokenizer.json to load; absent = train one on the sources.")
+    vocab_size: int | None = Field(None, ge=256, description="Vocabulary of a trained tokenizer (tokens); "
+                                                             "default model.vocab_size.")
+    chat_template: str = Field("chatml", description="Chat template for sft: chatml, or a jinja2 string.")
+
+
+class DataSpec(Table):
+    """`[data]`."""
+
+    sources: list[SourceSpec] = Field(default_factory=lambda: [SourceSpec(path="builtin:stdlib")],
+                                      description="Text sources; default the Python standard library's sources.")
+    tokenizer: TokenizerSpec = Field(default_factory=TokenizerSpec, description="Tokenizer.")
+    val_fraction: float = Field(0.01, ge=0, lt=1, description="Share of documents held out for validation.")
+    max_bytes: int | None = Field(None, ge=1, description="Read at most this many bytes per source (bytes).")
+    on_bad_record: Literal["error", "skip"] = Field("error", description="A malformed record stops the "
+                                                                         "prepare with its file and line, or is skipped and counted.")
+    cache_dir: str = Field(".llmc/data", description="Where prepared shards live (relative to the working directory).")
+
+    @model_validator(mode="after")
+    def _sources(self):
+        if not self.sources:
+            raise Invalid("sources", "data.sources is empty (expected at least one source)")
+        return self
