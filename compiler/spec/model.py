@@ -133,8 +133,9 @@ class ModelSpec(Table):
     norm: Literal["rmsnorm", "layernorm"] = Field("rmsnorm", description="Normalisation layer kind.")
     norm_eps: float = Field(1e-5, gt=0, description="Epsilon of every norm (unitless).")
     positions: Literal["rope", "learned"] = Field("rope", description="Rotary or learned absolute positions.")
-    activation: Literal["swiglu", "geglu", "gelu", "relu", "silu"] = Field(
-        "swiglu", description="FFN activation; swiglu/geglu are gated (three matrices), the rest plain (two).")
+    activation: Literal["swiglu", "geglu", "gelu", "gelu_tanh", "relu", "silu"] = Field(
+        "swiglu", description="FFN activation; swiglu/geglu are gated (three matrices), the rest plain (two); "
+                              "gelu is exact (erf), gelu_tanh the tanh approximation (GPT-2).")
     qkv_bias: bool = Field(False, description="Bias on the q/k/v projections.")
     out_bias: bool = Field(False, description="Bias on the attention output projection.")
     mlp_bias: bool = Field(False, description="Biases in the FFN.")
