@@ -5,6 +5,7 @@ pydantic finds is reported as `FILE:LINE: key.path: message`, all at once.
 """
 
 import difflib
+import re
 import tomllib
 import typing
 from dataclasses import dataclass
@@ -41,9 +42,10 @@ def _read_toml(path: Path, display: str) -> tuple[dict, dict[Key, int]]:
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        line = getattr(e, "lineno", None)
-        message = getattr(e, "msg", str(e))
-        raise SpecError([Problem(display, line, "", f"invalid TOML: {message}")]) from None
+        # Python 3.11's tomllib puts the position only in the message: "... (at line 3, column 11)".
+        where = re.search(r"\(at line (\d+), column \d+\)", str(e))
+        line = int(where.group(1)) if where else None
+        raise SpecError([Problem(display, line, "", f"invalid TOML: {e}")]) from None
     return data, key_lines(text)
 
 

@@ -1,0 +1,69 @@
+"""`llmc lint` and `llmc schema` as a user and a CI job see them."""
+
+import json
+import subprocess
+import sys
+
+from llmc.compiler.cli import main
+
+from conftest import REPO, SPECS
+
+
+def test_lint_shipped_specs_clean(capsys):
+    assert main(["lint", str(SPECS)]) == 0
+    assert "0 problems" in capsys.readouterr().err
+
+
+def test_lint_reports_every_error_with_location(write_spec, capsys):
+    path = write_spec("[model]\nvocab_size = 10\nd_modle = 8\n[train]\nseq_len = 'long'\n")
+    assert main(["lint", str(path)]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert any(line.startswith(f"{path}:3: model.d_modle: unknown key; did you mean 'd_model'?") for line in out), out
+    assert any(":5: train.seq_len: expected an integer, found 'long'" in line for line in out), out
+    assert len(out) >= 4  # plus the missing required keys
+
+
+def test_lint_json_and_github_formats(write_spec, capsys):
+    path = write_spec("[model]\nvocab_size = -1\n")
+    assert main(["lint", str(path), "--format", "json"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert any(p["key"] == "model.vocab_size" and p["line"] == 2 for p in report["problems"])
+    assert main(["lint", str(path), "--format", "github"]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert f"::error file={path},line=2,title=llmc lint::model.vocab_size: expected a value >= 2, found -1 (integer)" in lines
+
+
+def test_lint_missing_path_is_a_clean_error(tmp_path, capsys):
+    assert main(["lint", str(tmp_path / "nowhere")]) == 1
+    assert "no such file" in capsys.readouterr().err
+
+
+def test_bad_spec_never_shows_a_traceback(write_spec):
+    path = write_spec("[model\nvocab_size = 1\n")
+    done = subprocess.run([sys.executable, "-m", "llmc.compiler.cli", "lint", str(path)],
+                          capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr + done.stdout
+    assert ":1:" in done.stdout and "invalid TOML" in done.stdout
+
+
+def test_schema_verb_prints_the_schema(capsys):
+    assert main(["schema"]) == 0
+    schema = json.loads(capsys.readouterr().out)
+    assert schema["title"] == "llmc spec" and "model" in schema["required"]
+
+
+NO_TORCH = """
+import sys
+sys.modules["torch"] = None          # any `import torch` now raises ImportError
+sys.modules["transformers"] = None
+from llmc.compiler.cli import main
+codes = [main(["lint", "specs"]), main(["plan", "specs/tiny.toml", "--json"]), main(["plan", "specs/ds_v32.toml"])]
+assert "torch" not in [m for m in sys.modules if sys.modules[m] is not None], "torch was imported"
+sys.exit(max(codes))
+"""
+
+
+def test_lint_and_plan_run_without_torch():
+    done = subprocess.run([sys.executable, "-c", NO_TORCH], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]

@@ -1,0 +1,142 @@
+"""The spec language: loading, extends, --set, and errors that point at file, line and key."""
+
+import pytest
+
+from llmc.compiler.spec import SpecError, load_spec
+
+from conftest import SPECS
+
+BASE = """\
+[model]
+vocab_size = 1000
+d_model = 64
+n_layers = 2
+n_heads = 4
+ffn_hidden = 128
+max_seq_len = 128
+
+[train]
+seq_len = 64
+global_batch_size = 8
+max_steps = 10
+"""
+
+
+def problems(path, overrides=()):
+    with pytest.raises(SpecError) as info:
+        load_spec(path, overrides)
+    return info.value.problems
+
+
+def test_shipped_specs_load():
+    for path in SPECS.glob("*.toml"):
+        spec = load_spec(path)
+        assert spec.model.n_layers >= 1
+
+
+def test_ds_v32_is_deepseek_v32():
+    spec = load_spec(SPECS / "ds_v32.toml")
+    m = spec.model
+    assert (m.n_layers, m.d_model, m.n_heads, m.vocab_size) == (61, 7168, 128, 129280)
+    assert m.attention.kind == "mla" and m.attention.kv_lora_rank == 512
+    assert (m.moe.n_experts, m.moe.top_k, m.moe.n_shared_experts, m.moe.first_dense_layers) == (256, 8, 1, 3)
+    assert m.mtp.depth == 1 and m.attention.index_topk == 2048
+    assert m.rope.scaling == "yarn" and m.rope.original_max_seq_len * m.rope.factor >= 128 * 1024
+    assert m.n_moe_layers == 58
+
+
+def test_unknown_key_names_line_and_suggests(write_spec):
+    path = write_spec(BASE.replace("n_layers = 2", "n_layer = 2"))
+    found = problems(path)
+    missing = [p for p in found if p.key == "model.n_layers"]
+    unknown = [p for p in found if p.key == "model.n_layer"]
+    assert unknown and unknown[0].line == 4 and "did you mean 'n_layers'" in unknown[0].message
+    assert missing and "required" in missing[0].message
+    assert str(unknown[0]).startswith(f"{path.name}:4: model.n_layer: unknown key") or \
+        str(unknown[0]).split(":")[1] == "4"
+
+
+def test_wrong_type_and_range_all_reported_at_once(write_spec):
+    text = BASE.replace("d_model = 64", 'd_model = "wide"').replace("max_steps = 10", "max_steps = -3")
+    found = {p.key: p for p in problems(write_spec(text))}
+    assert found["model.d_model"].line == 3
+    assert "expected an integer" in found["model.d_model"].message and "'wide'" in found["model.d_model"].message
+    assert found["train.max_steps"].line == 12 and ">= 1" in found["train.max_steps"].message
+
+
+@pytest.mark.parametrize("edit, key, words", [
+    (("n_heads = 4", "n_heads = 5"), "model.n_heads", "divide d_model"),
+    (("ffn_hidden = 128", "ffn_hidden = 128\nn_kv_heads = 3"), "model.n_kv_heads", "divide n_heads"),
+    (("seq_len = 64", "seq_len = 4096"), "train.seq_len", "max_seq_len"),
+    (("[train]", "[model.moe]\nn_experts = 4\ntop_k = 6\nexpert_hidden = 32\n[train]"),
+     "model.moe.top_k", "n_experts"),
+])
+def test_inconsistent_fields(write_spec, edit, key, words):
+    found = {p.key: p for p in problems(write_spec(BASE.replace(*edit)))}
+    assert key in found, found
+    assert words in found[key].message
+
+
+def test_parallel_product_must_match_world_size(write_spec):
+    text = BASE + "[parallel]\ndp = 2\ntp = 2\npp = 1\n[hardware]\ngpus_per_node = 8\n"
+    found = {p.key: p for p in problems(write_spec(text))}
+    assert "world size" in found["parallel.dp"].message and "expected 8" in found["parallel.dp"].message
+
+
+def test_experts_divisible_by_ep(write_spec):
+    text = BASE.replace("[train]", "[model.moe]\nn_experts = 6\ntop_k = 2\nexpert_hidden = 32\n[train]")
+    text += "[parallel]\nep = 4\n[hardware]\ngpus_per_node = 8\n"
+    found = {p.key: p for p in problems(write_spec(text))}
+    assert "divide model.moe.n_experts" in found["parallel.ep"].message
+
+
+def test_toml_syntax_error_has_line(write_spec):
+    found = problems(write_spec(BASE.replace("d_model = 64", "d_model = = 64")))
+    assert len(found) == 1 and found[0].line == 3 and "invalid TOML" in found[0].message
+
+
+def test_missing_file_and_missing_extends(write_spec, tmp_path):
+    assert "not found" in problems(tmp_path / "nope.toml")[0].message
+    found = problems(write_spec('extends = "base.toml"\n' + BASE))
+    assert found[0].key == "extends" and found[0].line == 1 and "base.toml" in found[0].message
+
+
+def test_extends_chain_merges_and_reports_origin(write_spec):
+    write_spec(BASE.replace("ffn_hidden = 128", "ffn_hidden = -1"), "base.toml")
+    write_spec('extends = "base.toml"\n[model]\nn_layers = 3\n', "mid.toml")
+    child = write_spec('extends = "mid.toml"\n[train]\nseq_len = 32\n', "child.toml")
+    found = problems(child)
+    assert len(found) == 1
+    assert found[0].file.endswith("base.toml") and found[0].line == 6
+    assert found[0].origin == f"extends: {found[0].file}"
+    write_spec(BASE, "base.toml")
+    spec = load_spec(child)
+    assert (spec.model.n_layers, spec.train.seq_len, spec.model.d_model) == (3, 32, 64)
+
+
+def test_circular_extends(write_spec):
+    write_spec('extends = "b.toml"\n' + BASE, "a.toml")
+    write_spec('extends = "a.toml"\n', "b.toml")
+    assert "circular" in problems(write_spec('extends = "a.toml"\n', "c.toml"))[0].message
+
+
+def test_bundled_presets_found_from_anywhere(write_spec):
+    text = 'extends = "presets/llama3.toml"\n' + BASE.replace("vocab_size = 1000\n", "")
+    assert load_spec(write_spec(text)).model.vocab_size == 128256
+
+
+def test_set_overrides_and_their_errors(write_spec):
+    path = write_spec(BASE)
+    spec = load_spec(path, ["train.seq_len=32", "parallel.tp=auto", "model.rope.theta=500000.0"])
+    assert spec.train.seq_len == 32 and spec.parallel.tp == "auto" and spec.model.rope.theta == 500000.0
+    found = problems(path, ["train.seq_lenn=32", "model.d_model=big"])
+    by_key = {p.key: p for p in found}
+    assert by_key["train.seq_lenn"].file == "--set" and "did you mean 'seq_len'" in by_key["train.seq_lenn"].message
+    assert by_key["model.d_model"].file == "--set"
+    assert problems(path, ["no-equals-sign"])[0].file == "--set"
+
+
+def test_relative_source_paths_resolve_against_the_spec(write_spec, tmp_path):
+    text = BASE + '[data]\nsources = [{ path = "corpus.txt" }]\n'
+    spec = load_spec(write_spec(text))
+    assert spec.data.sources[0].path == str((tmp_path / "corpus.txt").resolve())
