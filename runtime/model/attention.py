@@ -1,0 +1,72 @@
+"""Multi-head attention with grouped / multi-query key-value heads (MHA, GQA, MQA).
+
+q, k, v are separate nn.Linear layers (tensor parallel splits them by heads from outside);
+attention itself is F.scaled_dot_product_attention.
+
+KV-cache hook (used by llmc.runtime.infer): `forward(x, cos, sin, cache=None, start_pos=0)`.
+When `cache` is given it is this layer's cache object with one method
+
+    cache.update(k, v, start_pos) -> (k_all, v_all)
+
+k, v are the new keys/values [B, T, n_kv_heads, head_dim] (RoPE already applied) for
+positions start_pos .. start_pos+T-1; it stores them and returns every cached key/value for
+positions 0 .. start_pos+T-1, same layout. Queries then attend causally with that offset.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .norm import RMSNorm
+from .rope import apply_rope
+
+
+def causal_attention(q, k, v, scale: float, start_pos: int = 0):
+    """softmax(q k^T * scale + causal mask) v, SDPA layout [B, H, T, D]; kv may have fewer heads.
+
+    Query i sits at position start_pos + i and sees keys 0 .. start_pos + i.
+    """
+    n_rep = q.shape[1] // k.shape[1]
+    if n_rep > 1:
+        k = k.repeat_interleave(n_rep, dim=1)
+        v = v.repeat_interleave(n_rep, dim=1)
+    t_q, t_k = q.shape[2], k.shape[2]
+    if t_q == t_k:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    if t_q == 1:  # one new query sees every cached key
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    qpos = torch.arange(t_q, device=q.device) + start_pos
+    mask = torch.arange(t_k, device=q.device)[None, :] <= qpos[:, None]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+class Attention(nn.Module):
+    """MHA / GQA / MQA: n_heads query heads share n_kv_heads key/value heads."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.dim_per_head
+        d, hd = cfg.d_model, self.head_dim
+        self.wq = nn.Linear(d, self.n_heads * hd, bias=cfg.qkv_bias)
+        self.wk = nn.Linear(d, self.n_kv_heads * hd, bias=cfg.qkv_bias)
+        self.wv = nn.Linear(d, self.n_kv_heads * hd, bias=cfg.qkv_bias)
+        self.wo = nn.Linear(self.n_heads * hd, d, bias=cfg.out_bias)
+        # Qwen3: RMSNorm over each head's query and key, before RoPE
+        self.q_norm = RMSNorm(hd, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(hd, cfg.norm_eps) if cfg.qk_norm else None
+        self.use_rope = cfg.positions == "rope"
+        self.scale = hd ** -0.5
+
+    def forward(self, x, cos=None, sin=None, cache=None, start_pos: int = 0):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.use_rope:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(k, v, start_pos)
+        out = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.scale, start_pos)
+        return self.wo(out.transpose(1, 2).reshape(B, T, -1))

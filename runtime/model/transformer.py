@@ -1,0 +1,197 @@
+"""The decoder-only Transformer built from a ModelSpec (never from TOML).
+
+Layout (torchtitan style, so parallel wrappers can act from outside):
+    embed            token embedding
+    pos_embed        learned absolute positions (positions = "learned" only)
+    layers["i"]      Block: attn_norm -> attn (Attention | MLA) ; ffn_norm -> ffn (MLP | MoE)
+    norm, head       final norm and output projection (head is None when tied to embed)
+    mtp              DeepSeek-V3 multi-token prediction modules (ModuleList, may be empty)
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import Attention
+from .mlp import MLP
+from .norm import build_norm
+from .rope import rope_attention_factor, rope_cos_sin, rope_inv_freq
+
+
+@dataclass
+class ModelOutput:
+    """What the model returns. Losses are None when not applicable (no labels, no MoE, no MTP)."""
+
+    logits: torch.Tensor                          # [B, T, V]
+    loss: torch.Tensor | None = None              # lm_loss + aux_loss + mtp.loss_weight * mtp_loss
+    lm_loss: torch.Tensor | None = None           # mean next-token cross entropy over labels != -100
+    aux_loss: torch.Tensor | None = None          # MoE balance loss, already weighted by aux_loss_coef
+    mtp_loss: torch.Tensor | None = None          # mean over MTP depths of their cross entropy
+    expert_counts: torch.Tensor | None = None     # [n_moe_layers, n_experts] tokens routed per expert
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean token cross entropy in fp32 over labels != -100 (0 when every label is ignored)."""
+    losses = F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten(), ignore_index=-100, reduction="none")
+    return losses.sum() / (labels != -100).sum().clamp(min=1)
+
+
+def rope_dim(cfg) -> int:
+    """Dims per head that carry RoPE: all of them, or MLA's decoupled qk_rope_head_dim."""
+    return cfg.attention.qk_rope_head_dim if cfg.attention.kind == "mla" else cfg.dim_per_head
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: h = x + attn(norm(x)); out = h + ffn(norm(h))."""
+
+    def __init__(self, cfg, layer_id: int):
+        super().__init__()
+        self.layer_id = layer_id
+        self.attn_norm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
+        if cfg.attention.kind == "mla":
+            from .mla import MLA
+            self.attn = MLA(cfg)
+        else:
+            self.attn = Attention(cfg)
+        self.ffn_norm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
+        self.is_moe = cfg.is_moe_layer(layer_id)
+        if self.is_moe:
+            from .moe import MoE
+            self.ffn = MoE(cfg)
+        else:
+            self.ffn = MLP(cfg.d_model, cfg.ffn_hidden, cfg.activation, cfg.mlp_bias)
+
+    def forward(self, x, cos=None, sin=None, cache=None, start_pos: int = 0):
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache=cache, start_pos=start_pos)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class Transformer(nn.Module):
+    """A decoder-only Transformer covering every architecture a ModelSpec can express."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.positions == "learned" else None
+        self.layers = nn.ModuleDict({str(i): Block(cfg, i) for i in range(cfg.n_layers)})
+        self.norm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
+        self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.mtp.depth:
+            from .mtp import MTPModule
+            self.mtp = nn.ModuleList(MTPModule(cfg, k) for k in range(1, cfg.mtp.depth + 1))
+        else:
+            self.mtp = nn.ModuleList()
+        self.moe_layer_ids = [i for i in range(cfg.n_layers) if cfg.is_moe_layer(i)]
+        self.rope_attention_factor = rope_attention_factor(cfg.rope)
+        self.register_buffer("inv_freq", rope_inv_freq(rope_dim(cfg), cfg.rope), persistent=False)
+
+    # ---------------------------------------------------------------- init
+    @torch.no_grad()
+    def init_weights(self):
+        """(Re)initialise every parameter and buffer; valid after `to_empty` from the meta device.
+
+        Normal(0, init_std) for embeddings and projections; the projections that write into the
+        residual stream (attention wo, FFN/expert w2, MTP block outputs) get init_std / sqrt(2 L)
+        so the residual's variance does not grow with depth (GPT-2); norms 1, biases 0.
+        """
+        std = self.cfg.init_std
+        out_std = std / math.sqrt(2 * self.cfg.n_layers)
+        self.inv_freq.copy_(rope_inv_freq(rope_dim(self.cfg), self.cfg.rope).to(self.inv_freq.device))
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                is_out = name.endswith(("attn.wo", ".w2"))
+                nn.init.normal_(module.weight, 0.0, out_std if is_out else std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif hasattr(module, "reset_parameters") and not list(module.children()):
+                module.reset_parameters()  # norms, experts, router extras
+        for module in self.modules():
+            if hasattr(module, "init_extra"):
+                module.init_extra(std, out_std)  # stacked expert weights, correction biases
+
+    # ---------------------------------------------------------------- forward
+    def rope(self, positions: torch.Tensor, dtype: torch.dtype):
+        if self.cfg.positions != "rope":
+            return None, None
+        return rope_cos_sin(positions, self.inv_freq, self.rope_attention_factor, dtype)
+
+    def forward(self, tokens, labels=None, *, positions=None, cache=None) -> ModelOutput:
+        """tokens [B, T] int64 -> ModelOutput. labels[:, t] is the token after tokens[:, t] (-100 = ignore).
+
+        positions: [T] or [B, T] absolute positions (default 0..T-1). cache: per-layer KV caches,
+        indexed `cache[layer_id]` (int); with a cache, positions must be [T] and start at the
+        number of tokens already cached (see attention.py for the per-layer hook).
+        """
+        B, T = tokens.shape
+        if positions is None:
+            positions = torch.arange(T, device=tokens.device)
+        start_pos = int(positions.reshape(-1)[0]) if cache is not None else 0
+        h = self.embed(tokens)
+        if self.pos_embed is not None:
+            h = h + self.pos_embed(positions)
+        cos, sin = self.rope(positions, torch.float32)
+        for layer_id, layer in self.layers.items():
+            layer_cache = cache[int(layer_id)] if cache is not None else None
+            h = layer(h, cos, sin, cache=layer_cache, start_pos=start_pos)
+        logits = self.output(h)
+
+        out = ModelOutput(logits=logits)
+        aux, counts = self._collect_moe_stats(h.device)
+        out.aux_loss, out.expert_counts = aux, counts
+        if labels is not None:
+            out.lm_loss = cross_entropy(logits, labels)
+            out.loss = out.lm_loss
+            if self.mtp:
+                out.mtp_loss = self._mtp_loss(h, tokens, labels, cos, sin)
+                mtp_aux, _ = self._collect_moe_stats(h.device, mtp=True)
+                if mtp_aux is not None:
+                    out.aux_loss = mtp_aux if out.aux_loss is None else out.aux_loss + mtp_aux
+                out.loss = out.loss + self.cfg.mtp.loss_weight * out.mtp_loss
+            if out.aux_loss is not None:
+                out.loss = out.loss + out.aux_loss
+        return out
+
+    def output(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm and head (the embedding matrix when tied)."""
+        h = self.norm(h)
+        return self.head(h) if self.head is not None else F.linear(h, self.embed.weight)
+
+    def _mtp_loss(self, h, tokens, labels, cos, sin):
+        """DeepSeek-V3 MTP: depth k at position t reads token t+k and predicts token t+k+1."""
+        losses = []
+        for k, module in enumerate(self.mtp, start=1):
+            next_tokens = tokens.roll(-k, dims=1)          # token t+k (last k positions wrap: ignored)
+            targets = labels.roll(-k, dims=1).clone()      # token t+k+1
+            targets[:, -k:] = -100
+            h = module(h, self.embed(next_tokens), cos, sin)
+            losses.append(cross_entropy(module.output(h, self), targets))
+        return torch.stack(losses).mean()
+
+    def _collect_moe_stats(self, device, mtp: bool = False):
+        """Sum of the MoE layers' weighted aux losses and their expert counts from the last forward."""
+        if self.cfg.moe is None:
+            return None, None
+        blocks = [m.block for m in self.mtp] if mtp else [self.layers[str(i)] if str(i) in self.layers else None
+                                                           for i in self.moe_layer_ids]
+        aux, counts = None, []
+        for block in blocks:
+            moe = block.ffn if block is not None and block.is_moe else None
+            if moe is None or moe.last_counts is None:
+                counts.append(torch.zeros(self.cfg.moe.n_experts, dtype=torch.long, device=device))
+                continue
+            counts.append(moe.last_counts)
+            if moe.last_aux_loss is not None:
+                aux = moe.last_aux_loss if aux is None else aux + moe.last_aux_loss
+        return aux, (torch.stack(counts) if counts else None)
+
+    @torch.no_grad()
+    def update_router_bias(self, expert_counts: torch.Tensor):
+        """Aux-loss-free balancing (DeepSeek-V3): call after each optimizer step with the
+        [n_moe_layers, n_experts] counts of that step (summed over micro-batches and ranks)."""
+        for row, layer_id in enumerate(self.moe_layer_ids):
+            if str(layer_id) in self.layers:
+                self.layers[str(layer_id)].ffn.update_bias(expert_counts[row])
