@@ -1,0 +1,57 @@
+"""The SFT chat template: a conversation -> token ids and a loss mask (1 = the model learns this token).
+
+A template renders ONE message from `role` and `content` (jinja2). The default, ChatML, is
+`<|im_start|>{{ role }}\\n{{ content }}<|im_end|>\\n`. Each message is rendered with a placeholder
+content to find where the content starts: the header before it is never trained; for assistant
+messages the content and everything after it (the `<|im_end|>` that teaches the model to stop) are.
+System, user and tool messages contribute no loss at all.
+"""
+
+import jinja2
+from tokenizers import Tokenizer
+
+from .sources import DataError
+
+CHATML = "<|im_start|>{{ role }}\n{{ content }}<|im_end|>\n"
+_PLACEHOLDER = "\x00CONTENT\x00"
+
+
+class ChatTemplate:
+    """A per-message jinja2 template, split once into header/footer around the content."""
+
+    def __init__(self, template: str = "chatml"):
+        source = CHATML if template == "chatml" else template
+        try:
+            self._template = jinja2.Environment(keep_trailing_newline=True).from_string(source)
+        except jinja2.TemplateSyntaxError as e:
+            raise DataError(f"data.tokenizer.chat_template: invalid jinja2 ({e.message}, line {e.lineno})") from None
+        self._parts: dict[str, tuple[str, str]] = {}
+
+    def parts(self, role: str) -> tuple[str, str]:
+        """(header, footer) of a message of this role."""
+        if role not in self._parts:
+            rendered = self._template.render(role=role, content=_PLACEHOLDER)
+            if rendered.count(_PLACEHOLDER) != 1:
+                raise DataError("data.tokenizer.chat_template must use {{ content }} exactly once")
+            header, footer = rendered.split(_PLACEHOLDER)
+            self._parts[role] = (header, footer)
+        return self._parts[role]
+
+    def render_text(self, messages: list[dict]) -> str:
+        """The conversation as one string (for people and for generation prompts)."""
+        return "".join(h + m["content"] + f for m in messages for h, f in [self.parts(m["role"])])
+
+
+def render_chat(messages: list[dict], tok: Tokenizer, template: ChatTemplate) -> tuple[list[int], list[int]]:
+    """Token ids of a conversation and the loss mask (1 on assistant content and its footer)."""
+    ids: list[int] = []
+    mask: list[int] = []
+    for m in messages:
+        header, footer = template.parts(m["role"])
+        learn = 1 if m["role"] == "assistant" else 0
+        for text, flag in ((header, 0), (m["content"], learn), (footer, learn)):
+            if text:
+                piece = tok.encode(text, add_special_tokens=False).ids
+                ids += piece
+                mask += [flag] * len(piece)
+    return ids, mask

@@ -1,0 +1,70 @@
+"""The tokenizer: a byte-level BPE trained with the `tokenizers` library, or a given tokenizer.json.
+
+A trained tokenizer carries llmc's special tokens: `<|endoftext|>` (end of a document; packing puts
+it between documents), `<|bos|>`, `<|pad|>` and the ChatML turn markers `<|im_start|>`/`<|im_end|>`
+used by the SFT chat template. A loaded tokenizer keeps its own tokens; its end-of-text token is
+found among the usual names (and added if it has none).
+"""
+
+from pathlib import Path
+from typing import Iterable
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from .sources import DataError
+
+SPECIAL_TOKENS = {"eos": "<|endoftext|>", "bos": "<|bos|>", "pad": "<|pad|>",
+                  "im_start": "<|im_start|>", "im_end": "<|im_end|>"}
+
+# Names other tokenizers give their special tokens, most common first.
+_CANDIDATES = {
+    "eos": ["<|endoftext|>", "</s>", "<|end_of_text|>", "<｜end▁of▁sentence｜>", "<eos>", "<|eot_id|>"],
+    "bos": ["<|bos|>", "<s>", "<|begin_of_text|>", "<｜begin▁of▁sentence｜>", "<bos>"],
+    "pad": ["<|pad|>", "<pad>", "<|finetune_right_pad_id|>", "<｜▁pad▁｜>"],
+    "im_start": ["<|im_start|>"],
+    "im_end": ["<|im_end|>"],
+}
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
+    """Train a byte-level BPE of `vocab_size` tokens (specials included) on `texts`."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, show_progress=False,
+                                  special_tokens=list(SPECIAL_TOKENS.values()),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer=trainer)
+    return tok
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """Load a tokenizer.json; add an end-of-text token if it has none (documents need a separator)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: tokenizer file not found")
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as e:  # the tokenizers library raises plain Exceptions for malformed files
+        raise DataError(f"{path}: not a valid tokenizer.json ({e})") from None
+    if special_ids(tok).get("eos") is None:
+        tok.add_special_tokens([SPECIAL_TOKENS["eos"]])
+    return tok
+
+
+def special_ids(tok: Tokenizer) -> dict[str, int | None]:
+    """Ids of eos/bos/pad/im_start/im_end (None where the tokenizer has no such token); pad falls back to eos."""
+    ids: dict[str, int | None] = {}
+    for role, names in _CANDIDATES.items():
+        ids[role] = next((tok.token_to_id(n) for n in names if tok.token_to_id(n) is not None), None)
+    if ids["pad"] is None:
+        ids["pad"] = ids["eos"]
+    return ids
+
+
+def check_vocab(tok: Tokenizer, model_vocab: int, where: str) -> None:
+    """A tokenizer whose ids do not fit the model's embedding is refused."""
+    n = tok.get_vocab_size(with_added_tokens=True)
+    if n > model_vocab:
+        raise DataError(f"{where}: the tokenizer has {n} tokens but model.vocab_size is {model_vocab} "
+                        f"(expected model.vocab_size >= {n})")
