@@ -10,7 +10,9 @@ When `cache` is given it is this layer's cache object with one method
 
 k, v are the new keys/values [B, T, n_kv_heads, head_dim] (RoPE already applied) for
 positions start_pos .. start_pos+T-1; it stores them and returns every cached key/value for
-positions 0 .. start_pos+T-1, same layout. Queries then attend causally with that offset.
+positions 0 .. start_pos+T-1, same layout. Queries then attend causally with that offset,
+unless the cache carries `cache.mask` (bool [B, 1, T, S], True = may attend): batched generation
+left-pads prompts of different lengths and that mask hides the padding (llmc.runtime.infer.cache).
 """
 
 import torch
@@ -21,15 +23,18 @@ from .norm import RMSNorm
 from .rope import apply_rope
 
 
-def causal_attention(q, k, v, scale: float, start_pos: int = 0):
+def causal_attention(q, k, v, scale: float, start_pos: int = 0, mask=None):
     """softmax(q k^T * scale + causal mask) v, SDPA layout [B, H, T, D]; kv may have fewer heads.
 
-    Query i sits at position start_pos + i and sees keys 0 .. start_pos + i.
+    Query i sits at position start_pos + i and sees keys 0 .. start_pos + i; an explicit bool
+    `mask` (broadcastable to [B, H, T, S]) replaces that rule.
     """
     n_rep = q.shape[1] // k.shape[1]
     if n_rep > 1:
         k = k.repeat_interleave(n_rep, dim=1)
         v = v.repeat_interleave(n_rep, dim=1)
+    if mask is not None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     t_q, t_k = q.shape[2], k.shape[2]
     if t_q == t_k:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
@@ -66,7 +71,9 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if self.use_rope:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        mask = None
         if cache is not None:
             k, v = cache.update(k, v, start_pos)
-        out = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.scale, start_pos)
+            mask = getattr(cache, "mask", None)
+        out = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.scale, start_pos, mask)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))

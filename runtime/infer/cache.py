@@ -1,0 +1,147 @@
+"""Preallocated KV caches for generation, one object per layer behind one whole-model cache.
+
+The model's hook (runtime/model/attention.py, mla.py) is small: layer i calls
+`cache[i].update(...)` with its new keys/values and gets back everything cached so far, then
+reads `cache[i].mask` (None, or bool [B, 1, T, S], True = may attend) for the attention mask.
+
+Slots vs positions. A batch of prompts of different lengths is left-padded into one block of
+slots; slot s of row b holds that row's token at position s - pad[b]. The cache owns the slot
+counter (`length`) and writes the chunk there, whatever start_pos the model passes (the model's
+start_pos is a position, and positions differ by row); the mask hides padding slots from real
+queries, so each row computes exactly what it would alone.
+
+Sizes. MHA/GQA/MQA store k and v: 2 x n_kv_heads x head_dim values per token per layer. MLA
+stores only the compressed latent and the shared RoPE key: kv_lora_rank + qk_rope_head_dim
+(decoded with absorbed projections, see mla_decode.py). DSA adds its indexer keys:
+index_head_dim per token per layer. `nbytes()` counts the tensors actually held.
+"""
+
+import torch
+
+
+class WholeCache:
+    """Slot bookkeeping shared by every layer: the fill level, which slots are padding, the mask."""
+
+    def __init__(self, batch: int, max_len: int, device):
+        self.batch, self.max_len = batch, max_len
+        self.length = 0                                  # slots already filled
+        self.real = torch.ones(batch, max_len, dtype=torch.bool, device=device)
+        self.mask: torch.Tensor | None = None            # for the chunk being written
+        self.layers: dict[int, object] = {}
+        self.chunk = 0
+
+    def __getitem__(self, layer_id: int):
+        return self.layers[layer_id]
+
+    def begin(self, n_new: int, real: torch.Tensor | None = None) -> None:
+        """Before a forward of n_new tokens per row: mark which are real (bool [B, n_new]), build the mask."""
+        if self.length + n_new > self.max_len:
+            raise ValueError(f"cache holds {self.max_len} tokens; {self.length} + {n_new} do not fit")
+        s0, s1 = self.length, self.length + n_new
+        if real is not None:
+            self.real[:, s0:s1] = real
+        else:
+            self.real[:, s0:s1] = True
+        self.chunk = n_new
+        if bool(self.real[:, :s1].all()):
+            # No padding: causal with offset, which the attention derives from start_pos itself
+            # (start_pos == slot when nothing is padded).
+            self.mask = None
+            return
+        q_slot = torch.arange(s0, s1, device=self.real.device)
+        k_slot = torch.arange(s1, device=self.real.device)
+        causal = k_slot[None, :] <= q_slot[:, None]                           # [T, S]
+        mask = causal[None] & self.real[:, None, :s1]                         # [B, T, S]
+        # A padding query sees itself only, so its (ignored) output stays finite.
+        mask |= (k_slot[None, :] == q_slot[:, None])[None]
+        self.mask = mask[:, None]                                             # [B, 1, T, S]
+
+    def commit(self) -> None:
+        """After the forward: the chunk is now part of the cache."""
+        self.length += self.chunk
+        self.chunk = 0
+
+    def truncate(self, length: int) -> None:
+        """Forget slots from `length` on (speculative decoding drops rejected tokens)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a cache of {self.length} tokens to {length}")
+        self.length = length
+
+    def nbytes(self) -> int:
+        """Bytes of every cached tensor (keys, values, latents, indexer keys) at full capacity."""
+        return sum(layer.nbytes() for layer in self.layers.values())
+
+
+class LayerCache:
+    """Named preallocated buffers [B, max_len, *shape] of one layer, written chunk by chunk."""
+
+    def __init__(self, owner: WholeCache, shapes: dict[str, tuple[int, ...]], dtype, device):
+        self.owner = owner
+        self.buffers = {name: torch.zeros(owner.batch, owner.max_len, *shape, dtype=dtype, device=device)
+                        for name, shape in shapes.items()}
+
+    @property
+    def mask(self):
+        return self.owner.mask
+
+    def write(self, **new: torch.Tensor) -> list[torch.Tensor]:
+        """Store the chunk's tensors [B, T, ...] at the current slots; return each buffer up to them."""
+        s0 = self.owner.length
+        s1 = s0 + self.owner.chunk
+        out = []
+        for name, t in new.items():
+            buf = self.buffers[name]
+            if t.shape[1] != s1 - s0:
+                raise ValueError(f"cache.begin({s1 - s0}) was called but {t.shape[1]} tokens arrived")
+            buf[:, s0:s1] = t.to(buf.dtype)
+            out.append(buf[:, :s1])
+        return out
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers.values())
+
+
+class KVLayerCache(LayerCache):
+    """Keys and values of MHA / GQA / MQA: update(k, v, start_pos) -> (k_all, v_all), [B, T, H_kv, D]."""
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, start_pos: int = 0):
+        del start_pos  # the owner's slot counter decides where the chunk goes (see module docstring)
+        k_all, v_all = self.write(k=k, v=v)
+        return k_all, v_all
+
+
+class MLALayerCache(LayerCache):
+    """MLA: the normalised kv latent [B, T, kv_lora_rank] and the roped shared key [B, T, rope_dim],
+    plus the DSA indexer's keys [B, T, index_head_dim] when the layer has an indexer."""
+
+    def update(self, kv_latent: torch.Tensor, k_rope: torch.Tensor, start_pos: int = 0):
+        del start_pos
+        return tuple(self.write(latent=kv_latent, k_rope=k_rope))
+
+    def update_index(self, index_k: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+        del start_pos
+        return self.write(index_k=index_k)[0]
+
+
+def layer_shapes(cfg) -> dict[str, tuple[int, ...]]:
+    """What one layer caches per token, by name (the size contract with the planner)."""
+    att = cfg.attention
+    if att.kind == "mla":
+        shapes = {"latent": (att.kv_lora_rank,), "k_rope": (att.qk_rope_head_dim,)}
+        if att.sparse:
+            shapes["index_k"] = (att.index_head_dim,)
+        return shapes
+    return {"k": (cfg.kv_heads, cfg.dim_per_head), "v": (cfg.kv_heads, cfg.dim_per_head)}
+
+
+def build_cache(model, batch: int, max_len: int, dtype=None, device=None) -> WholeCache:
+    """A cache for every layer of `model` (the layers this process holds)."""
+    cfg = model.cfg
+    param = next(model.parameters())
+    dtype = dtype or (param.dtype if param.is_floating_point() else torch.float32)
+    device = device or param.device
+    cache = WholeCache(batch, max_len, device)
+    kind = MLALayerCache if cfg.attention.kind == "mla" else KVLayerCache
+    for layer_id in model.layers.keys():
+        cache.layers[int(layer_id)] = kind(cache, layer_shapes(cfg), dtype, device)
+    return cache

@@ -1,0 +1,196 @@
+"""Weight-only block-wise quantization (int8 / int4) with per-group scales, dequantised on the fly.
+
+Format. A weight is flattened (row-major) and cut into groups of `group_size` consecutive values
+(the last group padded with zeros). Each group has a scale (bf16) and, when asymmetric, a zero
+point (uint8). Values are stored as unsigned codes: `w ~= (code - zero) * scale`, where symmetric
+quantization uses the fixed zero 2^(bits-1) (so int8 codes are -127..127 shifted by 128, int4
+codes -8..7 shifted by 8). Int4 codes are packed two per byte, the even element in the low nibble.
+
+Bytes of one quantized weight of n values, g = group_size, G = ceil(n / g):
+    codes  ceil(G*g * bits / 8)      scales 2*G      zero points G (asymmetric only)
+Which weights: every Linear weight, the embedding and any other parameter of rank >= 2 (routed
+experts stacked [E, out, in]). Vectors (norms, biases, router biases) stay in bf16, 2 bytes each.
+`checkpoint_bytes` states this formula for a whole model; the planner's
+`memory.inference` int8/int4 figures follow it.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
+
+from llmc.compiler.errors import UserError
+
+SCALE_DTYPE = torch.bfloat16
+SCALE_BYTES = 2
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    bits: int = 8
+    group_size: int = 128
+    symmetric: bool = True
+
+    def __post_init__(self):
+        if self.bits not in (4, 8):
+            raise UserError(f"--bits must be 8 or 4 (found {self.bits})")
+        if self.group_size < 2 or self.group_size % 2:
+            raise UserError(f"--group-size must be an even number >= 2 (found {self.group_size})")
+
+    @property
+    def levels(self) -> int:
+        return 2 ** self.bits
+
+
+def weight_bytes(numel: int, cfg: QuantConfig) -> int:
+    """Bytes one quantized weight of `numel` values takes on disk and in memory."""
+    groups = math.ceil(numel / cfg.group_size)
+    codes = groups * cfg.group_size * cfg.bits // 8
+    return codes + groups * SCALE_BYTES + (0 if cfg.symmetric else groups)
+
+
+def should_quantize(name: str, tensor: torch.Tensor) -> bool:
+    """Matrices are quantized; vectors (norms, biases) are too small to be worth it."""
+    return tensor.dim() >= 2 and tensor.is_floating_point()
+
+
+def checkpoint_bytes(named_shapes: dict[str, tuple[int, ...]], cfg: QuantConfig) -> int:
+    """Bytes of all tensors of a quantized checkpoint, from parameter names and shapes."""
+    total = 0
+    for shape in named_shapes.values():
+        n = math.prod(shape)
+        total += weight_bytes(n, cfg) if len(shape) >= 2 else 2 * n
+    return total
+
+
+def _round_up_to_bf16(scale: torch.Tensor) -> torch.Tensor:
+    """The smallest bf16 >= scale, so that w / scale never leaves the code range."""
+    s = scale.to(SCALE_DTYPE)
+    low = s.float() < scale
+    return torch.where(low, (scale * (1 + 2.0 ** -7)).to(SCALE_DTYPE), s)
+
+
+def quantize_tensor(w: torch.Tensor, cfg: QuantConfig) -> dict[str, torch.Tensor]:
+    """{codes (uint8, int4 packed), scales (bf16 [G]), zeros (uint8 [G], asymmetric only)}."""
+    flat = w.detach().float().flatten()
+    pad = (-flat.numel()) % cfg.group_size
+    groups = F.pad(flat, (0, pad)).view(-1, cfg.group_size)
+    top = cfg.levels - 1
+    if cfg.symmetric:
+        half = cfg.levels // 2
+        scale = _round_up_to_bf16(groups.abs().amax(1).clamp_min(1e-12) / (half - 1))
+        codes = (groups / scale.float()[:, None]).round().clamp(-half, half - 1) + half
+        zeros = None
+    else:
+        lo, hi = groups.amin(1).clamp(max=0), groups.amax(1).clamp(min=0)   # keep 0 exactly representable
+        scale = _round_up_to_bf16((hi - lo).clamp_min(1e-12) / top)
+        zeros = (-lo / scale.float()).round().clamp(0, top)
+        codes = ((groups / scale.float()[:, None]).round() + zeros[:, None]).clamp(0, top)
+    codes = codes.to(torch.uint8).flatten()
+    if cfg.bits == 4:
+        codes = codes[0::2] | (codes[1::2] << 4)
+    out = {"codes": codes, "scales": scale}
+    if zeros is not None:
+        out["zeros"] = zeros.to(torch.uint8)
+    return out
+
+
+def dequantize_tensor(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                      shape: tuple[int, ...], cfg: QuantConfig, dtype=torch.float32) -> torch.Tensor:
+    """The weight [shape] in `dtype` from its codes, scales and zero points."""
+    if cfg.bits == 4:
+        codes = torch.stack((codes & 0xF, codes >> 4), dim=-1).flatten()
+    groups = codes.view(-1, cfg.group_size).float()
+    zero = zeros.float()[:, None] if zeros is not None else float(cfg.levels // 2)
+    w = (groups - zero) * scales.float()[:, None]
+    return w.flatten()[:math.prod(shape)].view(shape).to(dtype)
+
+
+class QuantWeight(nn.Module):
+    """A quantized tensor kept as buffers; calling it returns the dequantised weight."""
+
+    def __init__(self, shape: tuple[int, ...], cfg: QuantConfig, dtype=torch.float32):
+        super().__init__()
+        self.shape, self.cfg, self.dtype = tuple(shape), cfg, dtype
+        n_groups = math.ceil(math.prod(shape) / cfg.group_size)
+        self.register_buffer("codes", torch.zeros(n_groups * cfg.group_size * cfg.bits // 8, dtype=torch.uint8))
+        self.register_buffer("scales", torch.ones(n_groups, dtype=SCALE_DTYPE))
+        self.zeros = None
+        if not cfg.symmetric:
+            self.register_buffer("zeros", torch.zeros(n_groups, dtype=torch.uint8))
+
+    @classmethod
+    def from_float(cls, w: torch.Tensor, cfg: QuantConfig) -> "QuantWeight":
+        q = cls(tuple(w.shape), cfg, w.dtype)
+        for name, t in quantize_tensor(w, cfg).items():
+            getattr(q, name).copy_(t)
+        return q
+
+    def forward(self) -> torch.Tensor:
+        return dequantize_tensor(self.codes, self.scales, self.zeros, self.shape, self.cfg, self.dtype)
+
+
+class QuantLinear(nn.Module):
+    """nn.Linear with a quantized weight, dequantised at each call (`.weight` gives it too)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, cfg: QuantConfig, dtype=torch.float32):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.qweight = QuantWeight((out_features, in_features), cfg, dtype)
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) if bias else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, cfg: QuantConfig) -> "QuantLinear":
+        q = cls(linear.in_features, linear.out_features, linear.bias is not None, cfg, linear.weight.dtype)
+        q.qweight = QuantWeight.from_float(linear.weight, cfg)
+        if linear.bias is not None:
+            q.bias.data.copy_(linear.bias.detach())
+        return q
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.qweight()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.qweight().to(x.dtype), self.bias)
+
+    def extra_repr(self) -> str:
+        c = self.qweight.cfg
+        return f"in={self.in_features}, out={self.out_features}, int{c.bits}, group={c.group_size}"
+
+
+class _Dequantize(nn.Module):
+    """Parametrization for a non-Linear parameter (embedding, stacked experts): the module sees
+    the dequantised weight under its usual name while only the quantized buffers are stored."""
+
+    def __init__(self, qweight: QuantWeight):
+        super().__init__()
+        self.qweight = qweight
+
+    def forward(self, _placeholder: torch.Tensor) -> torch.Tensor:
+        return self.qweight()
+
+
+def quantize_model(model: nn.Module, cfg: QuantConfig) -> nn.Module:
+    """Replace, in place, every Linear by a QuantLinear and every other matrix parameter by an
+    on-the-fly dequantisation of its quantized copy. Returns the model."""
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            if type(child) is nn.Linear:
+                setattr(parent, child_name, QuantLinear.from_linear(child, cfg))
+    for module in list(model.modules()):
+        if isinstance(module, (QuantLinear, QuantWeight, _Dequantize)):
+            continue
+        for pname, p in list(module.named_parameters(recurse=False)):
+            if should_quantize(pname, p):
+                _parametrize(module, pname, QuantWeight.from_float(p, cfg))
+    return model.requires_grad_(False)
+
+
+def _parametrize(module: nn.Module, pname: str, qweight: QuantWeight) -> None:
+    # The placeholder original is an empty tensor: the real storage is qweight's buffers.
+    setattr(module, pname, nn.Parameter(torch.empty(0, dtype=qweight.dtype), requires_grad=False))
+    parametrize.register_parametrization(module, pname, _Dequantize(qweight), unsafe=True)
