@@ -1,0 +1,166 @@
+"""The job verbs: compile, run, status, logs, cancel, list."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import tempfile
+from pathlib import Path
+
+from torchx.specs import AppState, parse_app_handle
+from torchx.specs.api import MalformedAppHandleException
+
+from ..errors import UserError
+from ..spec import load_spec
+from . import track
+from .emit import REQUEST_FILES, compile_job, workdir_of
+from .follow import follow, print_logs, print_report
+from .schedulers import make_runner, torchx_scheduler
+
+
+def compile_main(args) -> int:
+    """`llmc compile SPEC -o OUT`."""
+    spec = load_spec(args.spec, args.overrides)
+    job = compile_job(spec, Path(args.output), spec_path=args.spec, overrides=args.overrides)
+    for what, name in job.files.items():
+        print(f"{job.out / name}  ({what})")
+    for name, reason in job.unavailable.items():
+        print(f"note: no {name} request: {reason}", file=sys.stderr)
+    return 0
+
+
+def run_main(args) -> int:
+    """`llmc run SPEC`: plan, compile into RUN_DIR/job, submit through TorchX, follow."""
+    spec = load_spec(args.spec, args.overrides)
+    scheduler = args.scheduler or spec.job.scheduler
+    workdir = workdir_of(spec, scheduler)
+    run_dir = workdir / spec.job.out_dir / spec.job.name
+    if args.dryrun:
+        with tempfile.TemporaryDirectory(prefix="llmc-dryrun-") as tmp:
+            job = compile_job(spec, Path(tmp), scheduler=scheduler, spec_path=args.spec,
+                              overrides=args.overrides, plan_at=run_dir / "job")
+            if scheduler in job.unavailable:
+                raise UserError(job.unavailable[scheduler])
+            print(f"# dry run: nothing submitted. The {scheduler} request (TorchX dryrun):")
+            print((job.out / REQUEST_FILES[scheduler]).read_text(encoding="utf-8"))
+        return 0
+
+    job = compile_job(spec, run_dir / "job", scheduler=scheduler, spec_path=args.spec, overrides=args.overrides)
+    if scheduler in job.unavailable:
+        raise UserError(job.unavailable[scheduler])
+    app = job.app()
+    role, replicas = app.roles[0].name, app.roles[0].num_replicas
+    with make_runner() as runner:
+        handle = runner.run(app, torchx_scheduler(spec, scheduler), cfg=job.cfg())
+        print(handle, flush=True)
+        track.record(handle, scheduler=scheduler, role=role, replicas=replicas, run_dir=str(run_dir),
+                     log_dir=job.log_dir, job_card=str(job.out / "job_card.md"),
+                     pid=os.getpid() if scheduler == "local" else None)
+        if not args.follow and scheduler != "local":
+            print(f"follow it with: llmc logs --follow {handle}")
+            return 0
+        # A local job lives inside this process: --no-follow only keeps its logs quiet.
+        state = follow(runner, handle, role, replicas, logs=args.follow)
+        track.record(handle, state=state.name)
+    print(f"{handle}: finished {state.name}")
+    if state == AppState.SUCCEEDED:
+        print_report(run_dir)
+        return 0
+    return 1
+
+
+def _handle(text: str):
+    try:
+        return parse_app_handle(text)
+    except MalformedAppHandleException:
+        raise UserError(f"not an app handle (expected scheduler://session/app-id as printed by "
+                        f"`llmc run`, found {text!r})") from None
+
+
+def _status(runner, handle: str) -> str:
+    status = runner.status(handle)
+    if status is not None:
+        return status.state.name
+    known = track.lookup(handle)
+    if "state" in known:
+        return known["state"]
+    if known and _scheduler_is_local(handle):
+        return "RUNNING" if _alive(known.get("pid")) else "UNKNOWN (its `llmc run` ended before the job did)"
+    raise UserError(f"the scheduler does not know {handle}")
+
+
+def _scheduler_is_local(handle: str) -> bool:
+    return _handle(handle).scheduler_backend.startswith("local")
+
+
+def _alive(pid) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except OSError:
+        return False
+    return True
+
+
+def status_main(args) -> int:
+    """`llmc status HANDLE`."""
+    _handle(args.handle)
+    with make_runner() as runner:
+        print(f"{args.handle}: {_status(runner, args.handle)}")
+    return 0
+
+
+def logs_main(args) -> int:
+    """`llmc logs HANDLE [--follow]`."""
+    app = _handle(args.handle)
+    known = track.lookup(args.handle)
+    with make_runner() as runner:
+        if app.scheduler_backend.startswith("local") and runner.status(args.handle) is None:
+            return _local_logs_from_disk(args.handle, app.app_id, known)
+        role = known.get("role") or app.app_id.rsplit("-", 1)[0]
+        print_logs(runner, args.handle, role, int(known.get("replicas", 1)), tail=args.follow)
+    return 0
+
+
+def _local_logs_from_disk(handle: str, app_id: str, known: dict) -> int:
+    """A local job launched by another process: its logs are files under the run's log folder."""
+    if not known.get("log_dir"):
+        raise UserError(f"no record of {handle} in {track.RECORD} (run `llmc logs` where you ran `llmc run`)")
+    files = sorted(Path(known["log_dir"]).glob(f"*/{app_id}/*/*/combined.log"))
+    if not files:
+        raise UserError(f"no log files of {handle} under {known['log_dir']}")
+    for path in files:
+        print(path.read_text(encoding="utf-8", errors="replace"), end="")
+    return 0
+
+
+def cancel_main(args) -> int:
+    """`llmc cancel HANDLE`."""
+    app = _handle(args.handle)
+    with make_runner() as runner:
+        if app.scheduler_backend.startswith("local") and runner.status(args.handle) is None:
+            pid = track.lookup(args.handle).get("pid")
+            if not _alive(pid):
+                raise UserError(f"{args.handle} is not running")
+            os.kill(int(pid), signal.SIGTERM)   # its `llmc run` stops the job and exits
+        else:
+            runner.cancel(args.handle)
+        print(f"{args.handle}: cancel requested")
+    return 0
+
+
+def list_main(args) -> int:
+    """`llmc list [--scheduler]`."""
+    if args.scheduler == "local":
+        with make_runner() as runner:
+            for handle, known in track.jobs().items():
+                if _scheduler_is_local(handle):
+                    print(f"{handle}\t{_status(runner, handle)}\t{known.get('run_dir', '')}")
+        return 0
+    with make_runner() as runner:
+        for app in runner.list(args.scheduler):
+            print(f"{app.app_handle}\t{app.state.name}")
+    return 0
+

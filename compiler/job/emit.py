@@ -1,0 +1,145 @@
+"""Spec -> the job's files: resolved spec, plan.json, AppDef, each scheduler's request, job card.
+
+`llmc compile` writes them where it is told; `llmc run` writes them into RUN_DIR/job/ and submits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import os
+import shlex
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import jinja2
+from torchx import specs
+from torchx.schedulers.kubernetes_scheduler import sanitize_for_serialization
+
+from ..errors import UserError
+from ..plan import build_plan
+from ..spec import Spec, spec_to_toml
+from .appdef import SCHEDULERS, build_appdef, layout_of, node_resources
+from .schedulers import make_runner, scheduler_cfg, torchx_scheduler
+
+REQUEST_FILES = {"local": "local.request.txt", "slurm": "slurm.sbatch.sh", "kubernetes": "kubernetes.volcano.yaml"}
+
+
+@dataclass
+class CompiledJob:
+    """What `compile_job` wrote, and what submitting needs."""
+
+    spec: Spec
+    plan: dict
+    scheduler: str            # the scheduler the job is for (job.scheduler or --scheduler)
+    out: Path                 # the folder holding the files below
+    workdir: Path             # the job's working directory on this machine
+    plan_path: str            # plan.json as the job sees it (relative to its working directory)
+    run_dir: str              # the run directory as the job sees it
+    log_dir: str              # local scheduler logs (host path)
+    files: dict[str, str] = field(default_factory=dict)        # what -> file name in `out`
+    unavailable: dict[str, str] = field(default_factory=dict)  # scheduler -> why it cannot take this job
+
+    def app(self) -> specs.AppDef:
+        """A fresh AppDef for this job's scheduler (TorchX's dryrun mutates the one it gets)."""
+        return build_appdef(self.plan, self.scheduler, self.plan_path, self.run_dir)
+
+    def cfg(self, scheduler: str | None = None) -> dict:
+        return scheduler_cfg(self.spec, scheduler or self.scheduler, self.log_dir)
+
+
+def workdir_of(spec: Spec, scheduler: str) -> Path:
+    """Where the job runs: job.image names a working folder for local and Slurm; else here."""
+    if scheduler in ("local", "slurm") and spec.job.image:
+        path = Path(spec.job.image)
+        if not path.is_dir():
+            raise UserError(f"job.image: for the {scheduler} scheduler the image is a working folder, "
+                            f"and {spec.job.image!r} is not a folder")
+        return path.resolve()
+    return Path.cwd()
+
+
+def _job_relative(path: Path, workdir: Path) -> str:
+    path = path.resolve()
+    try:
+        return str(path.relative_to(workdir))
+    except ValueError:
+        return str(path)   # outside the working directory: absolute
+
+
+def _appdef_json(app: specs.AppDef) -> str:
+    def plain(value):
+        if isinstance(value, enum.Enum):
+            return value.value
+        raise TypeError(f"cannot serialise {type(value).__name__}")
+    return json.dumps(dataclasses.asdict(app), indent=2, default=plain) + "\n"
+
+
+def _render_request(runner, job: CompiledJob, scheduler: str) -> str:
+    app = build_appdef(job.plan, scheduler, job.plan_path, job.run_dir)
+    info = runner.dryrun(app, torchx_scheduler(job.spec, scheduler), cfg=job.cfg(scheduler))
+    if scheduler == "slurm":
+        return info.request.materialize()
+    if scheduler == "kubernetes":
+        import yaml  # TorchX's own dependency
+        return yaml.safe_dump(sanitize_for_serialization(info.request.resource), sort_keys=False)
+    return str(info) + "\n"
+
+
+def render_job_card(job: CompiledJob, spec_path: str, overrides: list[str]) -> str:
+    """The job card (markdown): the plan in brief, resources, and the exact launch commands."""
+    template = resources.files("llmc.templates").joinpath("job_card.md.j2").read_text(encoding="utf-8")
+    layout = layout_of(job.plan)
+    role = job.app().roles[0]
+    run = ["llmc", "run", spec_path, "--scheduler", job.scheduler]
+    for text in overrides:
+        run += ["--set", text]
+    return jinja2.Template(template, keep_trailing_newline=True, undefined=jinja2.StrictUndefined).render(
+        job=job, spec=job.spec, plan=job.plan, layout=layout, full_layout=job.plan.get("layout") or {},
+        resources=node_resources(job.spec, layout),
+        run_command=shlex.join(run),
+        node_command=shlex.join([role.entrypoint] + role.args),
+        schedulers=SCHEDULERS, request_files=REQUEST_FILES)
+
+
+def plan_document(spec: Spec) -> dict:
+    """plan.json: the planner's Plan as JSON."""
+    return build_plan(spec).model_dump(mode="json")
+
+
+def compile_job(spec: Spec, out: Path, *, scheduler: str | None = None, spec_path: str = "SPEC",
+                overrides: list[str] = (), plan_at: Path | None = None) -> CompiledJob:
+    """Plan `spec` and write its job files into `out` (created). Returns what was written.
+
+    `plan_at` is the folder the job will read plan.json from, when that is not `out` (a dry run
+    writes into a temporary folder but shows the paths a real run would use).
+    """
+    scheduler = scheduler or spec.job.scheduler
+    workdir = workdir_of(spec, scheduler)
+    run_dir = Path(spec.job.out_dir) / spec.job.name
+    out.mkdir(parents=True, exist_ok=True)
+    plan = plan_document(spec)
+    job = CompiledJob(spec=spec, plan=plan, scheduler=scheduler, out=out, workdir=workdir,
+                      plan_path=_job_relative((plan_at or out) / "plan.json", workdir),
+                      run_dir=os.path.normpath(str(run_dir)),
+                      log_dir=str((workdir / run_dir / "logs").resolve()))
+
+    def write(what: str, name: str, text: str) -> None:
+        (out / name).write_text(text, encoding="utf-8")
+        job.files[what] = name
+
+    write("resolved spec", "spec.toml", spec_to_toml(spec))
+    write("plan", "plan.json", json.dumps(plan, indent=2) + "\n")
+    write("TorchX AppDef", "appdef.json", _appdef_json(job.app()))   # raises UserError if impossible
+    with make_runner() as runner:
+        for name in SCHEDULERS:
+            try:
+                write(f"{name} request (TorchX dryrun)", REQUEST_FILES[name], _render_request(runner, job, name))
+            except UserError as e:
+                job.unavailable[name] = str(e)
+                stale = out / REQUEST_FILES[name]
+                stale.unlink(missing_ok=True)
+    write("job card", "job_card.md", render_job_card(job, spec_path, list(overrides)))
+    return job

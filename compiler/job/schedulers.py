@@ -1,0 +1,122 @@
+"""Which TorchX scheduler and options serve each llmc scheduler, and the fixes TorchX 0.7.0 needs.
+
+llmc's `local` is TorchX's `local_cwd` (or `local_dir` when job.image names a working folder),
+`slurm` is TorchX's Slurm scheduler with two repairs (below), `kubernetes` is TorchX's
+Volcano-based Kubernetes scheduler.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import json
+import subprocess
+from typing import Any
+
+from torchx.runner import Runner
+from torchx.schedulers import get_scheduler_factories
+from torchx.schedulers import local_scheduler
+from torchx.schedulers.api import DescribeAppResponse, ListAppResponse
+from torchx.schedulers.slurm_scheduler import SLURM_STATES, SlurmScheduler
+from torchx.specs import AppState, ReplicaStatus, Role, RoleStatus
+
+from ..spec import Spec
+
+SESSION = "llmc"
+
+
+def slurm_state(text: str) -> AppState:
+    """Map an sacct State to TorchX's: sacct writes 'CANCELLED by <uid>', which TorchX 0.7.0 does
+    not know (its `status` after `cancel` fails on an assertion); the first word is the state."""
+    word = text.split()[0] if text.strip() else ""
+    return SLURM_STATES.get(word, AppState.UNKNOWN)
+
+
+class SlurmSchedulerFixed(SlurmScheduler):
+    """TorchX's Slurm scheduler, reading sacct's state words robustly (describe, list)."""
+
+    def _partition_memmb(self, partition: str | None) -> int | None:
+        """Memory (MB) of `partition` (or the default one); None when sinfo cannot say.
+        As TorchX's, but quiet when no cluster is configured (`llmc compile` on a laptop)."""
+        try:
+            out = subprocess.run(["sinfo", "--noheader", "--format", "%P|%m", "--noconvert"],
+                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, timeout=30)
+        except (FileNotFoundError, subprocess.TimeoutExpired):
+            return None
+        if out.returncode != 0:
+            return None
+        for line in out.stdout.splitlines():
+            name, _, memory = line.partition("|")
+            is_default = name.endswith("*")
+            if name.strip("*") == partition or (partition is None and is_default):
+                return int(memory.strip().rstrip("M+") or 0)
+        return None
+
+    def describe(self, app_id: str) -> DescribeAppResponse | None:
+        out = subprocess.run(["sacct", "--parsable2", "--noconvert", "-j", app_id,
+                              "--format", "JobID,JobName,State"],
+                             stdout=subprocess.PIPE, check=True, text=True).stdout
+        rows = [r for r in csv.DictReader(out.splitlines(), delimiter="|")
+                if r["JobID"].split("+")[0] == app_id and "." not in r["JobID"]]
+        if not rows:
+            return None
+        roles: dict[str, Role] = {}
+        statuses: dict[str, RoleStatus] = {}
+        state, message = AppState.UNKNOWN, ""
+        for row in rows:   # one row per heterogeneous component = one replica
+            state, message = slurm_state(row["State"]), row["State"]
+            role, _, replica = row["JobName"].rpartition("-")
+            if not role or not replica.isdigit():
+                continue   # sacct can lag behind the job's name
+            roles.setdefault(role, Role(name=role, num_replicas=0, image="")).num_replicas += 1
+            statuses.setdefault(role, RoleStatus(role, [])).replicas.append(
+                ReplicaStatus(id=int(replica), role=role, state=state, hostname=""))
+        return DescribeAppResponse(app_id=app_id, roles=list(roles.values()),
+                                   roles_statuses=list(statuses.values()), state=state, msg=message)
+
+    def list(self) -> list[ListAppResponse]:
+        out = subprocess.run(["sacct", "--json", "-S1970-01-01-00:00:01"],
+                             stdout=subprocess.PIPE, check=True, text=True).stdout
+        apps = []
+        for job in json.loads(out)["jobs"]:
+            current = job["state"]["current"]   # a string before Slurm 23.02, a list after
+            current = current[0] if isinstance(current, list) else current
+            apps.append(ListAppResponse(app_id=str(job["job_id"]), state=slurm_state(current)))
+        return apps
+
+
+def _create_slurm(session_name: str, **_: Any) -> SlurmSchedulerFixed:
+    return SlurmSchedulerFixed(session_name=session_name)
+
+
+def make_runner() -> Runner:
+    """A TorchX runner with llmc's scheduler set (the Slurm repairs, a directory-image local)."""
+    factories = dict(get_scheduler_factories())
+    factories["slurm"] = _create_slurm
+    factories["local_dir"] = functools.partial(local_scheduler.create_scheduler,
+                                               image_provider_class=local_scheduler.LocalDirectoryImageProvider)
+    return Runner(name=SESSION, scheduler_factories=factories)
+
+
+def torchx_scheduler(spec: Spec, scheduler: str) -> str:
+    """The TorchX scheduler name that serves llmc's `scheduler`."""
+    if scheduler == "local":
+        return "local_dir" if spec.job.image else "local_cwd"
+    return scheduler
+
+
+def scheduler_cfg(spec: Spec, scheduler: str, log_dir: str) -> dict[str, Any]:
+    """TorchX run options from the spec's [job] table (validated values only)."""
+    job = spec.job
+    if scheduler == "local":
+        return {"log_dir": log_dir}
+    if scheduler == "slurm":
+        cfg: dict[str, Any] = {}
+        if job.partition:
+            cfg["partition"] = job.partition
+        if job.time_limit:
+            cfg["time"] = str(job.time_limit)   # minutes
+        if job.image:
+            cfg["job_dir"] = job.image          # the job's working folder (sbatch --chdir)
+        return cfg
+    return {"queue": job.queue, "namespace": "default"}
