@@ -36,6 +36,8 @@ def causal_attention(q, k, v, scale: float, start_pos: int = 0, mask=None):
     if mask is not None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     t_q, t_k = q.shape[2], k.shape[2]
+    if mask is not None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     if t_q == t_k:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
     if t_q == 1:  # one new query sees every cached key
@@ -43,6 +45,15 @@ def causal_attention(q, k, v, scale: float, start_pos: int = 0, mask=None):
     qpos = torch.arange(t_q, device=q.device) + start_pos
     mask = torch.arange(t_k, device=q.device)[None, :] <= qpos[:, None]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+def causal_keep(T: int, S: int, start_pos: int, cache, device) -> torch.Tensor:
+    """Bool [B or 1, T, S]: the cache's mask when it has one, else causal with offset start_pos."""
+    mask = getattr(cache, "mask", None)
+    if mask is not None:
+        return mask[:, 0]
+    qpos = torch.arange(T, device=device) + start_pos
+    return (torch.arange(S, device=device)[None, :] <= qpos[:, None])[None]
 
 
 class Attention(nn.Module):

@@ -15,6 +15,7 @@ KL-alignment loss for the indexer is not implemented.
 import torch
 from torch import nn
 
+from .attention import causal_keep
 from .rope import apply_rope
 
 
@@ -50,9 +51,7 @@ class Indexer(nn.Module):
     def forward(self, x, q_latent, cos, sin, cache=None, start_pos: int = 0):
         """Boolean mask [B, T, S]: True where query t attends key s (causal and in its top-k)."""
         score = self.scores(x, q_latent, cos, sin, cache, start_pos)
-        T, S = score.shape[1], score.shape[2]
-        qpos = torch.arange(T, device=x.device) + start_pos
-        causal = torch.arange(S, device=x.device)[None, :] <= qpos[:, None]
+        causal = causal_keep(score.shape[1], score.shape[2], start_pos, cache, x.device)
         score = score.masked_fill(~causal, float("-inf"))
         k = min(self.topk, S)
         top = score.topk(k, dim=-1).indices

@@ -30,8 +30,13 @@ def _dtype(dtype) -> torch.dtype | None:
 
 def model_spec_from_plan(plan: dict):
     """The ModelSpec of a plan.json document (the runtime never reads TOML)."""
-    from llmc.compiler.spec import Spec
-    return Spec.model_validate(plan["spec"]).model
+    from pydantic import ValidationError
+
+    from llmc.compiler.spec import ModelSpec
+    try:
+        return ModelSpec.model_validate(plan["spec"]["model"])
+    except (KeyError, TypeError, ValidationError) as e:
+        raise UserError(f"plan.json has no valid spec.model table ({str(e).splitlines()[0]})") from None
 
 
 def resolve_model_dir(path) -> Path:

@@ -11,6 +11,8 @@ compressed latent and the rotated rope key:
     cache.update(latent, k_rope, start_pos) -> (latent_all, k_rope_all)
         latent [B, T, kv_lora_rank] (after kv_norm), k_rope [B, T, qk_rope_head_dim] (RoPE applied);
         returns everything cached for positions 0 .. start_pos+T-1.
+    cache.mask (optional attribute): None, or bool [B, 1, T, S] (True = may attend) replacing the
+        causal rule (left-padded batches), as in attention.py.
     cache.update_index(k_index, start_pos) -> k_index_all     (only with the DSA indexer)
         the indexer's keys [B, T, index_head_dim].
 
@@ -23,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention import causal_keep
 from .norm import build_norm
 from .rope import apply_rope, softmax_scale_factor
 
@@ -97,8 +100,7 @@ class MLA(nn.Module):
         scores = (torch.einsum("bthc,bsc->bhts", q_lat, latent_all)
                   + torch.einsum("bthr,bsr->bhts", q_rope, k_rope_all)).float() * self.scale
         if keep is None:
-            qpos = torch.arange(T, device=scores.device) + start_pos
-            keep = (torch.arange(S, device=scores.device)[None, :] <= qpos[:, None])[None]
+            keep = causal_keep(T, S, start_pos, cache, scores.device)
         scores = scores.masked_fill(~keep[:, None], float("-inf"))
         probs = scores.softmax(dim=-1).to(latent_all.dtype)
         out_latent = torch.einsum("bhts,bsc->bthc", probs, latent_all)
