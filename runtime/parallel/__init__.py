@@ -1,0 +1,65 @@
+"""Parallelism applied to a plain Transformer from outside, driven by the plan's layout.
+
+    pdims = build_mesh(Layout.from_plan(plan))          # after init_distributed()
+    stage = build_pipeline(model, pdims, ...)           # pp > 1 only: keeps this rank's layers
+    model = parallelize(model, pdims, ...)              # TP, EP, recompute, compile, FSDP/DDP
+
+Order as in torchtitan: tensor parallel, expert parallel, activation checkpointing, compile,
+then data parallel (FSDP2 or DDP) outermost. The model code knows nothing of any of it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .mesh import Layout, ParallelDims, build_mesh, init_distributed, rank_groups
+from .state import clip_grad_norm_, measure_state_bytes, reduce_expert_counts
+
+__all__ = ["Layout", "ParallelDims", "build_mesh", "init_distributed", "rank_groups", "parallelize",
+           "apply_recompute", "apply_compile", "clip_grad_norm_", "measure_state_bytes", "reduce_expert_counts"]
+
+
+def apply_recompute(model: nn.Module, mode: str):
+    """Activation checkpointing per block: "full" recomputes every block in backward, "selective"
+    every other block (a coarse stand-in for op-level selective recompute). Module names are kept
+    (the block's forward is wrapped, not the block), so state dicts are unchanged."""
+    from torch.utils.checkpoint import checkpoint
+
+    blocks = list(model.layers.values())
+    every = {"full": 1, "selective": 2}[mode]
+    for i, block in enumerate(blocks):
+        if i % every == 0:
+            inner = block.forward
+            block.forward = lambda *a, _f=inner, **k: checkpoint(_f, *a, use_reentrant=False, **k)
+
+
+def apply_compile(model: nn.Module):
+    """torch.compile each block in place (names unchanged; one graph reused by identical blocks)."""
+    for block in model.layers.values():
+        block.compile()
+
+
+def parallelize(model: nn.Module, pdims: ParallelDims, *, param_dtype: torch.dtype | None = None,
+                recompute: str = "none", compile: bool = False) -> nn.Module:
+    """Apply the layout's TP, EP, recompute, compile and data parallelism to `model` (already
+    initialised identically on every rank, and already cut to its pipeline stage when pp > 1).
+
+    Returns the module to train (a DDP wrapper for zero 0 with dp > 1, else `model` itself)."""
+    layout = pdims.layout
+    if layout.tp > 1:
+        from .tensor import apply_tp
+        apply_tp(model, pdims.sub("tp"), sequence_parallel=layout.sequence_parallel)
+    if layout.ep > 1:
+        from .expert import apply_ep
+        apply_ep(model, pdims)
+    if recompute != "none":
+        apply_recompute(model, recompute)
+    if compile:
+        apply_compile(model)
+    if layout.dp > 1:
+        from .data_parallel import apply_ddp, apply_fsdp
+        if layout.zero == 0:
+            return apply_ddp(model, pdims.dp_mesh)
+        return apply_fsdp(model, pdims.dp_mesh, layout.zero, param_dtype)
+    return model

@@ -1,0 +1,53 @@
+"""Data parallelism: DDP for zero 0, FSDP2 `fully_shard` for zero 1-3.
+
+ZeRO stages map onto FSDP2 as follows (an honest mapping, not ZeRO's exact memory profile):
+  zero 0  DDP: weights, gradients and optimizer state replicated; gradients all-reduced.
+  zero 1  FSDP2 with reshard_after_forward=False (same as zero 2 below): FSDP2 always
+          reduce-scatters gradients, so there is no "sharded optimizer only" mode.
+  zero 2  FSDP2 with reshard_after_forward=False: weights are gathered once per step and kept
+          through backward; gradients and optimizer state live sharded.
+  zero 3  FSDP2 with reshard_after_forward=True: weights re-gathered in backward.
+At rest (between steps) FSDP2 keeps weights sharded in every mode, so measured weight bytes at
+rest are 1/dp of the model for zero 1-3.
+
+Expert parameters under expert parallelism are left alone here (ignored): expert.py reduces
+their gradients over the expert-data-parallel group.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.nn.parallel import DistributedDataParallel
+
+from .expert import expert_param_names
+
+
+def apply_ddp(model: nn.Module, dp_mesh) -> nn.Module:
+    """Wrap `model` in DDP over the data-parallel mesh (expert-parallel params excluded).
+
+    Buffers are not broadcast: the only trained buffers (aux-free routing biases) are updated
+    on every rank from counts summed over ranks, so they stay equal without a broadcast."""
+    ignored = expert_param_names(model)
+    if ignored:
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
+    return DistributedDataParallel(model, process_group=dp_mesh.get_group(), forward_sync_buffers=False,
+                                   init_sync=True)
+
+
+def apply_fsdp(model: nn.Module, dp_mesh, zero: int, param_dtype: torch.dtype | None = None) -> nn.Module:
+    """fully_shard every block, the MTP modules, and the root (torchtitan's grouping).
+
+    param_dtype=torch.bfloat16 computes in bf16 with fp32 sharded master weights and fp32
+    gradient reduction (MixedPrecisionPolicy)."""
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
+    reshard = zero >= 3
+    ignored = {p for n, p in model.named_parameters() if getattr(p, "_llmc_expert_local", False)}
+    kwargs = dict(mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard,
+                  ignored_params=ignored or None)
+    blocks = list(model.layers.values()) + [m.block for m in getattr(model, "mtp", [])]
+    for block in blocks:
+        fully_shard(block, **kwargs)
+    fully_shard(model, **{**kwargs, "reshard_after_forward": False})  # root: used again at once
+    return model

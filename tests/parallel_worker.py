@@ -1,0 +1,130 @@
+"""One rank of a parallel-equivalence run (launched by tests/test_parallel_*.py through torchrun,
+or with plain python for the single-process reference).
+
+Trains a tiny model a few steps on a fixed random global batch under the given layout and writes
+`OUT/rank{r}.pt` = {"losses": [per-step global mean loss], "state": this rank's full-size
+weights (gathered from shards), "bytes": measured per-rank model-state bytes}.
+
+Every rank reads the same global batch; data-parallel rank d takes micro-batches
+d*accum .. d*accum+accum-1 of it, so one process with accum' = dp*accum sees the same
+micro-batches in the same grouping.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+
+def parse():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--spec", required=True)
+    ap.add_argument("--set", action="append", default=[])
+    ap.add_argument("--layout", default="{}", help="JSON overrides of the layout (dp, tp, pp, ep, zero, ...)")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--micro", type=int, default=2, help="micro-batch size")
+    ap.add_argument("--n-micro", type=int, default=4, help="micro-batches in the global batch")
+    ap.add_argument("--seq", type=int, default=16)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--save-dcp", default=None, help="save a DCP checkpoint (model + optimizer) here at the end")
+    ap.add_argument("--load-dcp", default=None, help="load a DCP checkpoint before training")
+    return ap.parse_args()
+
+
+def main():
+    args = parse()
+    torch.set_num_threads(1)
+    from llmc.compiler.spec import load_spec
+    from llmc.runtime.model import Transformer
+    from llmc.runtime.parallel import Layout, build_mesh, clip_grad_norm_, init_distributed, measure_state_bytes, \
+        parallelize, reduce_expert_counts
+
+    init_distributed(timeout_s=120)
+    spec = load_spec(args.spec, args.set)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    lay = {"world_size": world, "dp": world, **json.loads(args.layout)}
+    layout = Layout(**lay)
+    layout.check()
+    pdims = build_mesh(layout)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+
+    torch.manual_seed(0)
+    model = Transformer(spec.model)
+    model.init_weights()
+    g = torch.Generator().manual_seed(1)
+    V = spec.model.vocab_size
+    stream = torch.randint(0, V, (args.steps, args.n_micro, args.micro, args.seq + 1), generator=g)
+
+    pipe = None
+    if layout.pp > 1:
+        from llmc.runtime.parallel.pipeline import build_pipeline
+        pipe = build_pipeline(model, pdims, n_microbatches=args.n_micro // layout.dp,
+                              schedule=layout.pp_schedule)
+        modules = pipe.modules
+    else:
+        modules = [model]
+    wrapped = [parallelize(m, pdims) for m in modules]
+    raw = modules
+    params = [p for m in wrapped for p in m.parameters()]
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.1, foreach=False)
+
+    if args.load_dcp:
+        from llmc.runtime.parallel.checkpoint import load_train_state
+        load_train_state(args.load_dcp, raw, opt)
+
+    accum = args.n_micro // layout.dp
+    d = pdims.dp_rank
+    losses = []
+    for step in range(args.steps):
+        batch = stream[step, d * accum:(d + 1) * accum]
+        counts, local = None, torch.zeros(())
+        if pipe is not None:
+            tokens = batch[..., :-1].reshape(-1, args.seq)
+            labels = batch[..., 1:].reshape(-1, args.seq)
+            local = pipe.step(tokens, labels)  # mean over this rank's micro-batches (last stage), else None
+            local = torch.zeros(()) if local is None else local.detach() * accum
+            counts = pipe.expert_counts()
+        else:
+            for mb in batch:
+                out = wrapped[0](mb[:, :-1], mb[:, 1:])
+                (out.loss / accum).backward()
+                local += out.loss.detach()
+                if out.expert_counts is not None:
+                    counts = out.expert_counts if counts is None else counts + out.expert_counts
+        clip_grad_norm_(params, 1.0, pdims)
+        opt.step()
+        if step < args.steps - 1:  # keep the last gradients: measure_state_bytes counts them
+            opt.zero_grad()
+        if counts is not None:
+            counts = reduce_expert_counts(counts, pdims)
+            for m in raw:
+                m.update_router_bias(counts)
+        if dist.is_initialized():
+            dist.all_reduce(local)  # every rank adds its micro-batch losses (only last stages are non-zero)
+            local /= layout.tp      # the ranks of a TP group saw the same micro-batches
+        losses.append(local.item() / args.n_micro)
+
+    measured = measure_state_bytes(wrapped[0] if len(wrapped) == 1 else torch.nn.ModuleList(raw), opt)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    state = {}
+    for m in raw:
+        sd = get_model_state_dict(m, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))
+        state.update({k: v.detach().clone() for k, v in sd.items()})
+    if args.save_dcp:
+        from llmc.runtime.parallel.checkpoint import save_train_state
+        save_train_state(args.save_dcp, raw, opt)
+    os.makedirs(args.out, exist_ok=True)
+    torch.save({"losses": losses, "state": state, "bytes": measured, "layout": lay},
+               os.path.join(args.out, f"rank{rank}.pt"))
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()
