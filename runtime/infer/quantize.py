@@ -174,20 +174,38 @@ class _Dequantize(nn.Module):
         return self.qweight()
 
 
-def quantize_model(model: nn.Module, cfg: QuantConfig) -> nn.Module:
+def quantize_model(model: nn.Module, cfg: QuantConfig, structure_only: bool = False) -> nn.Module:
     """Replace, in place, every Linear by a QuantLinear and every other matrix parameter by an
-    on-the-fly dequantisation of its quantized copy. Returns the model."""
+    on-the-fly dequantisation of its quantized copy. Returns the model.
+
+    structure_only: build empty quantized buffers (to load a quantized state dict into)."""
     for parent in list(model.modules()):
         for child_name, child in list(parent.named_children()):
             if type(child) is nn.Linear:
-                setattr(parent, child_name, QuantLinear.from_linear(child, cfg))
+                if structure_only:
+                    q = QuantLinear(child.in_features, child.out_features, child.bias is not None, cfg,
+                                    child.weight.dtype)
+                else:
+                    q = QuantLinear.from_linear(child, cfg)
+                setattr(parent, child_name, q)
     for module in list(model.modules()):
         if isinstance(module, (QuantLinear, QuantWeight, _Dequantize)):
             continue
         for pname, p in list(module.named_parameters(recurse=False)):
             if should_quantize(pname, p):
-                _parametrize(module, pname, QuantWeight.from_float(p, cfg))
+                qw = QuantWeight(tuple(p.shape), cfg, p.dtype) if structure_only else QuantWeight.from_float(p, cfg)
+                _parametrize(module, pname, qw)
     return model.requires_grad_(False)
+
+
+def set_compute_dtype(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Dequantise to `dtype` and keep the remaining float tensors in it (codes stay uint8)."""
+    for module in model.modules():
+        if isinstance(module, QuantWeight):
+            module.dtype = dtype
+    for p in model.parameters():
+        p.data = p.data.to(dtype)
+    return model
 
 
 def _parametrize(module: nn.Module, pname: str, qweight: QuantWeight) -> None:

@@ -1,0 +1,76 @@
+"""Reading a checkpoint for inference (plain or quantized) and writing a quantized one.
+
+A quantized checkpoint is a normal model folder (plan.json, tokenizer.json) whose
+model.safetensors holds the quantized model's state dict (QuantLinear codes/scales/zeros, other
+matrices under `parametrizations.<name>`), vectors in bf16, plus `quantization.json`
+({"bits", "group_size", "symmetric"}) that says how to rebuild the modules before loading.
+"""
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from llmc.compiler.errors import UserError
+
+from .quantize import QuantConfig, quantize_model, set_compute_dtype
+
+QUANT_FILE = "quantization.json"
+
+
+def _model_io():
+    from llmc.runtime.model import io
+    return io
+
+
+def load_for_inference(path, device="cpu", dtype=None):
+    """(model in eval mode, plan dict, tokenizer or None) from a model folder or run directory."""
+    io = _model_io()
+    model_dir = io.resolve_model_dir(path)
+    quant = model_dir / QUANT_FILE
+    if not quant.is_file():
+        model, plan, tokenizer = io.load_model(model_dir, device, dtype)
+        return model.eval(), plan, tokenizer
+    cfg = QuantConfig(**json.loads(quant.read_text()))
+    plan = json.loads((model_dir / "plan.json").read_text())
+    model = io.build_model(plan, device)
+    quantize_model(model, cfg, structure_only=True)
+    state = load_file(str(model_dir / "model.safetensors"), device=str(device))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith(".original")]   # empty placeholders, not saved
+    if missing or unexpected:
+        raise UserError(f"{model_dir}: the quantized weights do not match plan.json: "
+                        f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+    set_compute_dtype(model, io._dtype(dtype) or torch.float32)
+    tokenizer = None
+    if (model_dir / "tokenizer.json").is_file():
+        from tokenizers import Tokenizer
+        tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    return model.eval(), plan, tokenizer
+
+
+def quantize_checkpoint(src, out, cfg: QuantConfig) -> Path:
+    """Write a quantized copy of the checkpoint at `src` into `out`; returns the folder."""
+    io = _model_io()
+    model_dir = io.resolve_model_dir(src)
+    if (model_dir / QUANT_FILE).is_file():
+        raise UserError(f"{model_dir} is already quantized; quantize the original checkpoint")
+    model, plan, _ = io.load_model(model_dir, "cpu", torch.float32)
+    quantize_model(model, cfg)
+    state = {}
+    for name, t in model.state_dict().items():
+        if t.numel() == 0:
+            continue  # the placeholder under a parametrization: its data lives in the quantized buffers
+        state[name] = (t.to(torch.bfloat16) if t.is_floating_point() and t.dtype != torch.bfloat16 else t)
+        state[name] = state[name].contiguous()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt", "llmc_quantization": f"int{cfg.bits}"})
+    (out / "plan.json").write_text(json.dumps(plan, indent=2))
+    (out / QUANT_FILE).write_text(json.dumps({"bits": cfg.bits, "group_size": cfg.group_size,
+                                              "symmetric": cfg.symmetric}))
+    if (model_dir / "tokenizer.json").is_file():
+        shutil.copyfile(model_dir / "tokenizer.json", out / "tokenizer.json")
+    return out

@@ -1,0 +1,145 @@
+"""`llmc generate`, `llmc chat` and `llmc quantize`: thin shells over generate / speculative / quantize."""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from llmc.compiler.errors import UserError
+
+from .checkpoint import load_for_inference, quantize_checkpoint
+from .generate import generate
+from .sampling import SamplingParams
+from .stream import TextStream
+
+
+def _threads() -> None:
+    # Decoding tiny models is latency bound: a couple of threads beat many contending ones.
+    torch.set_num_threads(min(torch.get_num_threads(), 4))
+
+
+def _load(path, dtype=None):
+    model, plan, tokenizer = load_for_inference(path, "cpu", dtype)
+    if tokenizer is None:
+        raise UserError(f"{path} has no tokenizer.json; generation needs one to encode prompts")
+    return model, plan, tokenizer
+
+
+def _stop_ids(tokenizer) -> tuple[int, ...]:
+    from llmc.runtime.data.tokenizer import special_ids
+    ids = special_ids(tokenizer)
+    return tuple(i for i in (ids.get("eos"), ids.get("im_end")) if i is not None)
+
+
+def _read_prompts(args) -> list[str]:
+    if args.prompt is not None:
+        return [args.prompt]
+    path = Path(args.prompts_file)
+    if not path.is_file():
+        raise UserError(f"{path}: prompts file not found")
+    try:
+        prompts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if not prompts:
+        raise UserError(f"{path}: no prompts in it (expected one prompt per line)")
+    return prompts
+
+
+def generate_main(args) -> int:
+    """Generate from one prompt (streamed to stdout) or a file of prompts (one batch)."""
+    _threads()
+    model, _, tokenizer = _load(args.checkpoint, getattr(args, "dtype", None))
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                            top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                            stop_tokens=_stop_ids(tokenizer), stop_strings=tuple(args.stop), seed=args.seed)
+    texts = _read_prompts(args)
+    prompts = [tokenizer.encode(t, add_special_tokens=False).ids for t in texts]
+    stream_live = not args.json and args.prompt is not None
+    on_text = (lambda row, chunk: (sys.stdout.write(chunk), sys.stdout.flush())) if stream_live else None
+
+    extra = [{} for _ in prompts]
+    if args.draft:
+        from .speculative import speculative_generate
+        draft, _, draft_tok = _load(args.draft, getattr(args, "dtype", None))
+        if draft.cfg.vocab_size != model.cfg.vocab_size or draft_tok.get_vocab() != tokenizer.get_vocab():
+            raise UserError(f"the draft {args.draft} does not share the target's tokenizer "
+                            "(speculative decoding needs the same vocabulary)")
+        results = []
+        for i, p in enumerate(prompts):
+            r = speculative_generate(model, draft, p, params, tokenizer, on_text=on_text)
+            extra[i] = {"acceptance_rate": round(r.acceptance_rate, 4), "draft_tokens": r.draft_len}
+            results.append(r)
+    else:
+        results = generate(model, prompts, params, tokenizer, on_text=on_text,
+                           pad_id=_stop_ids(tokenizer)[0] if _stop_ids(tokenizer) else 0)
+
+    if args.json:
+        docs = [{"text": r.text, "tokens": len(r.tokens), "tokens_per_s": round(r.tokens_per_s, 2),
+                 "token_ids": r.tokens, "stop_reason": r.stop_reason, **e} for r, e in zip(results, extra)]
+        print(json.dumps(docs[0] if args.prompt is not None else docs, ensure_ascii=False))
+        return 0
+    if stream_live:
+        print()
+    else:
+        for text, r in zip(texts, results):
+            print(f"### {text}\n{r.text}\n")
+    for r, e in zip(results, extra):
+        note = f", acceptance {e['acceptance_rate']:.0%}" if e else ""
+        print(f"[{len(r.tokens)} tokens, {r.tokens_per_s:.1f} tokens/s{note}]", file=sys.stderr)
+    return 0
+
+
+def chat_main(args) -> int:
+    """An interactive loop: each line of stdin is a user turn; EOF (Ctrl-D) ends the chat."""
+    _threads()
+    from llmc.runtime.data.chat import ChatTemplate
+    model, plan, tokenizer = _load(args.checkpoint)
+    template = ChatTemplate(plan["spec"].get("data", {}).get("tokenizer", {}).get("chat_template", "chatml"))
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                            stop_tokens=_stop_ids(tokenizer), seed=0)
+    header, footer = template.parts("assistant")
+    end_of_turn = footer.strip()
+    if end_of_turn:
+        params.stop_strings = (end_of_turn,)
+    messages: list[dict] = []
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            break
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line.rstrip("\n")})
+        ids = _chat_prompt(messages, template, header, tokenizer, model.cfg.max_seq_len - params.max_new_tokens)
+        params.seed += 1
+        reply = generate(model, [ids], params, tokenizer,
+                         on_text=lambda _, chunk: (sys.stdout.write(chunk), sys.stdout.flush()))[0]
+        print(flush=True)
+        messages.append({"role": "assistant", "content": reply.text})
+    return 0
+
+
+def _chat_prompt(messages, template, header, tokenizer, budget: int) -> list[int]:
+    """The conversation plus the assistant header; the oldest turns go when it outgrows the budget."""
+    budget = max(budget, 1)
+    while True:
+        text = template.render_text(messages) + header
+        ids = tokenizer.encode(text, add_special_tokens=False).ids
+        if len(ids) <= budget or len(messages) == 1:
+            return ids[-budget:]
+        messages[:] = messages[2:] if len(messages) > 2 else messages[1:]
+
+
+def quantize_main(args) -> int:
+    """Write an int8/int4 weight-only copy of a checkpoint and print its size."""
+    from .quantize import QuantConfig
+    cfg = QuantConfig(bits=args.bits, group_size=args.group_size, symmetric=not args.asymmetric)
+    out = quantize_checkpoint(args.checkpoint, args.output, cfg)
+    size = (out / "model.safetensors").stat().st_size
+    print(f"wrote {out} (int{cfg.bits}, group {cfg.group_size}, "
+          f"{'symmetric' if cfg.symmetric else 'asymmetric'}): {size / 2**20:.2f} MiB")
+    return 0

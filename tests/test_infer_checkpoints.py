@@ -1,0 +1,95 @@
+"""Tiny checkpoints for the inference tests (random init, or a few seconds of fitting), and tests
+that the inference loader reads back exactly what save_model wrote."""
+
+import inspect
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmc.compiler.plan import build_plan
+from llmc.compiler.spec import load_spec
+from llmc.runtime.data.tokenizer import train_tokenizer
+from llmc.runtime.model import Transformer
+from llmc.runtime.model.io import save_model
+
+SPECS = Path(__file__).resolve().parent.parent / "specs"
+
+# A real text (Python's own textwrap module), plus a little Chinese so multi-byte characters occur.
+REAL_TEXT = Path(inspect.getsourcefile(textwrap)).read_text(encoding="utf-8")
+CHINESE = "深度学习模型可以生成文本。我们测试流式输出是否正确处理多字节字符。你好，世界！"
+
+DENSE = ["model.vocab_size=512", "model.d_model=64", "model.n_layers=2", "model.n_heads=4",
+         "model.n_kv_heads=2", "model.ffn_hidden=128", "model.max_seq_len=256"]
+# GPT-2 style: learned positions, LayerNorm, plain GELU, biases, tied embeddings, MHA.
+GPT2 = DENSE[:4] + ["model.n_kv_heads=4", "model.ffn_hidden=128", "model.max_seq_len=256", "model.positions='learned'",
+                    "model.norm='layernorm'", "model.activation='gelu_tanh'", "model.qkv_bias=true",
+                    "model.out_bias=true", "model.mlp_bias=true", "model.tie_embeddings=true",
+                    "model.attention.kind='mha'"]
+DRAFT = ["model.vocab_size=512", "model.d_model=32", "model.n_layers=1", "model.n_heads=2",
+         "model.n_kv_heads=1", "model.ffn_hidden=64", "model.max_seq_len=256"]
+
+
+def spec_with(overrides, base: str = "tiny.toml"):
+    return load_spec(SPECS / base, overrides)
+
+
+def tokenizer(vocab: int = 512):
+    return train_tokenizer([REAL_TEXT, CHINESE * 3], vocab)
+
+
+def random_model(spec, seed: int = 0) -> Transformer:
+    torch.manual_seed(seed)
+    model = Transformer(spec.model)
+    model.init_weights()
+    return model.eval()
+
+
+def fit(model: Transformer, ids: list[int], steps: int, seq: int = 64, batch: int = 8, lr: float = 3e-3, seed=0):
+    """A short deterministic fit on a token stream (seconds), so the model has learned something."""
+    g = torch.Generator().manual_seed(seed)
+    data = torch.tensor(ids)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(steps):
+        starts = torch.randint(0, len(data) - seq - 1, (batch,), generator=g)
+        x = torch.stack([data[s:s + seq] for s in starts])
+        y = torch.stack([data[s + 1:s + seq + 1] for s in starts])
+        loss = model(x, labels=y).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def checkpoint(tmp_path: Path, overrides=DENSE, base="tiny.toml", name="ckpt", seed=0, tok=None,
+               fit_steps: int = 0) -> Path:
+    """Save a model (random, or fitted for fit_steps on REAL_TEXT) with plan.json and tokenizer.json."""
+    spec = spec_with(overrides, base)
+    tok = tok or tokenizer(spec.model.vocab_size)
+    model = random_model(spec, seed)
+    if fit_steps:
+        fit(model, tok.encode(REAL_TEXT).ids, fit_steps)
+    plan = build_plan(spec).model_dump(mode="json")
+    return save_model(model, plan, tmp_path / name, tok)
+
+
+def test_inference_loader_reads_back_saved_weights(tmp_path):
+    from llmc.runtime.infer.checkpoint import load_for_inference
+    spec = spec_with(DENSE)
+    path = checkpoint(tmp_path)
+    model, plan, tok = load_for_inference(path)
+    reference = random_model(spec, seed=0)
+    assert not model.training
+    for (name, a), (_, b) in zip(model.state_dict().items(), reference.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert plan["spec"]["model"]["d_model"] == 64
+    assert tok.get_vocab_size() <= 512
+
+
+def test_missing_checkpoint_is_a_user_error(tmp_path):
+    from llmc.compiler.errors import UserError
+    from llmc.runtime.infer.checkpoint import load_for_inference
+    with pytest.raises(UserError, match="not an llmc model folder"):
+        load_for_inference(tmp_path / "nowhere")

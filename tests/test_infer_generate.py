@@ -1,0 +1,123 @@
+"""Generation with the KV cache: same tokens as recomputing everything, batches equal single
+prompts, stop rules, the cache's size, and the `llmc generate` / `llmc chat` verbs."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from llmc.compiler.cli import main as llmc
+from llmc.runtime.infer.cache import build_cache
+from llmc.runtime.infer.generate import generate, generate_without_cache
+from llmc.runtime.infer.sampling import SamplingParams
+from test_infer_checkpoints import DENSE, GPT2, checkpoint, random_model, spec_with
+
+PROMPTS = [[5, 17, 300, 2, 9, 41, 7], [88, 3], [1] * 12 + [250, 251], [400]]
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def model(request):
+    torch.set_num_threads(2)
+    return random_model(spec_with(DENSE if request.param == "llama" else GPT2), seed=1)
+
+
+def test_cached_generation_equals_recomputing_everything(model):
+    params = SamplingParams(max_new_tokens=16)
+    for prompt in PROMPTS:
+        assert generate(model, [prompt], params)[0].tokens == generate_without_cache(model, prompt, params)
+
+
+def test_sampled_cached_generation_equals_recomputing_everything(model):
+    params = SamplingParams(max_new_tokens=12, temperature=0.9, top_k=50, top_p=0.95, repetition_penalty=1.2, seed=3)
+    for prompt in PROMPTS[:2]:
+        assert generate(model, [prompt], params)[0].tokens == generate_without_cache(model, prompt, params)
+
+
+def test_each_row_of_a_batch_equals_its_prompt_alone(model):
+    greedy = SamplingParams(max_new_tokens=16)
+    batch = generate(model, PROMPTS, greedy, keep_logits=True)
+    for prompt, row in zip(PROMPTS, batch):
+        alone = generate(model, [prompt], greedy, keep_logits=True)[0]
+        assert row.tokens == alone.tokens
+        assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(row.logits, alone.logits))
+    sampled = SamplingParams(max_new_tokens=10, temperature=1.0, seed=11)
+    batch = generate(model, PROMPTS, sampled)
+    assert [r.tokens for r in batch] == [generate(model, [p], sampled)[0].tokens for p in PROMPTS]
+
+
+def test_stop_token_and_max_new_tokens(model):
+    free = generate(model, [PROMPTS[0]], SamplingParams(max_new_tokens=10))[0]
+    assert len(free.tokens) == 10 and free.stop_reason == "length"
+    stop_at = free.tokens[4]
+    first = free.tokens.index(stop_at)
+    stopped = generate(model, [PROMPTS[0]], SamplingParams(max_new_tokens=10, stop_tokens=(stop_at,)))[0]
+    assert stopped.tokens == free.tokens[:first] and stopped.stop_reason == "stop_token"
+
+
+def test_prompt_longer_than_the_context_is_a_user_error(model):
+    from llmc.compiler.errors import UserError
+    with pytest.raises(UserError, match="context"):
+        generate(model, [[1] * 300], SamplingParams())
+
+
+def test_kv_cache_holds_exactly_k_and_v_per_token():
+    spec = spec_with(DENSE)
+    m = spec.model
+    cache = build_cache(random_model(spec), batch=3, max_len=50, dtype=torch.bfloat16)
+    # hand formula: 2 (k and v) x layers x kv heads x head dim x 2 bytes, per token
+    per_token = 2 * m.n_layers * m.kv_heads * (m.d_model // m.n_heads) * 2
+    assert per_token == 2 * 2 * 2 * 16 * 2
+    assert cache.nbytes() == per_token * 3 * 50
+    plan_memory = _plan_kv_bytes_per_token(spec)
+    if plan_memory is not None:
+        assert cache.nbytes() == plan_memory * 3 * 50
+
+
+def _plan_kv_bytes_per_token(spec):
+    from llmc.compiler.plan import build_plan
+    memory = build_plan(spec).model_dump(mode="json").get("memory")
+    return memory["inference"]["kv_cache_bytes_per_token"] if memory else None
+
+
+# ---------------------------------------------------------------- the verbs
+
+def test_generate_verb_json_for_a_prompt_and_a_file(tmp_path, capsys):
+    ckpt = checkpoint(tmp_path)
+    assert llmc(["generate", str(ckpt), "--prompt", "def wrap(text", "--max-new-tokens", "8", "--json"]) == 0
+    one = json.loads(capsys.readouterr().out)
+    assert set(one) >= {"text", "tokens", "tokens_per_s"} and one["tokens"] <= 8
+    assert not one["text"].startswith("def wrap")          # new text only
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("def wrap(text\n\nclass TextWrapper:\n你好\n", encoding="utf-8")
+    assert llmc(["generate", str(ckpt), "--prompts-file", str(prompts), "--max-new-tokens", "6", "--json"]) == 0
+    many = json.loads(capsys.readouterr().out)
+    assert isinstance(many, list) and len(many) == 3
+    assert many[0]["text"] == one["text"][:len(many[0]["text"])]   # the same greedy start, batch or not
+
+
+def test_generate_verb_streams_text(tmp_path):
+    ckpt = checkpoint(tmp_path)
+    out = subprocess.run([sys.executable, "-m", "llmc.compiler.cli", "generate", str(ckpt), "--prompt", "import",
+                          "--max-new-tokens", "12"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "tokens/s" in out.stderr
+
+
+def test_generate_verb_errors_without_traceback(tmp_path, capsys):
+    assert llmc(["generate", str(tmp_path / "missing"), "--prompt", "x"]) == 1
+    ckpt = checkpoint(tmp_path)
+    assert llmc(["generate", str(ckpt), "--prompts-file", str(tmp_path / "none.txt")]) == 1
+    assert llmc(["generate", str(ckpt), "--prompt", "x", "--temperature", "-1"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("error:") == 3
+
+
+def test_chat_verb_answers_each_line_and_ends_at_eof(tmp_path):
+    ckpt = checkpoint(tmp_path)
+    out = subprocess.run([sys.executable, "-m", "llmc.compiler.cli", "chat", str(ckpt), "--max-new-tokens", "5",
+                          "--temperature", "0"], input="hello\nhow are you?\n", capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("\n") >= 2 and "Traceback" not in out.stderr
