@@ -1,0 +1,135 @@
+"""Checkpoints: atomic, resumable, with torch.distributed.checkpoint (DCP).
+
+RUN_DIR/checkpoints/step-00000100/ holds the model and optimizer (DCP, each rank writing its
+part), `rank{r}.pt` per rank (RNG states, sampler position, scheduler) and `meta.json` (step, plan
+hash, the spec). It is written as `.tmp-step-...` and renamed once every rank has finished, so a
+folder named `step-*` is always complete; a run killed while writing leaves only a `.tmp-` folder,
+which resume ignores and the next save replaces. The newest `keep` checkpoints are kept.
+"""
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from ...compiler.errors import UserError
+from .distributed import DistEnv
+
+# Keys a resumed run may change: budget, cadence, logging, compilation, launch settings.
+RESUMABLE_CHANGES = ("train.max_steps", "train.tokens", "train.checkpoint_every", "train.keep_checkpoints",
+                     "train.eval_every", "train.eval_batches", "train.log_every", "train.compile", "job.",
+                     "hardware.mfu")
+
+
+def _barrier(env: DistEnv) -> None:
+    if env.distributed:
+        dist.barrier()
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.glob("step-*") if (p / "meta.json").is_file())
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    found = checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, data_state: dict, plan: dict,
+                    env: DistEnv, keep: int) -> Path:
+    """Write checkpoint `step` (every rank calls this); return its folder."""
+    root = Path(run_dir) / "checkpoints"
+    final, tmp = root / f"step-{step:08d}", root / f".tmp-step-{step:08d}"
+    if env.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier(env)
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(tmp))
+    torch.save({"rng": rng_state(), "data": data_state, "scheduler": scheduler.state_dict()},
+               tmp / f"rank{env.rank}.pt")
+    _barrier(env)
+    if env.is_main:
+        meta = {"step": step, "plan_hash": plan.get("spec_hash"), "world_size": env.world_size, "spec": plan["spec"]}
+        with open(tmp / "meta.json", "w") as f:
+            json.dump(meta, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier(env)
+    return final
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler, env: DistEnv) -> tuple[int, dict]:
+    """Restore model, optimizer, scheduler and RNG in place; return (step, the sampler state)."""
+    meta = json.loads((path / "meta.json").read_text())
+    if meta["world_size"] != env.world_size:
+        raise UserError(f"{path} was written by {meta['world_size']} processes; resume it with the same number "
+                        f"(found {env.world_size})")
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optimizer": optim_sd}
+    dcp.load(state, checkpoint_id=str(path))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    extra = torch.load(path / f"rank{env.rank}.pt", weights_only=False)
+    scheduler.load_state_dict(extra["scheduler"])
+    set_rng_state(extra["rng"])
+    return int(meta["step"]), extra["data"]
+
+
+def _flatten(d, prefix="") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def spec_differences(old_spec: dict, new_spec: dict) -> list[str]:
+    """Differences between two resolved specs that make a checkpoint unusable ("key: old -> new")."""
+    old, new = _flatten(old_spec), _flatten(new_spec)
+    diffs = []
+    for key in sorted(set(old) | set(new)):
+        if key.startswith(RESUMABLE_CHANGES) or old.get(key) == new.get(key):
+            continue
+        diffs.append(f"{key}: {old.get(key, '(absent)')!r} -> {new.get(key, '(absent)')!r}")
+    return diffs
+
+
+def check_resumable(path: Path, plan: dict) -> None:
+    """Refuse to resume `path` under a plan whose spec differs in anything but the budget and cadence."""
+    meta = json.loads((path / "meta.json").read_text())
+    diffs = spec_differences(meta["spec"], plan["spec"])
+    if diffs:
+        raise UserError(f"cannot resume {path}: the spec changed since it was written:\n  " + "\n  ".join(diffs)
+                        + "\n(start a new run with another --out, or restore these values)")

@@ -1,0 +1,65 @@
+"""`llmc train SPEC [--out DIR] [--resume] [--nproc N] [--set ...]`: plan, prepare and train here.
+
+Writes RUN_DIR/plan.json and RUN_DIR/spec.toml (the resolved spec), prepares the data once, then
+runs the training entry: in this process for one process, under torchrun for several.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from ...compiler.errors import UserError
+from ...compiler.spec import load_spec, spec_to_toml
+
+
+def _spec_for(args):
+    spec = load_spec(args.spec, args.overrides)
+    if args.nproc and args.nproc != spec.world_size:
+        extra = [f"hardware.gpus_per_node={args.nproc}", "hardware.nodes=1"]
+        if spec.parallel.world_size != "auto":
+            extra.append(f"parallel.world_size={args.nproc}")
+        spec = load_spec(args.spec, list(args.overrides) + extra)
+    return spec
+
+
+def main(args) -> int:
+    from ...compiler.plan import build_plan
+    from ..data.prepare import prepare, summary
+    from .checkpoint import check_resumable, checkpoints, latest_checkpoint
+
+    spec = _spec_for(args)
+    plan = build_plan(spec).model_dump(mode="json")
+    run_dir = Path(args.out) if args.out else Path(spec.job.out_dir) / spec.job.name
+    nproc = args.nproc or (plan.get("layout") or {}).get("world_size") or spec.world_size
+    if args.resume:
+        ckpt = latest_checkpoint(run_dir)
+        if ckpt is None:
+            print(f"no complete checkpoint in {run_dir}: starting from step 0", file=sys.stderr)
+        else:
+            check_resumable(ckpt, plan)
+    elif checkpoints(run_dir):
+        raise UserError(f"{run_dir} already holds checkpoints of a run: pass --resume to continue it, "
+                        "or --out for a new run directory")
+    print(summary(prepare(spec)), file=sys.stderr)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "plan.json").write_text(json.dumps(plan, indent=2))
+    (run_dir / "spec.toml").write_text(spec_to_toml(spec))
+
+    if nproc == 1:
+        from .distributed import init_distributed
+        from .loop import train
+        report = train(plan, run_dir, init_distributed(), resume=args.resume)
+        val = report.get("validation") or {}
+        print(f"run directory: {run_dir}  ({report['measured']['tokens_per_s']:,.0f} tokens/s"
+              + (f", val_loss {val['val_loss']:.4f}" if val else "") + ")", file=sys.stderr)
+        return 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "llmc.runtime.entry", "--plan", str(run_dir / "plan.json"), "--out", str(run_dir)]
+    if args.resume:
+        cmd.append("--resume")
+    code = subprocess.call(cmd)
+    if code:
+        raise UserError(f"training failed (torchrun exit code {code}); see the messages above")
+    print(f"run directory: {run_dir}", file=sys.stderr)
+    return 0

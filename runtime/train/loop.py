@@ -1,0 +1,236 @@
+"""The training loop: one loop for every objective.
+
+    plan.json -> data (prepared shards, this rank's slice) -> model (built, recompute, compile,
+    parallelize) -> optimizer + schedule -> [resume] -> steps: micro-batches with gradient
+    accumulation to the global batch, clip, step, MoE bias update, metrics, validation, checkpoints
+    -> final checkpoint, RUN_DIR/model/, report.
+
+Reads only the plan: `Spec.model_validate(plan["spec"])` for the settings, `plan["layout"]` for
+dp / micro_batch_size / grad_accum.
+"""
+
+import contextlib
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from ...compiler.spec import Spec
+from ..data.dataset import TrainData
+from ..data.prepare import prepare, prepared_dir
+from .checkpoint import check_resumable, latest_checkpoint, load_checkpoint, save_checkpoint
+from .distributed import DistEnv, all_reduce_sum, layout_of, parallelize, unwrap
+from .metrics import MetricsLog, ProgressDisplay, truncate_metrics
+from .objectives import StepShare, build_objective
+from .optim import build_optimizer, build_scheduler
+from .report import RunClock, flops_per_token, peak_flops, write_report
+
+_AUTOCAST = {"bf16": torch.bfloat16, "fp8": torch.bfloat16, "fp16": torch.float16}
+
+
+def build_model(spec: Spec, device: torch.device, seed: int):
+    """The plain Transformer, initialised identically on every rank (seeded)."""
+    from ..model import Transformer
+    torch.manual_seed(seed)
+    with torch.device("meta"):
+        model = Transformer(spec.model)
+    model.to_empty(device=device)
+    model.init_weights()
+    return model
+
+
+def apply_recompute(model, mode: str) -> None:
+    """Activation checkpointing around blocks, from outside the model: `full` wraps every block,
+    `selective` every second one (half the activation memory saved for half the recompute)."""
+    if mode == "none":
+        return
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+    for i, key in enumerate(list(model.layers.keys())):
+        if mode == "full" or i % 2 == 0:
+            model.layers[key] = checkpoint_wrapper(model.layers[key], preserve_rng_state=True)
+
+
+def apply_compile(model) -> None:
+    """torch.compile each block (one compiled graph reused by every layer of the same shape)."""
+    for key in list(model.layers.keys()):
+        model.layers[key] = torch.compile(model.layers[key])
+
+
+def _autocast(device: torch.device, precision: str):
+    dtype = _AUTOCAST.get(precision)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@torch.no_grad()
+def evaluate(model, batches, env: DistEnv, precision: str) -> dict | None:
+    """Mean next-token loss and perplexity over the validation batches of every rank."""
+    if not batches:
+        return None
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(2, dtype=torch.float64, device=env.device)
+    for tokens, labels in batches:
+        tokens, labels = tokens.to(env.device), labels.to(env.device)
+        with _autocast(env.device, precision):
+            out = unwrap(model)(tokens, labels)
+        n = (labels != -100).sum()
+        totals += torch.stack([out.lm_loss.double() * n, n.double()])
+    all_reduce_sum(totals, env)
+    model.train(was_training)
+    loss = (totals[0] / totals[1].clamp(min=1)).item()
+    return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0))}
+
+
+class Trainer:
+    """The state of one rank's run; `run()` trains to the end."""
+
+    def __init__(self, plan: dict, run_dir: Path, env: DistEnv, resume: bool = False):
+        self.plan, self.run_dir, self.env = plan, Path(run_dir), env
+        self.spec = spec = Spec.model_validate(plan["spec"])
+        self.t = spec.train
+        self.layout = layout = layout_of(plan, env)
+        self.total_steps = self.t.steps
+        self.objective = build_objective(self.t.objective)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+
+        if env.is_main:
+            self.prepared = prepare(spec)
+        if env.distributed:
+            torch.distributed.barrier()
+        self.prepared = prepared_dir(spec)
+        self.data = TrainData(self.prepared, [s.weight for s in spec.data.sources], self.t.seq_len, self.t.seed,
+                              self.t.global_batch_size, layout["micro_batch_size"], env.rank, layout["dp"])
+
+        self.raw_model = build_model(spec, env.device, self.t.seed)
+        apply_recompute(self.raw_model, self.t.recompute)
+        if self.t.compile:
+            apply_compile(self.raw_model)
+        self.model = parallelize(self.raw_model, plan, env)
+        self.optimizer = build_optimizer(self.model, self.t.optimizer)
+        self.scheduler = build_scheduler(self.optimizer, self.t.schedule, self.total_steps)
+        self.scaler = torch.amp.GradScaler(env.device.type) if self.t.precision == "fp16" else None
+        self.step = 0
+        if resume and (ckpt := latest_checkpoint(self.run_dir)) is not None:
+            check_resumable(ckpt, plan)
+            self.step, data_state = load_checkpoint(ckpt, self.model, self.optimizer, self.scheduler, env)
+            self.data.load_state_dict(data_state)
+            if env.is_main:
+                truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
+        self.val_batches = self.data.val_batches(self.t.eval_batches)
+        self.flops_per_token = flops_per_token(plan)
+        self.peak = peak_flops(plan) * env.world_size
+        self.clock = RunClock(env.device)
+
+    # ------------------------------------------------------------------ one optimizer step
+    def train_step(self) -> dict:
+        env, model = self.env, self.model
+        micro = self.data.next_step()
+        counts = [int((labels != -100).sum()) for _, labels in micro]
+        n_global = all_reduce_sum(torch.tensor(float(sum(counts)), dtype=torch.float64), env).item()
+        dp = self.layout["dp"]
+        sums = torch.zeros(3, dtype=torch.float64)  # lm loss x targets, aux, mtp
+        expert_counts = None
+        for i, (tokens, labels) in enumerate(micro):
+            tokens, labels = tokens.to(env.device), labels.to(env.device)
+            last = i == len(micro) - 1
+            sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+            with sync:
+                with _autocast(env.device, self.t.precision):
+                    out = model(tokens, labels)
+                share = StepShare(token_weight=counts[i] * dp / max(n_global, 1.0), batch_weight=1.0 / len(micro))
+                loss = self.objective.loss(out, share)
+                (self.scaler.scale(loss) if self.scaler else loss).backward()
+            sums[0] += out.lm_loss.detach().double().cpu() * counts[i]
+            sums[1] += (out.aux_loss.detach().double().cpu() if out.aux_loss is not None else 0.0) / len(micro)
+            sums[2] += (out.mtp_loss.detach().double().cpu() if out.mtp_loss is not None else 0.0) / len(micro)
+            if out.expert_counts is not None:
+                c = out.expert_counts.detach().cpu()
+                expert_counts = c if expert_counts is None else expert_counts + c
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        clip = self.t.grad_clip if self.t.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item()
+        lr = self.optimizer.param_groups[0]["lr"]
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+        sums = all_reduce_sum(sums.to(env.device), env).cpu()
+        record = {"loss": sums[0].item() / max(n_global, 1.0), "lr": lr, "grad_norm": grad_norm,
+                  "tokens": int(n_global)}
+        if self.spec.model.moe is not None:
+            record["aux_loss"] = sums[1].item() / dp
+        if self.spec.model.mtp.depth:
+            record["mtp_loss"] = sums[2].item() / dp
+        if expert_counts is not None:
+            expert_counts = all_reduce_sum(expert_counts.to(env.device), env)
+            if hasattr(unwrap(model), "update_router_bias") and self.spec.model.moe.balance == "aux_free":
+                unwrap(model).update_router_bias(expert_counts)
+            load = expert_counts.double() / expert_counts.sum(dim=1, keepdim=True).clamp(min=1)
+            record["expert_load"] = [[round(x, 4) for x in row] for row in load.tolist()]
+            record["expert_load_max_over_mean"] = (load.max(dim=1).values * load.shape[1]).mean().item()
+        return record
+
+    # ------------------------------------------------------------------ the run
+    def run(self) -> dict:
+        env, t = self.env, self.t
+        log = MetricsLog(self.run_dir, env.is_main)
+        progress = ProgressDisplay(self.total_steps, self.step, t.log_every, env.is_main)
+        tokens_per_step = t.global_batch_size * t.seq_len
+        last_eval, last_saved = None, None
+        self.model.train()
+        try:
+            while self.step < self.total_steps:
+                self.clock.start()
+                record = {"step": self.step + 1, **self.train_step()}
+                step_time = self.clock.stop()
+                self.step += 1
+                record["step_time"] = step_time
+                record["tokens_per_s"] = tokens_per_step / step_time
+                record["mfu"] = self.flops_per_token * record["tokens_per_s"] / self.peak
+                if t.eval_every and self.step % t.eval_every == 0 or self.step == self.total_steps:
+                    last_eval = evaluate(self.model, self.val_batches, env, t.precision)
+                    if last_eval:
+                        record.update(last_eval)
+                        progress.note(f"step {self.step}: val_loss {last_eval['val_loss']:.4f} "
+                                      f"(perplexity {last_eval['val_perplexity']:.1f})")
+                log.write(record)
+                progress.step(self.step, record)
+                if (t.checkpoint_every and self.step % t.checkpoint_every == 0) or self.step == self.total_steps:
+                    save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self.scheduler,
+                                    self.data.state_dict(), self.plan, env, t.keep_checkpoints)
+                    last_saved = self.step
+        finally:
+            progress.close()
+            log.close()
+        if env.is_main:
+            self.save_final_model()
+            return write_report(self.run_dir, self.plan, self.clock, last_eval, env, last_saved)
+        return {}
+
+    def save_final_model(self) -> Path:
+        """RUN_DIR/model/: plan.json, model.safetensors, tokenizer.json (the model folder contract)."""
+        from ..model.io import save_model
+        model = unwrap(self.model)
+        state = {k.replace("._checkpoint_wrapped_module", "").replace("._orig_mod", ""): v
+                 for k, v in model.state_dict().items()}
+        clean = build_model(self.spec, torch.device("cpu"), self.t.seed)
+        clean.load_state_dict(state)
+        return save_model(clean, self.plan, self.run_dir / "model", tokenizer=self.prepared / "tokenizer.json")
+
+
+def train(plan: dict, run_dir: Path, env: DistEnv, resume: bool = False) -> dict:
+    """Train a plan into `run_dir` on this rank; return the report (rank 0) or {}."""
+    return Trainer(plan, run_dir, env, resume).run()
+
+
+def read_plan(path: Path) -> dict:
+    return json.loads(Path(path).read_text())

@@ -1,0 +1,123 @@
+"""The run report: measured throughput, step time and peak memory beside the plan's predictions.
+
+Written by rank 0 as RUN_DIR/report.json and RUN_DIR/report.md at the end of a run. Peak memory is
+`torch.cuda.max_memory_allocated` on a GPU and the peak resident set size of the process on a CPU.
+FLOPs per token come from the plan when it states them, else from the standard estimate
+6 x (non-embedding active parameters) + 12 x layers x heads x head_dim x seq_len (forward + backward).
+"""
+
+import json
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jinja2
+import torch
+
+_MD = jinja2.Template("""# Run report: {{ name }}
+
+| | measured | plan |
+|---|---:|---:|
+| tokens/s (all ranks) | {{ "{:,.0f}".format(m.tokens_per_s) }} | {{ p.tokens_per_s }} |
+| step time (s) | {{ "%.3f"|format(m.step_time_s) }} | {{ p.step_time_s }} |
+| peak memory per rank (GiB) | {{ "%.3f"|format(m.peak_memory_bytes / 2**30) }} | {{ p.memory_gib }} |
+| MFU | {{ "%.4f"|format(m.mfu) }} | {{ p.mfu }} |
+
+Steps: {{ m.steps }} ({{ m.measured_steps }} timed after warm-up), processes: {{ world_size }},
+peak memory measured as {{ m.peak_memory_kind }}.
+{% if val %}Final validation loss {{ "%.4f"|format(val.val_loss) }} (perplexity {{ "%.2f"|format(val.val_perplexity) }}).{% endif %}
+""")
+
+
+class RunClock:
+    """Step timings (synchronised with the device)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.times: list[float] = []
+        self._t0 = 0.0
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def start(self) -> None:
+        self._sync()
+        self._t0 = time.perf_counter()
+
+    def stop(self) -> float:
+        self._sync()
+        dt = time.perf_counter() - self._t0
+        self.times.append(dt)
+        return dt
+
+
+def flops_per_token(plan: dict) -> float:
+    """Training FLOPs per token (forward + backward)."""
+    stated = (plan.get("flops") or {}).get("train_per_token")
+    if stated:
+        return float(stated)
+    spec, params = plan["spec"], plan["params"]
+    m, seq = spec["model"], spec["train"]["seq_len"]
+    non_embedding = params["active"] - params["embedding"]
+    if m.get("tie_embeddings"):
+        non_embedding += params["embedding"]  # the tied head is a matmul
+    head_dim = m.get("head_dim") or m["d_model"] // m["n_heads"]
+    return 6.0 * non_embedding + 12.0 * m["n_layers"] * m["n_heads"] * head_dim * seq
+
+
+def peak_flops(plan: dict) -> float:
+    """Dense peak FLOP/s of one device: the spec's override, else the accelerator catalog's."""
+    hw = plan["spec"]["hardware"]
+    if hw.get("peak_tflops"):
+        return hw["peak_tflops"] * 1e12
+    from ...compiler.plan.hardware import lookup
+    acc = lookup(hw["accelerator"])
+    fp8 = plan["spec"]["train"]["precision"] == "fp8" and acc.peak_tflops_fp8
+    return (acc.peak_tflops_fp8 if fp8 else acc.peak_tflops_bf16) * 1e12
+
+
+def peak_memory(device: torch.device) -> tuple[int, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device), "torch.cuda.max_memory_allocated"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss * (1 if sys.platform == "darwin" else 1024), "peak RSS of the process"
+
+
+def _predictions(plan: dict, world_size: int, tokens_per_step: int, fpt: float) -> dict:
+    """What the plan predicts; '-' where it does not say."""
+    hw = plan["spec"]["hardware"]
+    mfu = hw.get("mfu", 0.4)
+    tps = mfu * peak_flops(plan) * world_size / fpt
+    memory = ((plan.get("memory") or {}).get("train") or {})
+    per_device = memory.get("total_bytes") or memory.get("per_device_bytes") or memory.get("total")
+    return {"tokens_per_s": f"{tps:,.0f}", "step_time_s": f"{tokens_per_step / tps:.3f}", "mfu": f"{mfu:.2f}",
+            "memory_gib": f"{per_device / 2**30:.3f}" if isinstance(per_device, (int, float)) else "-",
+            "tokens_per_s_value": tps, "step_time_value": tokens_per_step / tps,
+            "memory_bytes": per_device if isinstance(per_device, (int, float)) else None}
+
+
+def write_report(run_dir: Path, plan: dict, clock: RunClock, val: dict | None, env, last_checkpoint) -> dict:
+    """report.json + report.md; returns the report."""
+    spec = plan["spec"]
+    tokens_per_step = spec["train"]["global_batch_size"] * spec["train"]["seq_len"]
+    timed = clock.times[2:] if len(clock.times) > 4 else clock.times  # the first steps include warm-up
+    step_time = statistics.median(timed) if timed else float("nan")
+    fpt = flops_per_token(plan)
+    mem, kind = peak_memory(env.device)
+    tps = tokens_per_step / step_time if timed else 0.0
+    measured = {"steps": len(clock.times), "measured_steps": len(timed), "step_time_s": step_time,
+                "tokens_per_s": tps, "mfu": fpt * tps / (peak_flops(plan) * env.world_size),
+                "peak_memory_bytes": mem, "peak_memory_kind": kind}
+    predicted = _predictions(plan, env.world_size, tokens_per_step, fpt)
+    report = {"name": spec["job"]["name"], "world_size": env.world_size, "plan_hash": plan.get("spec_hash"),
+              "flops_per_token": fpt, "measured": measured,
+              "plan": {"tokens_per_s": predicted["tokens_per_s_value"], "step_time_s": predicted["step_time_value"],
+                       "mfu": spec["hardware"].get("mfu"), "memory_bytes_per_device": predicted["memory_bytes"]},
+              "validation": val, "last_checkpoint_step": last_checkpoint}
+    (Path(run_dir) / "report.json").write_text(json.dumps(report, indent=2))
+    (Path(run_dir) / "report.md").write_text(
+        _MD.render(name=report["name"], m=measured, p=predicted, world_size=env.world_size, val=val))
+    return report
