@@ -53,7 +53,9 @@ class Indexer(nn.Module):
         score = self.scores(x, q_latent, cos, sin, cache, start_pos)
         causal = causal_keep(score.shape[1], score.shape[2], start_pos, cache, x.device)
         score = score.masked_fill(~causal, float("-inf"))
-        k = min(self.topk, S)
-        top = score.topk(k, dim=-1).indices
+        k = min(self.topk, score.shape[-1])
+        # a stable sort breaks ties (relu makes many scores exactly 0) by position, the same way
+        # for a whole sequence and for one decoded token, which topk does not promise
+        top = score.sort(dim=-1, descending=True, stable=True).indices[..., :k]
         keep = torch.zeros_like(score, dtype=torch.bool).scatter_(-1, top, True)
         return keep & causal  # top-k may include masked keys when fewer than k are visible
