@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import shlex
 import signal
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -52,7 +54,7 @@ def run_main(args) -> int:
     app = job.app()
     role, replicas = app.roles[0].name, app.roles[0].num_replicas
     with make_runner() as runner:
-        handle = runner.run(app, torchx_scheduler(spec, scheduler), cfg=job.cfg())
+        handle = _submit(runner, app, torchx_scheduler(spec, scheduler), job.cfg())
         print(handle, flush=True)
         track.record(handle, scheduler=scheduler, role=role, replicas=replicas, run_dir=str(run_dir),
                      log_dir=job.log_dir, job_card=str(job.out / "job_card.md"),
@@ -68,6 +70,21 @@ def run_main(args) -> int:
         print_report(run_dir)
         return 0
     return 1
+
+
+def _submit(runner, app, scheduler: str, cfg: dict) -> str:
+    """Submit through TorchX; a scheduler that refuses or cannot be reached is the user's to fix."""
+    try:
+        return runner.run(app, scheduler, cfg=cfg)
+    except subprocess.CalledProcessError as e:   # sbatch
+        raise UserError(f"{shlex.join(map(str, e.cmd))} failed (exit {e.returncode}); is the cluster up?") from None
+    except Exception as e:  # noqa: BLE001 - e.g. the Kubernetes API server is unreachable or refuses
+        raise UserError(f"submitting to {scheduler} failed: {type(e).__name__}: {_first_line(e)}") from None
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else ""
 
 
 def _handle(text: str):

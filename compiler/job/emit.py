@@ -78,6 +78,7 @@ def _appdef_json(app: specs.AppDef) -> str:
 
 
 def _render_request(runner, job: CompiledJob, scheduler: str) -> str:
+    workdir_of(job.spec, scheduler)   # local/Slurm read job.image as a folder: UserError if it is not
     app = build_appdef(job.plan, scheduler, job.plan_path, job.run_dir)
     info = runner.dryrun(app, torchx_scheduler(job.spec, scheduler), cfg=job.cfg(scheduler))
     if scheduler == "slurm":
