@@ -29,22 +29,16 @@ def causal_attention(q, k, v, scale: float, start_pos: int = 0, mask=None):
     Query i sits at position start_pos + i and sees keys 0 .. start_pos + i; an explicit bool
     `mask` (broadcastable to [B, H, T, S]) replaces that rule.
     """
-    n_rep = q.shape[1] // k.shape[1]
-    if n_rep > 1:
-        k = k.repeat_interleave(n_rep, dim=1)
-        v = v.repeat_interleave(n_rep, dim=1)
-    if mask is not None:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    gqa = q.shape[1] != k.shape[1]  # SDPA shares each kv head over its query heads, no copies
     t_q, t_k = q.shape[2], k.shape[2]
-    if mask is not None:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-    if t_q == t_k:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-    if t_q == 1:  # one new query sees every cached key
-        return F.scaled_dot_product_attention(q, k, v, scale=scale)
-    qpos = torch.arange(t_q, device=q.device) + start_pos
-    mask = torch.arange(t_k, device=q.device)[None, :] <= qpos[:, None]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    if mask is None and t_q == t_k:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    if mask is None and t_q == 1:  # one new query sees every cached key
+        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
+    if mask is None:
+        qpos = torch.arange(t_q, device=q.device) + start_pos
+        mask = torch.arange(t_k, device=q.device)[None, :] <= qpos[:, None]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
 
 
 def causal_keep(T: int, S: int, start_pos: int, cache, device) -> torch.Tensor:
