@@ -209,7 +209,7 @@ def iter_documents(path: str, fmt: str, field: str, glob: str, *, sft: bool, bad
             return
         try:
             with open(file, "rb") as f:
-                data = f.read(int(min(remaining, 1 << 62)) if fmt == "text" else -1)
+                data = f.read(max_bytes and int(remaining) if fmt == "text" else -1)
         except OSError as e:
             raise DataError(f"{file}: cannot read ({e.strerror})") from None
         if fmt == "text" and max_bytes is not None and len(data) >= remaining:

@@ -1,0 +1,69 @@
+"""`llmc eval CKPT --text-file F [--json]`: mean next-token loss and perplexity of a text.
+
+The text is tokenized whole (no special tokens added) and cut into consecutive windows of the
+model's context (max_seq_len), each overlapping the next by one token, so every token after the
+first is predicted exactly once. loss = mean cross entropy (nats) over those predictions;
+perplexity = exp(loss); tokens = the number of predictions.
+"""
+
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..compiler.errors import UserError
+
+
+def read_text(path: str) -> str:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{path}: file not found")
+    data = p.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise UserError(f"{path}:{line}: invalid UTF-8 (byte 0x{data[e.start]:02x})") from None
+
+
+@torch.no_grad()
+def text_loss(model, ids: list[int], context: int, batch_size: int = 8, device="cpu") -> tuple[float, int]:
+    """(mean next-token loss in nats, number of predicted tokens) of a token sequence."""
+    if len(ids) < 2:
+        raise UserError("the text has fewer than 2 tokens: nothing to predict")
+    tokens = torch.tensor(ids, dtype=torch.long)
+    starts = list(range(0, len(ids) - 1, context))
+    total, count = 0.0, 0
+    model.eval()
+    for b in range(0, len(starts), batch_size):
+        windows = [tokens[s:s + context + 1] for s in starts[b:b + batch_size]]
+        width = max(len(w) for w in windows)
+        batch = torch.full((len(windows), width), -100, dtype=torch.long)
+        for i, w in enumerate(windows):
+            batch[i, :len(w)] = w
+        inputs, labels = batch[:, :-1].clamp(min=0).to(device), batch[:, 1:].to(device)
+        logits = model(inputs).logits.float()
+        losses = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+        total += losses.item()
+        count += int((labels != -100).sum())
+    return total / count, count
+
+
+def main(args) -> int:
+    """`llmc eval CKPT --text-file F [--json]`."""
+    from .model.io import load_model
+    text = read_text(args.text_file)
+    model, plan, tokenizer = load_model(args.checkpoint, "cpu", "fp32")
+    if tokenizer is None:
+        raise UserError(f"{args.checkpoint}: the model folder has no tokenizer.json")
+    context = plan["spec"]["model"]["max_seq_len"]
+    ids = tokenizer.encode(text, add_special_tokens=False).ids
+    loss, n = text_loss(model, ids, context)
+    ppl = math.exp(min(loss, 700.0))
+    if args.json:
+        print(json.dumps({"loss": loss, "perplexity": ppl, "tokens": n}))
+    else:
+        print(f"loss {loss:.4f}  perplexity {ppl:.2f}  ({n:,} tokens, {args.text_file})")
+    return 0

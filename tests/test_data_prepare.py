@@ -1,0 +1,201 @@
+"""Prepare: sources -> tokenizer -> shards; bad data named by file and line; re-prepare is a no-op."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from tokenizers import Tokenizer
+
+from llmc.compiler.spec import load_spec
+from llmc.runtime.data.prepare import load_manifest, prepare
+from llmc.runtime.data.sources import DataError
+
+MODEL = """
+[model]
+vocab_size = 320
+d_model = 32
+n_layers = 1
+n_heads = 2
+ffn_hidden = 64
+max_seq_len = 32
+[train]
+seq_len = 16
+global_batch_size = 2
+max_steps = 1
+objective = "{objective}"
+[data]
+val_fraction = {val}
+on_bad_record = "{policy}"
+cache_dir = "{cache}"
+"""
+
+
+def make_spec(tmp_path, sources: str, objective="pretrain", val=0.2, policy="error", extra=""):
+    text = MODEL.format(objective=objective, val=val, policy=policy, cache=tmp_path / "cache") + sources + extra
+    path = tmp_path / "spec.toml"
+    path.write_text(text)
+    return load_spec(path)
+
+
+def shard_documents(directory, entry, eos) -> list[list[int]]:
+    tokens = np.fromfile(directory / f"{entry['name']}.bin", dtype=entry["dtype"])
+    assert tokens[-1] == eos
+    docs, current = [], []
+    for t in tokens.tolist():
+        if t == eos:
+            docs.append(current)
+            current = []
+        else:
+            current.append(t)
+    return docs
+
+
+def test_text_jsonl_csv_round_trip_with_eos_between_documents(tmp_path):
+    (tmp_path / "a.txt").write_text("def hello():\n    return 'world'\n")
+    texts = [f"record number {i} says héllo" for i in range(10)]
+    (tmp_path / "b.jsonl").write_text("".join(json.dumps({"body": t}) + "\n" for t in texts))
+    (tmp_path / "c.csv").write_text("id,content\n1,\"first, quoted\"\n2,second row\n")
+    spec = make_spec(tmp_path, """
+[[data.sources]]
+path = "a.txt"
+[[data.sources]]
+path = "b.jsonl"
+format = "jsonl"
+field = "body"
+[[data.sources]]
+path = "c.csv"
+format = "csv"
+field = "content"
+""")
+    out = prepare(spec)
+    manifest = load_manifest(out)
+    tok = Tokenizer.from_file(str(out / "tokenizer.json"))
+    eos = manifest["special"]["eos"]
+    assert tok.id_to_token(eos) == "<|endoftext|>"
+    assert manifest["dtype"] == "uint16"
+
+    def decoded(source):
+        docs = shard_documents(out, source["train"], eos)
+        if source["val"] and source["val"]["documents"]:
+            docs += shard_documents(out, source["val"], eos)
+        return sorted(tok.decode(d, skip_special_tokens=False) for d in docs)
+
+    a, b, c = manifest["sources"]
+    # a single-document source is split by tokens: train + val decode back to the text
+    raw = [np.fromfile(out / f"{a[split]['name']}.bin", dtype=a[split]["dtype"]).tolist() for split in ("train", "val")]
+    assert raw[1][-1] == eos and eos not in raw[0] + raw[1][:-1]
+    assert tok.decode(raw[0] + raw[1][:-1]) == "def hello():\n    return 'world'\n"
+    # every 5th record (val_fraction 0.2) is held out whole
+    assert b["documents"] == 10 and b["val"]["documents"] == 2 and b["train"]["documents"] == 8
+    assert decoded(b) == sorted(texts)
+    assert sorted(tok.decode(d) for d in shard_documents(out, b["val"], eos)) == [texts[4], texts[9]]
+    # two rows: too few to hold one out whole, so the tail of the token stream is the validation part
+    both = sum((np.fromfile(out / f"{c[s]['name']}.bin", dtype=c[s]["dtype"]).tolist() for s in ("train", "val")), [])
+    assert tok.decode(both, skip_special_tokens=False) == "first, quoted<|endoftext|>second row<|endoftext|>"
+
+
+def test_second_prepare_is_a_no_op_and_a_change_re_prepares(tmp_path):
+    (tmp_path / "a.txt").write_text("one two three\n" * 50)
+    spec = make_spec(tmp_path, '[[data.sources]]\npath = "a.txt"\n')
+    first = prepare(spec)
+    stamp = (first / "manifest.json").stat().st_mtime_ns
+    again = prepare(make_spec(tmp_path, '[[data.sources]]\npath = "a.txt"\n'))
+    assert again == first and (again / "manifest.json").stat().st_mtime_ns == stamp
+    # mixture weights act at sampling time: no re-prepare
+    reweighted = prepare(make_spec(tmp_path, '[[data.sources]]\npath = "a.txt"\nweight = 3.0\n'))
+    assert reweighted == first
+    (tmp_path / "a.txt").write_text("four five six\n" * 50)
+    os.utime(tmp_path / "a.txt", ns=(stamp + 10**9, stamp + 10**9))
+    changed = prepare(make_spec(tmp_path, '[[data.sources]]\npath = "a.txt"\n'))
+    assert changed != first
+
+
+BAD = {
+    "missing file": ("nothing.txt", None, "text", "text", "nothing.txt: file not found"),
+    "empty file": ("empty.txt", b"", "text", "text", "empty.txt:1: file is empty"),
+    "invalid utf-8": ("bad.txt", b"line one\nline two\nline \xff three\n", "text", "text",
+                      "bad.txt:3: invalid UTF-8 (byte 0xff)"),
+    "not json": ("d.jsonl", b'{"text": "fine"}\n{"text": oops}\n', "jsonl", "text", "d.jsonl:2: not valid JSON"),
+    "wrong field": ("d.jsonl", b'{"text": "fine"}\n{"text": "ok"}\n{"body": "x"}\n', "jsonl", "text",
+                    "d.jsonl:3: field 'text' is missing"),
+    "field not a string": ("d.jsonl", b'{"text": 5}\n', "jsonl", "text", "d.jsonl:1: field 'text' must be a string"),
+    "csv column": ("d.csv", b"a,b\n1,2\n", "csv", "text", "d.csv:1: column 'text' not found"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_data_names_file_and_line(tmp_path, case):
+    name, content, fmt, field, expected = BAD[case]
+    if content is not None:
+        (tmp_path / name).write_bytes(content)
+    spec = make_spec(tmp_path, f'[[data.sources]]\npath = "{name}"\nformat = "{fmt}"\nfield = "{field}"\n')
+    with pytest.raises(DataError) as e:
+        prepare(spec)
+    assert expected in str(e.value)
+    assert str(tmp_path / name) in str(e.value)
+
+
+def test_bad_records_skipped_and_counted(tmp_path):
+    lines = [b'{"text": "good one"}', b"not json", b'{"text": "good two"}', b'{"other": 1}',
+             b'{"text": "bad \xff byte"}', b'{"text": "good three"}']
+    (tmp_path / "d.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    spec = make_spec(tmp_path, '[[data.sources]]\npath = "d.jsonl"\nformat = "jsonl"\n', val=0.0, policy="skip")
+    manifest = load_manifest(prepare(spec))
+    source = manifest["sources"][0]
+    assert source["documents"] == 3
+    assert source["skipped"] == {"not valid JSON": 1, "field 'text' is missing": 1, "invalid UTF-8": 1}
+    assert source["val"] is None
+
+
+def test_cli_reports_bad_data_without_traceback(tmp_path):
+    (tmp_path / "d.jsonl").write_text('{"text": "fine"}\n[1, 2]\n')
+    make_spec(tmp_path, '[[data.sources]]\npath = "d.jsonl"\nformat = "jsonl"\n')
+    r = subprocess.run([sys.executable, "-m", "llmc.compiler.cli", "data", "prepare", str(tmp_path / "spec.toml")],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 1
+    assert f"error: {tmp_path / 'd.jsonl'}:2: expected a JSON object, found list" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_given_tokenizer_is_used_and_must_fit_the_model(tmp_path):
+    (tmp_path / "a.txt").write_text("alpha beta gamma delta\n" * 20)
+    first = prepare(make_spec(tmp_path, '[[data.sources]]\npath = "a.txt"\n'))
+    given = tmp_path / "given.json"
+    given.write_text((first / "tokenizer.json").read_text())
+    spec = make_spec(tmp_path, '[[data.sources]]\npath = "a.txt"\n',
+                     extra=f'[data.tokenizer]\npath = "{given}"\n')
+    out = prepare(spec)
+    assert json.loads((out / "tokenizer.json").read_text())["model"]["vocab"] == \
+        json.loads(given.read_text())["model"]["vocab"]
+    small = make_spec(tmp_path, '[[data.sources]]\npath = "a.txt"\n',
+                      extra=f'[data.tokenizer]\npath = "{given}"\n').model_copy()
+    small.model.vocab_size = 100
+    with pytest.raises(DataError, match="model.vocab_size is 100"):
+        prepare(small)
+
+
+def test_stdlib_corpus_is_the_sorted_standard_library_capped_by_max_bytes(tmp_path):
+    import hashlib
+    import sysconfig
+    from pathlib import Path
+    spec = make_spec(tmp_path, '[[data.sources]]\npath = "builtin:stdlib"\n', val=0.01)
+    spec.data.max_bytes = 100_000
+    source = load_manifest(prepare(spec))["sources"][0]
+    # independently: the stdlib's .py files in sorted path order, no tests or site-packages, no empty files
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+    files = sorted(p for p in root.rglob("*.py") if not skip.intersection(p.relative_to(root).parts[:-1]))
+    texts = [t for t in (p.read_text("utf-8") for p in files) if t.strip()]
+    taken, total = [], 0
+    for t in texts:
+        if total >= 100_000:
+            break
+        if total + len(t.encode()) > 100_000:  # the last document is cut at the cap
+            t = t.encode()[:100_000 - total].decode("utf-8", errors="ignore")
+        taken.append(t)
+        total += len(t.encode())
+    assert source["documents"] == len(taken)
+    assert source["sha256"] == hashlib.sha256("".join(taken).encode()).hexdigest()
