@@ -1,0 +1,253 @@
+"""Memory per device: training (model states, activations, buffers) and inference (weights, KV cache).
+
+Model states follow the ZeRO paper: mixed precision keeps 2 bytes of weights, 2 of gradients and
+`train.optimizer.state_bytes_per_param` (12 for AdamW: fp32 master, m, v) per parameter; fp32
+training keeps 4 + 4 + (state - 4). ZeRO-1 shards the optimizer states over the data-parallel
+group, ZeRO-2 also the gradients, ZeRO-3 (FSDP) also the weights. TP divides each block's weights
+(and the vocab-parallel embedding and head) by tp; PP gives each stage its blocks, the embedding
+to the first stage, final norm + head + MTP to the last (a tied head keeps a copy there when
+pp > 1). Expert weights are divided by ep and replicated (and ZeRO-sharded) over the
+expert-data-parallel group of dp*tp/ep ranks (ep is carved out of the dp x tp ranks).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from pydantic import BaseModel, Field
+
+from .activations import ACT, FP32, block_activations, block_bytes
+from .hardware import lookup
+from .params import ParamCount, block, norm, shapes
+
+if TYPE_CHECKING:
+    from ..spec import Spec
+
+
+def model_state_bytes(params: float, *, dp: int, zero: int, weight: int = 2, grad: int = 2,
+                      optimizer: int = 12) -> tuple[float, float, float]:
+    """(weights, gradients, optimizer) bytes per rank for `params` replicated over a dp group."""
+    return (params * weight / (dp if zero >= 3 else 1),
+            params * grad / (dp if zero >= 2 else 1),
+            params * optimizer / (dp if zero >= 1 else 1))
+
+
+@dataclass(frozen=True)
+class Degrees:
+    """One candidate layout (all integers resolved)."""
+
+    dp: int
+    tp: int
+    pp: int
+    ep: int
+    zero: int
+    micro_batch_size: int
+    grad_accum: int
+    sequence_parallel: bool
+    schedule: str = "1f1b"
+    virtual_stages: int = 1
+
+    @property
+    def edp(self) -> int:
+        """Expert-data-parallel degree: replicas of each expert."""
+        return self.dp * self.tp // self.ep
+
+
+@dataclass(frozen=True)
+class RankShare:
+    """What one pipeline rank holds: its model chunks (rank, rank + pp, ...) summed."""
+
+    rank: int
+    chunks: tuple[tuple[int, ...], ...]  # layer indices of each chunk
+    dense: int                 # non-expert parameters
+    expert: int                # routed-expert parameters
+    first: bool                # holds the embedding
+    last: bool                 # holds final norm, head and MTP
+    unit_dense: int            # the biggest piece FSDP gathers at once (a block, the embedding, the head)
+    unit_expert: int
+
+
+class TrainMemory(BaseModel):
+    """Training memory of the most loaded device, in bytes."""
+
+    weights: int
+    gradients: int
+    optimizer: int
+    activations: int = Field(description="Saved activations of all micro-batches in flight on the stage.")
+    temporary: int = Field(description="Buffers alive at the peak: fp32 logits, gathered FSDP units, the "
+                                       "block being recomputed.")
+    overhead: int = Field(description="hardware.memory_reserve x capacity: CUDA context, allocator fragmentation.")
+    peak: int
+    capacity: int
+    fits: bool
+    stage: int = Field(description="Pipeline stage of the most loaded device.")
+    in_flight_micro_batches: float
+
+
+class InferenceMemory(BaseModel):
+    """Serving the main model on one node (hardware.gpus_per_node devices), bytes."""
+
+    kv_cache_bytes_per_token: int = Field(description="KV cache of one token over all layers, bf16 "
+                                                      "(DSA indexer keys in fp8 with fp32 block scales).")
+    kv_cache_breakdown: dict[str, int]
+    weights: dict[str, int] = Field(description="Weights of the main model at bf16 / int8 / int4; quantized "
+                                                "linear weights carry one bf16 scale per block of 128.")
+    devices: int
+    capacity: int = Field(description="Usable memory of the devices together (after the reserve).")
+    max_cached_tokens: dict[str, int] = Field(description="batch x context tokens that fit beside the weights.")
+    max_batch_at_max_seq_len: dict[str, int]
+
+
+QUANT_BLOCK = 128
+
+
+def kv_cache_breakdown(spec: Spec) -> dict[str, int]:
+    """Bytes per token of the KV cache over all layers (the main model)."""
+    m = spec.model
+    a, L = m.attention, m.n_layers
+    if a.kind == "mla":
+        kv = L * ACT * (a.kv_lora_rank + a.qk_rope_head_dim)
+    else:
+        kv = L * ACT * 2 * m.kv_heads * m.dim_per_head
+    out = {"attention": kv}
+    if a.sparse:
+        out["indexer_keys"] = L * (a.index_head_dim + FP32 * -(-a.index_head_dim // QUANT_BLOCK))
+    return out
+
+
+def inference_memory(spec: Spec, p: ParamCount) -> InferenceMemory:
+    """Weights at three precisions, KV cache per token, and the tokens that fit on one node."""
+    hw = spec.hardware
+    device = lookup(hw.accelerator)
+    c = p.components
+    unquantized = c["embedding"] + c["positions"] + c["norms"]
+    linear = p.main - unquantized
+    weights = {"bf16": 2 * p.main}
+    for name, bits in (("int8", 8), ("int4", 4)):
+        scales = -(-linear // QUANT_BLOCK) * 2
+        weights[name] = 2 * unquantized + linear * bits // 8 + scales
+    kv = kv_cache_breakdown(spec)
+    per_token = sum(kv.values())
+    devices = hw.gpus_per_node
+    capacity = int(devices * device.memory_bytes * (1 - hw.memory_reserve))
+    tokens = {k: max(0, (capacity - w) // per_token) for k, w in weights.items()}
+    return InferenceMemory(kv_cache_bytes_per_token=per_token, kv_cache_breakdown=kv, weights=weights,
+                           devices=devices, capacity=capacity, max_cached_tokens=tokens,
+                           max_batch_at_max_seq_len={k: v // spec.model.max_seq_len for k, v in tokens.items()})
+
+
+class TrainMemoryModel:
+    """Everything about training memory that does not depend on the layout, computed once."""
+
+    def __init__(self, spec: Spec, p: ParamCount):
+        self.spec, self.p = spec, p
+        m, t = spec.model, spec.train
+        self.h, self.s, self.V = m.d_model, t.seq_len, m.vocab_size
+        d = shapes(m)
+        kinds = {False: block(m, d, False)}
+        if m.moe:
+            kinds[True] = block(m, d, True)
+        self.layer_dense, self.layer_expert, self.layer_act = [], [], []
+        acts = {k: block_activations(m, k, fp8_linear_inputs=t.precision == "fp8") for k in kinds}
+        for i in range(m.n_layers):
+            moe = m.is_moe_layer(i)
+            self.layer_dense.append(sum(kinds[moe].values()) - kinds[moe]["experts"])
+            self.layer_expert.append(kinds[moe]["experts"])
+            self.layer_act.append(acts[moe])
+        self.mtp_act = [acts[m.is_moe_layer(m.n_layers + k)] for k in range(m.mtp.depth)]
+        mtp_expert = sum(kinds[True]["experts"] for k in range(m.mtp.depth) if m.is_moe_layer(m.n_layers + k))
+        self.mtp_dense, self.mtp_expert = p.mtp - mtp_expert, mtp_expert
+        self.embedding = p.components["embedding"] + p.components["positions"]
+        self.final_norm = norm(m, m.d_model)
+        self.head = p.components["head"]
+        precision = t.precision
+        state = t.optimizer.state_bytes_per_param
+        self.bytes_w, self.bytes_g, self.bytes_o = (4, 4, state - 4) if precision == "fp32" else (2, 2, state)
+        self.capacity = lookup(spec.hardware.accelerator).memory_bytes
+        self.reserve = spec.hardware.memory_reserve
+        self._cache: dict = {}
+
+    def ranks(self, assignment: list[list[int]], pp: int) -> list[RankShare]:
+        """What each pipeline rank holds for a layer assignment of len(assignment) chunks
+        (chunk 0: embedding; last chunk: final norm, head, MTP; chunk s on rank s % pp)."""
+        n = len(assignment)
+        out = []
+        for rank in range(pp):
+            dense = expert = unit_d = unit_e = 0
+            for i in range(rank, n, pp):
+                layers = assignment[i]
+                dense += sum(self.layer_dense[j] for j in layers)
+                expert += sum(self.layer_expert[j] for j in layers)
+                unit_d = max([unit_d] + [self.layer_dense[j] for j in layers])
+                unit_e = max([unit_e] + [self.layer_expert[j] for j in layers])
+                if i == 0:
+                    dense += self.embedding
+                    unit_d = max(unit_d, self.embedding)
+                if i == n - 1:
+                    head = self.head or (self.V * self.h if pp > 1 else 0)  # a tied head needs its copy
+                    dense += self.final_norm + head + self.mtp_dense
+                    expert += self.mtp_expert
+                    unit_d = max(unit_d, head)
+            out.append(RankShare(rank, tuple(tuple(assignment[i]) for i in range(rank, n, pp)), dense, expert,
+                                 rank == 0, (n - 1) % pp == rank, unit_d, unit_e))
+        return out
+
+    def in_flight(self, deg: Degrees, rank: int) -> float:
+        """Micro-batches whose activations a pipeline rank holds at its peak."""
+        p, m = deg.pp, deg.grad_accum
+        if deg.schedule == "gpipe":
+            return m
+        if deg.schedule == "interleaved" and p > 1:
+            return min(m, (p - rank) + (p - 1) / deg.virtual_stages)
+        return min(m, p - rank)
+
+    def rank_bytes(self, deg: Degrees, share: RankShare) -> tuple[float, ...]:
+        """(weights, gradients, optimizer, activations, temporary, overhead, peak, in-flight) of one rank."""
+        tp, ep = deg.tp, deg.ep
+        dense, expert = share.dense / tp, share.expert / ep
+        wd, gd, od = model_state_bytes(dense, dp=deg.dp, zero=deg.zero, weight=self.bytes_w, grad=self.bytes_g,
+                                       optimizer=self.bytes_o)
+        we, ge, oe = model_state_bytes(expert, dp=deg.edp, zero=deg.zero, weight=self.bytes_w, grad=self.bytes_g,
+                                       optimizer=self.bytes_o)
+        saved, working = self._activations(deg, share)
+        in_flight = self.in_flight(deg, share.rank)
+        act = saved * in_flight
+        temporary = working
+        if share.last:
+            temporary += FP32 * self.V / tp * deg.micro_batch_size * self.s  # fp32 logits for the loss
+        if deg.zero >= 3:
+            unit = share.unit_dense / tp + share.unit_expert / ep
+            temporary += 3 * unit * self.bytes_w  # gathered: this unit and the prefetched next; its full grads
+        overhead = self.reserve * self.capacity
+        peak = wd + we + gd + ge + od + oe + act + temporary + overhead
+        return wd + we, gd + ge, od + oe, act, temporary, overhead, peak, in_flight
+
+    def as_model(self, values: tuple[float, ...], rank: int) -> TrainMemory:
+        w, g, o, act, temporary, overhead, peak, in_flight = values
+        return TrainMemory(weights=int(w), gradients=int(g), optimizer=int(o), activations=int(act),
+                           temporary=int(temporary), overhead=int(overhead), peak=int(peak), capacity=self.capacity,
+                           fits=peak <= self.capacity, stage=rank, in_flight_micro_batches=in_flight)
+
+    def _activations(self, deg: Degrees, share: RankShare) -> tuple[float, float]:
+        """(saved bytes of all the rank's chunks for one micro-batch, the largest working set)."""
+        key = (deg.tp, deg.sequence_parallel, deg.micro_batch_size, share.chunks, share.last)
+        if key in self._cache:
+            return self._cache[key]
+        b, s, h, tp, sp = deg.micro_batch_size, self.s, self.h, deg.tp, deg.sequence_parallel and deg.tp > 1
+        recompute = self.spec.train.recompute
+        saved = working = 0.0
+        acts = [self.layer_act[j] for chunk in share.chunks for j in chunk]
+        if share.last:
+            acts += self.mtp_act
+        for act in acts:
+            kept, work = block_bytes(act, b=b, s=s, tp=tp, sp=sp, recompute=recompute, h=h)
+            saved += kept
+            working = max(working, work)
+        if share.last:
+            heads = 1 + len(self.mtp_act)
+            per_token = ACT * 2 * h / (tp if sp else 1) + heads * ACT * self.V / tp  # norm+head inputs, logits
+            per_token += len(self.mtp_act) * 4 * ACT * h / (tp if sp else 1)          # MTP norms and eh_proj input
+            saved += per_token * b * s
+        self._cache[key] = (saved, working)
+        return self._cache[key]
