@@ -62,12 +62,10 @@ def main():
     if layout.pp > 1:
         from llmc.runtime.parallel.pipeline import build_pipeline
         pipe = build_pipeline(model, pdims, n_microbatches=args.n_micro // layout.dp,
-                              schedule=layout.pp_schedule)
-        modules = pipe.modules
+                              schedule=layout.pp_schedule, wrap=lambda m: parallelize(m, pdims))
+        raw, wrapped = pipe.modules, pipe.wrapped
     else:
-        modules = [model]
-    wrapped = [parallelize(m, pdims) for m in modules]
-    raw = modules
+        raw, wrapped = [model], [parallelize(model, pdims)]
     params = [p for m in wrapped for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.1, foreach=False)
 
@@ -84,8 +82,8 @@ def main():
         if pipe is not None:
             tokens = batch[..., :-1].reshape(-1, args.seq)
             labels = batch[..., 1:].reshape(-1, args.seq)
-            local = pipe.step(tokens, labels)  # mean over this rank's micro-batches (last stage), else None
-            local = torch.zeros(()) if local is None else local.detach() * accum
+            # mean over this column's micro-batches, the same on every stage: count it once
+            local = pipe.step(tokens, labels).detach() * accum / layout.pp
             counts = pipe.expert_counts()
         else:
             for mb in batch:

@@ -17,11 +17,13 @@ def clip_grad_norm_(params, max_norm: float, pdims) -> torch.Tensor:
 
     DTensor gradients (FSDP, TP) contribute their full norm; rank-local expert gradients are
     summed over the ep group; each pipeline stage adds its own parameters over the pp group.
-    Replicated plain gradients (DDP) count once. max_norm <= 0 only measures."""
+    Replicated plain gradients (DDP) count once, as does the last pipeline stage's copy of
+    the embedding. max_norm <= 0 only measures."""
     params = [p for p in params if p.grad is not None]
+    counted = [p for p in params if not getattr(p, "_llmc_pp_copy", False)]
     sq = torch.zeros((), dtype=torch.float64)
     expert_sq = torch.zeros((), dtype=torch.float64)
-    for p in params:
+    for p in counted:
         g = p.grad
         if isinstance(g, DTensor):
             sq += torch.linalg.vector_norm(g.float()).full_tensor().double().square()

@@ -1,0 +1,214 @@
+"""Pipeline parallelism with torch.distributed.pipelining, from the plan's layer-to-stage table.
+
+Each pipeline rank keeps a copy of the model cut to its stage(s): the layers the plan gives the
+stage (the others are deleted from `model.layers`, so parameter names stay those of the full
+model and checkpoints stay layout-independent), the embedding on the first stage, the final
+norm, head and MTP modules on the last. A stage's forward (set on the instance) runs
+
+    first stage   tokens -> embed -> its layers -> hidden
+    middle        hidden -> its layers -> hidden
+    last          hidden -> its layers -> norm/head (+ MTP) -> loss of the micro-batch
+
+Tokens and labels reach every stage as keyword arguments of `schedule.step` (the schedule chunks
+them into micro-batches): the last stage needs the labels, and the MTP modules the tokens.
+
+Two losses live outside the last stage and are carried by autograd instead of activations:
+  - MoE balance losses of earlier stages: attached to the stage output by `_AttachAux`, whose
+    backward feeds d(loss)/d(aux) = 1 (Megatron's aux-loss scaler does the same);
+  - the embedding is shared with MTP (and with a tied head): the last stage keeps a copy, and
+    after backward the two copies' gradients are summed over a {first, last} group.
+"""
+
+from __future__ import annotations
+
+import copy
+import types
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+
+from .expert import moe_modules
+
+SCHEDULES = {"1f1b": Schedule1F1B, "gpipe": ScheduleGPipe, "interleaved": ScheduleInterleaved1F1B}
+
+
+class _AttachAux(torch.autograd.Function):
+    """Identity on `h`; in backward gives `aux` the gradient 1, as if added to the final loss."""
+
+    @staticmethod
+    def forward(ctx, h, aux):
+        return h
+
+    @staticmethod
+    def backward(ctx, grad_h):
+        return grad_h, torch.ones((), dtype=torch.float32, device=grad_h.device)
+
+
+def _moe_aux_and_counts(stage: nn.Module, blocks, counts: torch.Tensor):
+    """Sum of the balance losses of `blocks`' MoE FFNs in the last forward; their expert counts
+    are added into `counts` ([n_moe_layers, E], rows by the model's moe_layer_ids)."""
+    aux = None
+    for block in blocks:
+        moe = block.ffn if getattr(block, "is_moe", False) else None
+        if moe is None:
+            continue
+        if moe.last_aux_loss is not None:
+            aux = moe.last_aux_loss if aux is None else aux + moe.last_aux_loss
+        if block.layer_id in stage.moe_layer_ids and moe.last_counts is not None:
+            counts[stage.moe_layer_ids.index(block.layer_id)] += moe.last_counts
+    return aux
+
+
+def _stage_forward(self, x, tokens=None, labels=None):
+    """The forward of one pipeline stage (bound to the stage's pruned Transformer).
+
+    Appends (loss without balance terms, balance loss, expert counts) of the micro-batch to
+    self._llmc_stats; Pipeline.step keeps the entries of the real micro-batches (the schedule
+    also runs one forward on placeholder tensors to infer shapes)."""
+    from llmc.runtime.model.transformer import cross_entropy
+
+    T = tokens.shape[1]
+    positions = torch.arange(T, device=tokens.device)
+    if self._llmc_first:
+        h = self.embed(x)
+        if self.pos_embed is not None:
+            h = h + self.pos_embed(positions)
+    else:
+        h = x
+    cos, sin = self.rope(positions, torch.float32)
+    for layer in self.layers.values():
+        h = layer(h, cos, sin)
+    counts = torch.zeros(len(self.moe_layer_ids), self._llmc_n_experts, dtype=torch.long)
+    aux = _moe_aux_and_counts(self, self.layers.values(), counts)
+    if not self._llmc_last:
+        self._llmc_stats.append((torch.zeros(()), aux.detach() if aux is not None else torch.zeros(()), counts))
+        return _AttachAux.apply(h, aux) if aux is not None else h
+    loss = cross_entropy(self.output(h), labels)
+    if len(self.mtp):
+        loss = loss + self.cfg.mtp.loss_weight * self._mtp_loss(h, tokens, labels, cos, sin)
+        mtp_aux = _moe_aux_and_counts(self, [m.block for m in self.mtp], counts)
+        aux = mtp_aux if aux is None else (aux if mtp_aux is None else aux + mtp_aux)
+    aux_value = aux.detach() if aux is not None else torch.zeros(())
+    self._llmc_stats.append((loss.detach(), aux_value, counts))
+    return loss + aux if aux is not None else loss
+
+
+def _cut_to_stage(model: nn.Module, layers: list[int], first: bool, last: bool) -> nn.Module:
+    """A deep copy of `model` holding only what stage needs (names unchanged)."""
+    stage = copy.deepcopy(model)
+    keep = {str(i) for i in layers}
+    for name in list(stage.layers.keys()):
+        if name not in keep:
+            del stage.layers[name]
+    needs_embed = first or (last and (len(stage.mtp) > 0 or stage.head is None))
+    if not needs_embed:
+        stage.embed = None
+    elif not first:
+        stage.embed.weight._llmc_pp_copy = True  # counted once in the global gradient norm
+    if not first:
+        stage.pos_embed = None
+    if not last:
+        stage.norm, stage.head, stage.mtp = None, None, nn.ModuleList()
+    stage._llmc_first, stage._llmc_last = first, last
+    stage._llmc_n_experts = model.cfg.moe.n_experts if model.cfg.moe else 0
+    stage._llmc_stats = []
+    stage.forward = types.MethodType(_stage_forward, stage)
+    return stage
+
+
+class Pipeline:
+    """This rank's stages, their schedule, and the per-step bookkeeping the trainer needs."""
+
+    def __init__(self, modules, wrapped, stage_ids, n_stages, schedule, pdims, embed_group):
+        self.modules, self.wrapped, self.stage_ids = modules, wrapped, stage_ids
+        self.n_stages, self.schedule, self.pdims, self.embed_group = n_stages, schedule, pdims, embed_group
+
+    @property
+    def has_last(self) -> bool:
+        return self.n_stages - 1 in self.stage_ids
+
+    @property
+    def has_first(self) -> bool:
+        return 0 in self.stage_ids
+
+    def step(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Forward and backward of this rank's micro-batches (tokens, labels [accum x mb, T]).
+
+        Returns the mean loss over the micro-batches (lm + mtp + every stage's balance loss),
+        the same on every rank of the pipeline group."""
+        for m in self.modules:
+            m._llmc_stats.clear()
+        args = (tokens,) if self.has_first else ()
+        self.schedule.step(*args, target=labels if self.has_last else None, tokens=tokens, labels=labels,
+                           return_outputs=False)
+        self._sync_shared_embedding()
+        n = self.schedule._n_microbatches
+        total = sum(lm + aux for m in self.modules for lm, aux, _ in m._llmc_stats[-n:]).reshape(())
+        self._counts = sum(c for m in self.modules for _, _, c in m._llmc_stats[-n:])
+        dist.all_reduce(total, group=self.pdims.group("pp"))
+        return total / n
+
+    def expert_counts(self) -> torch.Tensor | None:
+        """Tokens routed per expert in this step, [n_moe_layers, E], summed over the stages."""
+        if not self.modules[0].cfg.moe:
+            return None
+        counts = self._counts.clone()
+        dist.all_reduce(counts, group=self.pdims.group("pp"))
+        return counts
+
+    def _sync_shared_embedding(self):
+        """Sum the embedding gradients of the first stage and of the last stage's copy."""
+        if self.embed_group is None:
+            return
+        for m in self.modules:
+            if m.embed is not None and not (self.has_first and self.has_last):
+                grad = m.embed.weight.grad
+                local = grad.to_local() if hasattr(grad, "to_local") else grad
+                dist.all_reduce(local, group=self.embed_group)
+
+
+def _loss_is_output(output, target):
+    return output
+
+
+def _embed_groups(pdims, last_needs_embed: bool):
+    """dist groups {first stage rank, last stage rank} per pipeline column; this rank's or None."""
+    if not last_needs_embed:
+        return None
+    lay = pdims.layout
+    grid = torch.arange(lay.world_size).reshape(lay.pp, lay.dp * lay.tp)
+    mine = None
+    for column in range(lay.dp * lay.tp):
+        ranks = [int(grid[0, column]), int(grid[-1, column])]
+        group = dist.new_group(ranks)
+        if dist.get_rank() in ranks:
+            mine = group
+    return mine
+
+
+def build_pipeline(model: nn.Module, pdims, n_microbatches: int, schedule: str = "1f1b", wrap=None) -> Pipeline:
+    """Cut `model` into this rank's stage(s) by layout.stages, wrap each (e.g. parallelize), and
+    build the schedule over the pp group. `wrap(stage_module) -> module` runs before the
+    PipelineStage is made (FSDP/DDP of the stage)."""
+    lay = pdims.layout
+    stages = lay.stages
+    n_stages = len(stages)
+    pp_rank = pdims.coordinate("pp")
+    stage_ids = list(range(pp_rank, n_stages, lay.pp))  # looped placement for virtual stages
+    if schedule != "interleaved" and len(stage_ids) > 1:
+        raise ValueError(f"{n_stages} stages over pp = {lay.pp} need the interleaved schedule")
+    modules = [_cut_to_stage(model, stages[s], s == 0, s == n_stages - 1) for s in stage_ids]
+    wrapped = [wrap(m) if wrap is not None else m for m in modules]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    group = pdims.group("pp")
+    pipe_stages = [PipelineStage(w, s, n_stages, device, group=group) for w, s in zip(wrapped, stage_ids)]
+    cls = SCHEDULES[schedule]
+    if schedule == "interleaved":
+        sched = cls(pipe_stages, n_microbatches=n_microbatches, loss_fn=_loss_is_output)
+    else:
+        sched = cls(pipe_stages[0], n_microbatches=n_microbatches, loss_fn=_loss_is_output)
+    last_needs_embed = len(model.mtp) > 0 or model.head is None
+    embed_group = _embed_groups(pdims, last_needs_embed)
+    return Pipeline(modules, wrapped, stage_ids, n_stages, sched, pdims, embed_group)
