@@ -1,0 +1,90 @@
+"""Shell injection through spec values: each attempt is rejected with a clear message, or is inert.
+
+Inert is shown by running what llmc emits: the sbatch script is executed by bash with a fake
+`srun` that records the argv it receives; the attack must arrive as one literal argument and no
+command in it may run.
+"""
+
+import json
+import os
+import shlex
+import subprocess
+
+import pytest
+import yaml
+
+from slurm.llmc_cli import TINY, llmc
+
+ATTACKS = ["'; rm -rf ~'", "$(touch pwned)", "`touch pwned`", "a\nb", "x; touch pwned"]
+
+
+@pytest.mark.parametrize("attack", ATTACKS)
+def test_job_name_injection_is_rejected(tmp_path, attack):
+    result = llmc("compile", TINY, "-o", "out", "--set", f"job.name={attack}", cwd=tmp_path)
+    assert result.returncode == 1
+    assert "job.name" in result.stderr and "lowercase letters, digits and '-'" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("key", ["job.out_dir", "job.image", "job.partition", "job.queue"])
+@pytest.mark.parametrize("attack", ["'; rm -rf ~'", "$(touch pwned)", "a\nb"])
+def test_values_reaching_scheduler_options_are_rejected(tmp_path, key, attack):
+    result = llmc("compile", TINY, "-o", "out", "--set", f"{key}={attack}", cwd=tmp_path)
+    assert result.returncode == 1 and key in result.stderr and "Traceback" not in result.stderr
+
+
+def test_newlines_and_bad_names_in_env_and_mounts_are_rejected(tmp_path):
+    for override, where in [('job.env.X="a\\nb"', "job.env"), ("job.env.BAD-KEY=1", "job.env"),
+                            ('job.mounts=[{src="relative/path", dst="/d"}]', "job.mounts"),
+                            ('job.mounts=[{src="/a\\n/b", dst="/d"}]', "job.mounts")]:
+        result = llmc("compile", TINY, "-o", "out", "--set", override, cwd=tmp_path)
+        assert result.returncode == 1, override
+        assert where in result.stderr and "Traceback" not in result.stderr
+
+
+def test_set_cannot_smuggle_commands(tmp_path):
+    for override in ["train.max_steps=2; rm -rf ~", "train.max_steps=$(touch pwned)", "no-equals-sign"]:
+        result = llmc("compile", TINY, "-o", "out", "--set", override, cwd=tmp_path)
+        assert result.returncode == 1 and "error:" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "pwned").exists()
+
+
+def _run_sbatch_script(script, tmp_path):
+    """Execute an sbatch script with bash and a recording srun; return srun's argv."""
+    bin_dir = tmp_path / "fakebin"
+    bin_dir.mkdir()
+    srun = bin_dir / "srun"
+    srun.write_text('#!/usr/bin/env python3\nimport sys, json\n'
+                    f'open({str(tmp_path / "argv.json")!r}, "w").write(json.dumps(sys.argv[1:]))\n')
+    srun.chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "SLURM_JOB_ID": "42", "HOME": str(tmp_path / "home")}
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "keep").write_text("still here")
+    subprocess.run(["bash", str(script)], cwd=tmp_path, env=env, check=True, capture_output=True)
+    return json.loads((tmp_path / "argv.json").read_text())
+
+
+def test_env_values_and_paths_are_inert_in_the_sbatch_script(tmp_path):
+    evil = "'; rm -rf ~; $(touch pwned) `touch pwned`"
+    out_dir = "out; touch pwned"
+    result = llmc("compile", TINY, "-o", out_dir, "--set", f"job.env.EVIL={evil}",
+                  "--set", 'job.mounts=[{src="/data/$(touch pwned)/../x", dst="/d"}]', cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    argv = _run_sbatch_script(tmp_path / out_dir / "slurm.sbatch.sh", tmp_path)
+    assert not (tmp_path / "pwned").exists()
+    assert (tmp_path / "home" / "keep").exists()
+    export = next(a for a in argv if a.startswith("--export="))
+    assert f"EVIL={evil}" in export                                    # literal, one argument
+    assert argv[argv.index("--plan") + 1] == f"{out_dir}/plan.json"    # the odd folder name, intact
+    assert "42" in argv[argv.index("--rdzv_id") + 1]                   # only TorchX's $SLURM_JOB_ID expands
+
+    manifest_ok = llmc("compile", TINY, "-o", "k8s", "--set", f"job.env.EVIL={evil}", "--set", "job.image=img",
+                       "--set", "job.scheduler=kubernetes", "--set", "job.memory_gb_per_node=4", cwd=tmp_path)
+    assert manifest_ok.returncode == 0, manifest_ok.stderr
+    job = yaml.safe_load((tmp_path / "k8s" / "kubernetes.volcano.yaml").read_text())
+    (container,) = job["spec"]["tasks"][0]["template"]["spec"]["containers"]
+    assert {"name": "EVIL", "value": evil} in container["env"]          # a value, never a command
+    assert container["command"][0] != "sh" and "-c" not in container["command"][:2]
+    card = (tmp_path / out_dir / "job_card.md").read_text()
+    assert shlex.quote(f"{out_dir}/plan.json") in card                 # shown quoted, copy-paste safe
+    assert not os.path.exists(tmp_path / "pwned")
