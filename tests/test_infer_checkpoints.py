@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from llmc.compiler.plan import build_plan
 from llmc.compiler.spec import load_spec
 from llmc.runtime.data.tokenizer import train_tokenizer
 from llmc.runtime.model import Transformer
 from llmc.runtime.model.io import save_model
+
 
 SPECS = Path(__file__).resolve().parent.parent / "specs"
 
@@ -29,6 +29,16 @@ GPT2 = DENSE[:4] + ["model.n_kv_heads=4", "model.ffn_hidden=128", "model.max_seq
                     "model.attention.kind='mha'"]
 DRAFT = ["model.vocab_size=512", "model.d_model=32", "model.n_layers=1", "model.n_heads=2",
          "model.n_kv_heads=1", "model.ffn_hidden=64", "model.max_seq_len=256"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models on a shared 2-core machine: one thread avoids OpenMP oversubscription stalls
+    (measured 30x slower with 2 threads under load). Restored afterwards for other tests."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def spec_with(overrides, base: str = "tiny.toml"):
@@ -63,6 +73,11 @@ def fit(model: Transformer, ids: list[int], steps: int, seq: int = 64, batch: in
     return model.eval()
 
 
+def plan_of(spec) -> dict:
+    from llmc.compiler.plan import build_plan
+    return build_plan(spec).model_dump(mode="json")
+
+
 def checkpoint(tmp_path: Path, overrides=DENSE, base="tiny.toml", name="ckpt", seed=0, tok=None,
                fit_steps: int = 0) -> Path:
     """Save a model (random, or fitted for fit_steps on REAL_TEXT) with plan.json and tokenizer.json."""
@@ -71,8 +86,7 @@ def checkpoint(tmp_path: Path, overrides=DENSE, base="tiny.toml", name="ckpt", s
     model = random_model(spec, seed)
     if fit_steps:
         fit(model, tok.encode(REAL_TEXT).ids, fit_steps)
-    plan = build_plan(spec).model_dump(mode="json")
-    return save_model(model, plan, tmp_path / name, tok)
+    return save_model(model, plan_of(spec), tmp_path / name, tok)
 
 
 def test_inference_loader_reads_back_saved_weights(tmp_path):

@@ -12,14 +12,14 @@ from llmc.compiler.cli import main as llmc
 from llmc.runtime.infer.cache import build_cache
 from llmc.runtime.infer.generate import generate, generate_without_cache
 from llmc.runtime.infer.sampling import SamplingParams
-from test_infer_checkpoints import DENSE, GPT2, checkpoint, random_model, spec_with
+from test_infer_checkpoints import one_thread, DENSE, GPT2, checkpoint, random_model, spec_with  # noqa: F401 (one_thread: autouse fixture)
+
 
 PROMPTS = [[5, 17, 300, 2, 9, 41, 7], [88, 3], [1] * 12 + [250, 251], [400]]
 
 
 @pytest.fixture(scope="module", params=["llama", "gpt2"])
 def model(request):
-    torch.set_num_threads(2)
     return random_model(spec_with(DENSE if request.param == "llama" else GPT2), seed=1)
 
 
