@@ -31,20 +31,20 @@ def what_would_fit(spec: Spec, params: ParamCount) -> list[str]:
     ideas = []
     t, hw, par = spec.train, spec.hardware, spec.parallel
     if t.recompute != "full" and _fits(_with(spec, "train", recompute="full"), params):
-        ideas.append('train.recompute = "full"')
+        ideas.append('set train.recompute = "full"')
     if t.micro_batch_size not in ("auto", 1) and _fits(_with(spec, "train", micro_batch_size=1), params):
-        ideas.append("train.micro_batch_size = 1")
+        ideas.append("set train.micro_batch_size = 1")
     fixed = [k for k in ("dp", "tp", "pp", "ep", "zero") if getattr(par, k) != "auto"]
     if fixed:
         released = _with(spec, "parallel", **{k: "auto" for k in fixed})
         if _fits(released, params):
-            ideas.append("let the planner choose " + ", ".join(f"parallel.{k}" for k in fixed) + ' ("auto")')
+            ideas.append("set " + ", ".join(f"parallel.{k}" for k in fixed) + ' to "auto" (let the planner choose)')
     for factor in (2, 4, 8, 16):
         bigger = _with(spec, "hardware", nodes=hw.nodes * factor)
         if par.world_size != "auto" or par.dp != "auto":
             bigger = _with(bigger, "parallel", world_size="auto", dp="auto")
         if _fits(bigger, params):
-            ideas.append(f"hardware.nodes = {hw.nodes * factor} ({hw.nodes * factor * hw.gpus_per_node} devices)")
+            ideas.append(f"use hardware.nodes = {hw.nodes * factor} ({hw.nodes * factor * hw.gpus_per_node} devices)")
             break
     current = CATALOG.get(hw.accelerator)
     for name, device in sorted(CATALOG.items(), key=lambda kv: kv[1].memory_bytes):
@@ -52,7 +52,7 @@ def what_would_fit(spec: Spec, params: ParamCount) -> list[str]:
             continue
         if _fits(_with(spec, "hardware", accelerator=name, gpus_per_node=min(hw.gpus_per_node, device.max_per_node)),
                  params):
-            ideas.append(f'hardware.accelerator = "{name}"')
+            ideas.append(f'use hardware.accelerator = "{name}"')
             break
     return ideas
 
@@ -74,6 +74,6 @@ def no_fit_message(spec: Spec, params: ParamCount, search: Search, closest) -> s
                 f"{m.optimizer / GiB:,.1f}, activations {m.activations / GiB:,.1f}, temporary "
                 f"{m.temporary / GiB:,.1f}, reserve {m.overhead / GiB:,.1f}) of {m.capacity / GiB:,.1f} GiB")
     ideas = what_would_fit(spec, params)
-    tail = ("; it would fit with " + " or ".join(ideas)) if ideas else \
+    tail = ("; any one of these would make it fit: " + "; ".join(ideas)) if ideas else \
         "; no single change tried (full recompute, micro-batch 1, up to 16x the nodes, a larger device) fits it"
     return head + tail

@@ -1,0 +1,164 @@
+"""FLOPs and memory against published and hand-derived figures."""
+
+import pytest
+
+from llmc.compiler.plan import build_plan, count_params
+from llmc.compiler.plan.activations import block_activations, block_bytes
+from llmc.compiler.plan.hardware import lookup
+from llmc.compiler.plan.memory import model_state_bytes
+from llmc.compiler.spec import ModelSpec, load_spec
+
+LLAMA_P = 8_030_261_248
+LLAMA_EMB = 128256 * 4096
+
+
+# --------------------------------------------------------------------------- FLOPs
+
+def test_llama3_8b_training_flops_are_6n_plus_palm_attention_term():
+    plan = build_plan(load_spec("specs/llama3_8b.toml"))
+    f = plan.flops
+    six_n = 6 * (LLAMA_P - LLAMA_EMB)            # embedding lookup excluded, untied head included
+    attention = 12 * 32 * 32 * 128 * 8192        # 12·L·H·Q·T (PaLM, appendix B)
+    assert f.train_per_token == six_n + attention
+    assert f.per_step == f.train_per_token * 512 * 8192
+    steps = -(-15_000_000_000_000 // (512 * 8192))
+    assert f.total == f.per_step * steps
+    peak = 989.4e12  # H100 SXM dense bf16
+    assert f.step_time_s == pytest.approx(f.per_step / (64 * peak * 0.4))
+    assert f.gpu_hours == pytest.approx(f.total / (peak * 0.4) / 3600)
+    assert f.days == pytest.approx(f.total / (64 * peak * 0.4) / 86400)
+
+
+def test_dsa_attends_top_k_keys_and_its_indexer_scores_all():
+    s = load_spec("specs/ds_v32.toml")
+    f = build_plan(s, strict=False).flops
+    L, H, T = 61, 128, 4096
+    per_layer = 2 * H * 2048 * (192 + 128) + 2 * 64 * 128 * T   # top-k = 2048 keys; indexer over T
+    assert f.train_attention_per_token == 3 * L * per_layer
+    # MLA decode in the absorbed form: scores over kv_lora_rank + rope dims, values over kv_lora_rank
+    p = count_params(s.model)
+    n = p.active - p.components["embedding"]
+    c = 163840
+    assert f.decode_per_token_max_context == 2 * n + L * (2 * H * 2048 * (2 * 512 + 64) + 2 * 64 * 128 * c)
+    assert f.peak_tflops == 1978.9  # fp8 training uses the H800's fp8 peak
+
+
+def test_mtp_adds_its_block_and_the_shared_head_in_training_only():
+    s = load_spec("specs/tiny_moe.toml")
+    f = build_plan(s).flops
+    no_mtp = build_plan(load_spec("specs/tiny_moe.toml", ["model.mtp.depth=0"])).flops
+    assert f.forward_per_token == no_mtp.forward_per_token
+    assert f.train_per_token > no_mtp.train_per_token
+
+
+# --------------------------------------------------------------------------- model states
+
+@pytest.mark.parametrize("zero, published_gb", [(0, 120), (1, 31.4), (2, 16.6), (3, 1.9)])
+def test_zero_paper_7_5b_on_64_gpus(zero, published_gb):
+    """ZeRO (Rajbhandari et al. 2020), Figure 1: per-device model states, GB = 1e9 bytes."""
+    w, g, o = model_state_bytes(7.5e9, dp=64, zero=zero)
+    assert round((w + g + o) / 1e9, 1) == published_gb
+
+
+@pytest.mark.parametrize("zero", [0, 1, 2, 3])
+def test_llama_model_states_follow_zero_sharding(zero):
+    s = load_spec("specs/llama3_8b.toml", ["parallel.dp=64", "parallel.tp=1", "parallel.pp=1",
+                                           f"parallel.zero={zero}", "train.recompute=full",
+                                           'hardware.accelerator="B200-180GB"'])
+    mem = build_plan(s).memory.train
+    shard = lambda stage: 64 if zero >= stage else 1  # noqa: E731
+    assert mem.weights == int(2 * LLAMA_P / shard(3))
+    assert mem.gradients == int(2 * LLAMA_P / shard(2))
+    assert mem.optimizer == int(12 * LLAMA_P / shard(1))
+
+
+def test_experts_shard_over_ep_and_replicate_over_expert_data_parallel():
+    s = load_spec("specs/mixtral_8x7b.toml", ["parallel.dp=128", "parallel.tp=1", "parallel.pp=1",
+                                              "parallel.ep=8", "parallel.zero=1", "train.recompute=full"])
+    plan = build_plan(s)
+    p = plan.params
+    experts = p.components["experts"]
+    dense = p.total - experts
+    # weights: all dense + 1/8 of the experts; optimizer: dense over dp=128, experts over edp=128*1/8=16
+    assert plan.layout.edp == 16
+    assert plan.memory.train.weights == int(2 * dense + 2 * experts / 8)
+    assert plan.memory.train.optimizer == int(12 * dense / 128 + 12 * experts / 8 / 16)
+
+
+# --------------------------------------------------------------------------- activations (Korthikanti et al.)
+
+GPT = dict(vocab_size=51200, d_model=2048, n_layers=4, n_heads=16, ffn_hidden=8192, max_seq_len=2048,
+           norm="layernorm", activation="gelu", attention={"kind": "mha"})
+
+
+@pytest.mark.parametrize("tp, sp, recompute", [(1, False, "none"), (8, False, "none"), (8, True, "none"),
+                                               (8, True, "selective"), (1, False, "selective"),
+                                               (8, True, "full"), (1, False, "full")])
+def test_korthikanti_per_layer_activations(tp, sp, recompute):
+    """Table 2 of "Reducing Activation Recomputation in Large Transformer Models" (2022)."""
+    m = ModelSpec.model_validate(GPT)
+    s, b, h, a, t = 2048, 4, 2048, 16, tp
+    act = block_activations(m, False, flash=False, dropout=True)
+    saved, _ = block_bytes(act, b=b, s=s, tp=t, sp=sp, recompute=recompute, h=h)
+    sbh = s * b * h
+    if recompute == "full":
+        expected = 2 * sbh / (t if sp else 1)
+    elif recompute == "selective":
+        expected = sbh * 34 / t if sp else sbh * (10 + 24 / t)
+    elif sp:
+        expected = sbh / t * (34 + 5 * a * s / h)
+    else:
+        expected = sbh * (10 + 24 / t + 5 * a * s / (h * t))
+    assert saved == pytest.approx(expected)
+
+
+def test_flash_attention_keeps_no_score_matrix():
+    m = ModelSpec.model_validate(GPT)
+    act = block_activations(m, False, flash=True, dropout=False)
+    assert act.split_per_key == 0 and act.indexer_per_key == 0
+
+
+def test_1f1b_first_stage_holds_p_micro_batches():
+    """Korthikanti §4.2.3: under 1F1B the first stage keeps p micro-batches of its layers in flight,
+    so its activations are p x (its layers) x (one layer's), whatever p is."""
+    from llmc.compiler.plan.layout import LayoutSearch
+    from llmc.compiler.plan.memory import Degrees
+    s = load_spec("specs/llama3_8b.toml")
+    search = LayoutSearch(s, count_params(s.model))
+    per_layer = set()
+    for pp in (2, 4, 8):
+        _, shares, _ = search.shares(pp, 1)
+        deg = Degrees(64 // pp, 1, pp, 1, 3, 1, 8 * pp, False)
+        first = shares[0]
+        activations, in_flight = search.memory.rank_bytes(deg, first)[3], search.memory.rank_bytes(deg, first)[7]
+        assert in_flight == pp
+        per_layer.add(round(activations / (pp * len(first.chunks[0]))))
+        last = search.memory.rank_bytes(deg, shares[-1])[7]
+        assert last == 1  # the last stage runs each micro-batch's backward at once
+    assert len(per_layer) == 1
+
+
+# --------------------------------------------------------------------------- inference
+
+def test_llama3_8b_kv_cache_is_131072_bytes_per_token():
+    assert build_plan(load_spec("specs/llama3_8b.toml")).memory.inference.kv_cache_bytes_per_token == 131_072
+
+
+def test_mla_caches_latent_and_rope_key_and_dsa_its_fp8_keys():
+    s = load_spec("specs/ds_v32.toml")
+    inf = build_plan(s, strict=False).memory.inference
+    assert inf.kv_cache_breakdown["attention"] == 61 * (512 + 64) * 2
+    assert inf.kv_cache_breakdown["indexer_keys"] == 61 * (128 + 4)   # fp8 key + one fp32 scale per 128
+    assert inf.kv_cache_bytes_per_token == 61 * (512 + 64) * 2 + 61 * 132
+
+
+def test_quantized_weights_count_block_scales():
+    s = load_spec("specs/llama3_8b.toml")
+    inf = build_plan(s).memory.inference
+    norms = 32 * 2 * 4096 + 4096
+    linear = LLAMA_P - LLAMA_EMB - norms
+    assert inf.weights["bf16"] == 2 * LLAMA_P
+    assert inf.weights["int8"] == 2 * (LLAMA_EMB + norms) + linear + 2 * (-(-linear // 128))
+    assert inf.weights["int4"] == 2 * (LLAMA_EMB + norms) + linear // 2 + 2 * (-(-linear // 128))
+    usable = int(8 * lookup("H100-80GB").memory_bytes * 0.9)
+    assert inf.max_cached_tokens["bf16"] == (usable - 2 * LLAMA_P) // 131_072

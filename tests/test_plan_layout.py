@@ -1,0 +1,138 @@
+"""The layout search: rules, fixed degrees, CPU layouts the parallel runtime runs, no-fit messages."""
+
+import subprocess
+import sys
+
+import pytest
+
+from llmc.compiler.errors import UserError
+from llmc.compiler.plan import build_plan
+from llmc.compiler.plan.stages import assign_layers
+from llmc.compiler.spec import load_spec
+
+
+def layout_of(path, *overrides):
+    return build_plan(load_spec(path, list(overrides))).layout
+
+
+def degrees(layout):
+    return (layout.dp, layout.tp, layout.pp, layout.ep, layout.zero)
+
+
+@pytest.mark.parametrize("path", ["specs/tiny.toml", "specs/tiny_moe.toml"])
+def test_cpu_specs_plan_to_one_process(path):
+    layout = layout_of(path)
+    assert degrees(layout) == (1, 1, 1, 1, 0)
+    assert (layout.world_size, layout.nodes, layout.procs_per_node) == (1, 1, 1)
+    spec = load_spec(path)
+    assert layout.micro_batch_size == spec.train.micro_batch_size
+    assert layout.grad_accum == spec.train.global_batch_size // spec.train.micro_batch_size
+    assert layout.stages == [list(range(spec.model.n_layers))]
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["parallel.dp=2"], (2, 1, 1, 1, 0)),
+    (["parallel.dp=2", "parallel.zero=3"], (2, 1, 1, 1, 3)),
+    (["parallel.ep=2"], (2, 1, 1, 2, 0)),
+    (["parallel.ep=2", "parallel.zero=3"], (2, 1, 1, 2, 3)),
+    (["parallel.pp=2"], (1, 1, 2, 1, 0)),
+    (["parallel.tp=2"], (1, 2, 1, 1, 0)),
+    (["parallel.tp=2", "parallel.ep=2"], (1, 2, 1, 2, 0)),
+])
+def test_fixed_cpu_layouts_of_the_parallel_runtime(overrides, expected):
+    layout = layout_of("specs/tiny_moe.toml", "hardware.gpus_per_node=2", *overrides)
+    assert degrees(layout) == expected
+    assert layout.world_size == 2 and layout.procs_per_node == 2 and layout.nodes == 1
+    assert layout.dp * layout.tp * layout.pp == layout.world_size
+    assert (layout.dp * layout.tp) % layout.ep == 0
+    assert layout.micro_batch_size * layout.grad_accum * layout.dp == 8
+
+
+def test_fixed_four_process_combination():
+    layout = layout_of("specs/tiny_moe.toml", "hardware.gpus_per_node=4", "parallel.dp=2", "parallel.pp=2",
+                       "parallel.ep=2", "parallel.zero=3")
+    assert degrees(layout) == (2, 1, 2, 2, 3)
+    assert layout.groups["pp"].first == [0, 2]   # (pp, dp, tp) order: pp outermost
+    assert layout.groups["dp"].first == [0, 1]
+
+
+def test_pipeline_stages_are_contiguous_and_cover_every_layer():
+    layout = layout_of("specs/tiny_moe.toml", "hardware.gpus_per_node=2", "parallel.pp=2")
+    assert layout.stages == [[0, 1], [2, 3]] or sorted(sum(layout.stages, [])) == [0, 1, 2, 3]
+    assert all(layout.stages)
+    assert sum(layout.stages, []) == [0, 1, 2, 3]
+
+
+def test_assign_layers_balances_with_the_head_on_the_last_stage():
+    # 8 equal layers and a head worth 2 layers over 2 stages: 5 + (3 + head)
+    assert assign_layers([1.0] * 8, 2, 2.0) == [[0, 1, 2, 3, 4], [5, 6, 7]]
+    assert assign_layers([1.0] * 8, 4, 0.0) == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    runs = assign_layers([1.0] * 61, 16, 1.5)
+    assert sum(runs, []) == list(range(61)) and all(runs)
+
+
+def test_tp_stays_inside_a_node_and_groups_are_ordered_tp_innermost():
+    layout = layout_of("specs/llama3_8b.toml", "parallel.tp=8", "parallel.pp=2")
+    assert layout.groups["tp"].first == list(range(8)) and layout.groups["tp"].within_node
+    assert layout.groups["dp"].stride == 8 and not layout.groups["dp"].within_node
+    assert layout.groups["pp"].stride == 8 * layout.dp
+    assert layout.mesh["dims"] == ["pp", "dp", "tp"]
+
+
+def test_search_honours_rules():
+    plan = build_plan(load_spec("specs/mixtral_8x7b.toml"))
+    lay = plan.layout
+    assert lay.tp <= 8 and 32 % lay.tp == 0 and 8 % lay.ep == 0 and lay.pp <= 32
+    assert lay.dp * lay.tp * lay.pp == 128
+    assert 1024 % (lay.dp * lay.micro_batch_size) == 0
+    assert plan.memory.train.peak <= plan.memory.train.capacity
+    assert all(a.step_time_s >= lay.step_time_s for a in plan.search.alternatives)
+
+
+def test_bubble_is_p_minus_1_over_m_plus_p_minus_1_when_links_are_free():
+    layout = layout_of("specs/tiny_moe.toml", "hardware.gpus_per_node=2", "parallel.pp=2",
+                       "hardware.intra_node_gbps=1e12", "hardware.inter_node_gbps=1e12")
+    p, m = layout.pp, layout.grad_accum
+    assert layout.bubble_fraction == pytest.approx((p - 1) / (m + p - 1), rel=1e-6)
+
+
+def test_search_for_16384_gpus_finds_a_layout():
+    plan = build_plan(load_spec("specs/ds_v32.toml", ["hardware.nodes=2048", 'parallel.tp="auto"']))
+    assert plan.layout.world_size == 16384
+    assert plan.memory.train.fits
+
+
+def test_nothing_fits_explains_and_suggests():
+    spec = load_spec("specs/llama3_8b.toml", ['hardware.accelerator="RTX3060-12GB"', "hardware.nodes=1",
+                                              "hardware.gpus_per_node=1", "train.global_batch_size=8"])
+    with pytest.raises(UserError) as e:
+        build_plan(spec)
+    message = str(e.value)
+    assert "does not fit" in message and "GiB" in message
+    assert "would make it fit" in message or "no single change" in message
+    plan = build_plan(spec, strict=False)
+    assert plan.layout is None and plan.memory.train is None and plan.search.message == message
+
+
+def test_cli_plan_exit_codes_and_json():
+    run = lambda *a: subprocess.run([sys.executable, "-m", "llmc.compiler.cli", "plan", *a],  # noqa: E731
+                                    capture_output=True, text=True, timeout=60)
+    ok = run("specs/tiny.toml", "--json")
+    assert ok.returncode == 0, ok.stderr
+    import json
+    doc = json.loads(ok.stdout)
+    for key in ("weights", "gradients", "optimizer", "activations", "peak"):
+        assert doc["memory"]["train"][key] > 0
+    assert doc["layout"]["world_size"] == 1
+    bad = run("specs/llama3_8b.toml", "--set", 'hardware.accelerator="RTX3060-12GB"', "--set", "hardware.nodes=1",
+              "--set", "hardware.gpus_per_node=1", "--set", "train.global_batch_size=8")
+    assert bad.returncode == 1
+    assert "does not fit" in bad.stdout + bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_plan_needs_neither_torch_nor_sympy():
+    code = ("import sys; from llmc.compiler.spec import load_spec; from llmc.compiler.plan import build_plan; "
+            "build_plan(load_spec('specs/ds_v32.toml'), strict=False); "
+            "assert 'torch' not in sys.modules and 'sympy' not in sys.modules, 'heavy import'")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
