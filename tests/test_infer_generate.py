@@ -12,7 +12,7 @@ from llmc.compiler.cli import main as llmc
 from llmc.runtime.infer.cache import build_cache
 from llmc.runtime.infer.generate import generate, generate_without_cache
 from llmc.runtime.infer.sampling import SamplingParams
-from test_infer_checkpoints import one_thread, DENSE, GPT2, checkpoint, random_model, spec_with  # noqa: F401 (one_thread: autouse fixture)
+from test_infer_checkpoints import one_thread, DENSE, GPT2, checkpoint, random_model, spec_with  # noqa: F401
 
 
 PROMPTS = [[5, 17, 300, 2, 9, 41, 7], [88, 3], [1] * 12 + [250, 251], [400]]

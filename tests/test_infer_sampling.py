@@ -9,7 +9,7 @@ from llmc.compiler.errors import UserError
 from llmc.runtime.infer.sampling import (SamplingParams, apply_repetition_penalty, filter_top_k, filter_top_p,
                                          make_generators, next_token_probs, sample)
 from llmc.runtime.infer.stream import TextStream
-from test_infer_checkpoints import one_thread, CHINESE, tokenizer  # noqa: F401 (one_thread: autouse fixture)
+from test_infer_checkpoints import one_thread, CHINESE, tokenizer  # noqa: F401
 
 
 INF = float("-inf")

@@ -9,7 +9,7 @@ from llmc.compiler.cli import main as llmc
 from llmc.runtime.infer.generate import generate
 from llmc.runtime.infer.sampling import SamplingParams
 from llmc.runtime.infer.speculative import accept_prefix, speculative_generate
-from test_infer_checkpoints import one_thread, DENSE, DRAFT, checkpoint, random_model, spec_with, tokenizer  # noqa: F401 (one_thread: autouse fixture)
+from test_infer_checkpoints import one_thread, DENSE, DRAFT, checkpoint, random_model, spec_with, tokenizer  # noqa: F401
 
 
 

@@ -118,9 +118,7 @@ class QuantWeight(nn.Module):
         n_groups = math.ceil(math.prod(shape) / cfg.group_size)
         self.register_buffer("codes", torch.zeros(n_groups * cfg.group_size * cfg.bits // 8, dtype=torch.uint8))
         self.register_buffer("scales", torch.ones(n_groups, dtype=SCALE_DTYPE))
-        self.zeros = None
-        if not cfg.symmetric:
-            self.register_buffer("zeros", torch.zeros(n_groups, dtype=torch.uint8))
+        self.register_buffer("zeros", None if cfg.symmetric else torch.zeros(n_groups, dtype=torch.uint8))
 
     @classmethod
     def from_float(cls, w: torch.Tensor, cfg: QuantConfig) -> "QuantWeight":
