@@ -21,7 +21,7 @@ def plan_of(*overrides: str) -> dict:
 
 def with_layout(plan: dict, nodes: int, procs: int) -> dict:
     """The plan with a layout the planner might have chosen (the job must follow it)."""
-    layout = dict(plan.get("layout") or {})
+    layout = dict(plan["layout"])
     layout.update(nodes=nodes, procs_per_node=procs, world_size=nodes * procs)
     return {**plan, "layout": layout}
 

@@ -57,11 +57,7 @@ class NodeResources:
 
 def layout_of(plan: dict) -> Layout:
     """The node count and processes per node of a plan document."""
-    layout = plan.get("layout")
-    if layout is None:
-        # TEMPORARY (until the planner's layout lands): the hardware table is the layout.
-        hw = plan["spec"]["hardware"]
-        return Layout(nodes=hw["nodes"], procs_per_node=hw["gpus_per_node"])
+    layout = plan["layout"]
     return Layout(nodes=int(layout["nodes"]), procs_per_node=int(layout["procs_per_node"]))
 
 

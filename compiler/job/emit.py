@@ -98,7 +98,7 @@ def render_job_card(job: CompiledJob, spec_path: str, overrides: list[str]) -> s
     for text in overrides:
         run += ["--set", text]
     return jinja2.Template(template, keep_trailing_newline=True, undefined=jinja2.StrictUndefined).render(
-        job=job, spec=job.spec, plan=job.plan, layout=layout, full_layout=job.plan.get("layout") or {},
+        job=job, spec=job.spec, plan=job.plan, layout=layout, full_layout=job.plan["layout"],
         resources=node_resources(job.spec, layout),
         run_command=shlex.join(run),
         node_command=shlex.join([role.entrypoint] + role.args),
