@@ -2,7 +2,7 @@
 
 Written by rank 0 as RUN_DIR/report.json and RUN_DIR/report.md at the end of a run. Peak memory is
 `torch.cuda.max_memory_allocated` on a GPU and the peak resident set size of the process on a CPU.
-FLOPs per token come from the plan when it states them, else from the standard estimate
+FLOPs per token and the device peak come from the plan when it states them, else from the estimate
 6 x (non-embedding active parameters) + 12 x layers x heads x head_dim x seq_len (forward + backward).
 """
 
@@ -71,6 +71,8 @@ def flops_per_token(plan: dict) -> float:
 def peak_flops(plan: dict) -> float:
     """Dense peak FLOP/s of one device: the spec's override, else the accelerator catalog's."""
     hw = plan["spec"]["hardware"]
+    if (plan.get("flops") or {}).get("peak_tflops"):
+        return plan["flops"]["peak_tflops"] * 1e12
     if hw.get("peak_tflops"):
         return hw["peak_tflops"] * 1e12
     from ...compiler.plan.hardware import lookup
@@ -87,15 +89,15 @@ def peak_memory(device: torch.device) -> tuple[int, str]:
 
 
 def _predictions(plan: dict, world_size: int, tokens_per_step: int, fpt: float) -> dict:
-    """What the plan predicts; '-' where it does not say."""
-    hw = plan["spec"]["hardware"]
-    mfu = hw.get("mfu", 0.4)
-    tps = mfu * peak_flops(plan) * world_size / fpt
-    memory = ((plan.get("memory") or {}).get("train") or {})
-    per_device = memory.get("total_bytes") or memory.get("per_device_bytes") or memory.get("total")
-    return {"tokens_per_s": f"{tps:,.0f}", "step_time_s": f"{tokens_per_step / tps:.3f}", "mfu": f"{mfu:.2f}",
+    """What the plan predicts (its layout's step time and tokens/s, its memory peak per device)."""
+    layout, flops = plan.get("layout") or {}, plan.get("flops") or {}
+    mfu = flops.get("mfu", plan["spec"]["hardware"].get("mfu", 0.4))
+    tps = layout.get("tokens_per_s") or flops.get("tokens_per_s") or mfu * peak_flops(plan) * world_size / fpt
+    step = layout.get("step_time_s") or tokens_per_step / tps
+    per_device = ((plan.get("memory") or {}).get("train") or {}).get("peak")
+    return {"tokens_per_s": f"{tps:,.0f}", "step_time_s": f"{step:.3f}", "mfu": f"{mfu:.2f}",
             "memory_gib": f"{per_device / 2**30:.3f}" if isinstance(per_device, (int, float)) else "-",
-            "tokens_per_s_value": tps, "step_time_value": tokens_per_step / tps,
+            "tokens_per_s_value": tps, "step_time_value": step, "mfu_value": mfu,
             "memory_bytes": per_device if isinstance(per_device, (int, float)) else None}
 
 
@@ -115,7 +117,7 @@ def write_report(run_dir: Path, plan: dict, clock: RunClock, val: dict | None, e
     report = {"name": spec["job"]["name"], "world_size": env.world_size, "plan_hash": plan.get("spec_hash"),
               "flops_per_token": fpt, "measured": measured,
               "plan": {"tokens_per_s": predicted["tokens_per_s_value"], "step_time_s": predicted["step_time_value"],
-                       "mfu": spec["hardware"].get("mfu"), "memory_bytes_per_device": predicted["memory_bytes"]},
+                       "mfu": predicted["mfu_value"], "memory_bytes_per_device": predicted["memory_bytes"]},
               "validation": val, "last_checkpoint_step": last_checkpoint}
     (Path(run_dir) / "report.json").write_text(json.dumps(report, indent=2))
     (Path(run_dir) / "report.md").write_text(

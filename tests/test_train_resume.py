@@ -1,0 +1,66 @@
+"""A run killed with SIGKILL and resumed gives exactly the per-step losses of an uninterrupted run."""
+
+import json
+import signal
+import time
+
+import pytest
+from safetensors.torch import load_file
+
+from train_helpers import llmc_train, metrics
+
+RUN = ["train.max_steps=14", "train.checkpoint_every=3", "train.eval_every=7", "train.keep_checkpoints=2",
+       "train.global_batch_size=4", "train.micro_batch_size=2"]
+
+
+@pytest.mark.timeout(600)
+def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
+    done = llmc_train(tmp_path, "straight", *RUN)
+    assert done.returncode == 0, done.stderr[-3000:]
+    straight = metrics(tmp_path / "straight")
+    assert [m["step"] for m in straight] == list(range(1, 15))
+    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "step_time"):
+        assert all(key in m for m in straight), key
+    assert "val_loss" in straight[6] and "val_perplexity" in straight[13]
+
+    proc = llmc_train(tmp_path, "killed", *RUN, popen=True)
+    log = tmp_path / "killed" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if log.is_file() and len(log.read_text().splitlines()) >= 8:
+            proc.send_signal(signal.SIGKILL)  # between checkpoints 6 and 9
+            break
+        time.sleep(0.01)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (tmp_path / "killed" / "report.json").exists()
+    completed = sorted(p.name for p in (tmp_path / "killed" / "checkpoints").glob("step-*"))
+    assert completed and all((tmp_path / "killed" / "checkpoints" / c / "meta.json").is_file() for c in completed)
+
+    resumed = llmc_train(tmp_path, "killed", *RUN, resume=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    after = metrics(tmp_path / "killed")
+    assert [m["step"] for m in after] == list(range(1, 15))
+    assert [m["loss"] for m in after] == [m["loss"] for m in straight]
+    assert [m.get("val_loss") for m in after] == [m.get("val_loss") for m in straight]
+    a = load_file(str(tmp_path / "straight" / "model" / "model.safetensors"))
+    b = load_file(str(tmp_path / "killed" / "model" / "model.safetensors"))
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+    assert sorted(p.name for p in (tmp_path / "killed" / "checkpoints").glob("step-*")) == \
+        ["step-00000012", "step-00000014"]  # keep_checkpoints = 2
+
+    # the run directory holds what the contract says
+    run = tmp_path / "straight"
+    for name in ("plan.json", "spec.toml", "report.json", "report.md", "model/plan.json", "model/tokenizer.json"):
+        assert (run / name).is_file(), name
+    report = json.loads((run / "report.json").read_text())
+    assert report["measured"]["tokens_per_s"] > 0 and report["measured"]["peak_memory_bytes"] > 0
+    assert report["plan"]["tokens_per_s"] > 0
+
+    # resuming under a different architecture is refused, naming the difference
+    refused = llmc_train(tmp_path, "straight", *RUN, "model.d_model=96", "model.n_heads=4", resume=True)
+    assert refused.returncode == 1
+    assert "model.d_model: 64 -> 96" in refused.stderr and "Traceback" not in refused.stderr
+    # and starting over into a run directory with checkpoints needs --resume or another --out
+    again = llmc_train(tmp_path, "straight", *RUN)
+    assert again.returncode == 1 and "--resume" in again.stderr
