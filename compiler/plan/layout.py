@@ -73,7 +73,8 @@ class Layout(BaseModel):
 class Search(BaseModel):
     """How the layout was found."""
 
-    considered: int
+    considered: int = Field(description="Layouts that satisfy the rules.")
+    evaluated: int = Field(description="Layouts whose memory and time were computed (the rest were dominated).")
     fitting: int
     fixed: dict[str, int] = Field(description="Degrees the spec fixed.")
     alternatives: list[Alternative]
@@ -212,17 +213,18 @@ class LayoutSearch:
 
     def run(self) -> tuple[_Fit | None, list[_Fit], Search, _Fit | None]:
         """(chosen, ranked fitting layouts, search summary, the smallest layout that did not fit)."""
-        fits, considered, closest = [], 0, None
+        fits, considered, evaluated, closest = [], 0, 0, None
         too_big: set[tuple] = set()   # (dp, tp, pp, ep) whose smaller micro-batch already did not fit
         for group in self.candidates():
             d0 = group[0]
             key = (d0.dp, d0.tp, d0.pp, d0.ep)
+            considered += len(group)
             if key in too_big:
                 self._reject("does not fit in device memory", f"micro_batch_size={d0.micro_batch_size} of "
                              f"dp={d0.dp} tp={d0.tp} pp={d0.pp} ep={d0.ep}: a smaller one does not fit", len(group))
                 continue
             for i, deg in enumerate(group):
-                considered += 1
+                evaluated += 1
                 fit = self.evaluate(deg)
                 if fit.peak <= self.memory.capacity:
                     fits.append(fit)
@@ -251,7 +253,12 @@ class LayoutSearch:
                             micro_batch_size=f.degrees.micro_batch_size, step_time_s=f.time.total,
                             peak_bytes=int(f.peak), slower_by=f.time.total / chosen.time.total - 1)
                 for f in fits[1:1 + ALTERNATIVES]]
-        search = Search(considered=considered, fitting=len(fits), fixed=fixed, alternatives=alts,
+        if closest is not None:
+            d = closest.degrees
+            self.examples["does not fit in device memory"] = (
+                f"the closest to fitting: dp={d.dp} tp={d.tp} pp={d.pp} ep={d.ep} zero={d.zero} micro_batch_size="
+                f"{d.micro_batch_size} needs {closest.peak / 2**30:,.1f} GiB > {self.memory.capacity / 2**30:,.1f} GiB")
+        search = Search(considered=considered, evaluated=evaluated, fitting=len(fits), fixed=fixed, alternatives=alts,
                         rejected=self.rejected, examples=self.examples)
         return chosen, fits, search, closest
 

@@ -38,7 +38,7 @@ SYMBOLS = {
     "d_nope": "qk_nope_head_dim", "d_rope": "qk_rope_head_dim", "d_v": "v_head_dim",
     "H_idx": "index_n_heads", "d_idx": "index_head_dim", "E": "n_experts", "k": "top_k",
     "F_e": "expert_hidden", "F_s": "shared_hidden", "L_dense": "n_dense_layers",
-    "L_moe": "n_moe_layers",
+    "L_moe": "n_moe_layers", "L": "n_layers",
 }
 
 
@@ -204,13 +204,22 @@ def count_params(m: ModelSpec) -> ParamCount:
 
 
 def formulas(m: ModelSpec) -> dict:
-    """Closed forms (sympy expressions) of each component and of the totals, in the SYMBOLS of `m`."""
+    """Closed forms (sympy expressions) of each component and of the totals, in the SYMBOLS of `m`,
+    and `values`: each symbol's value in `m`. A dense model's block count is written L."""
     import sympy
 
     s = symbols(m)
+    values = dict(shapes(m).__dict__)
     comps = {k: sympy.expand(v) for k, v in components(m, s).items()}
     total = sympy.expand(sum(comps.values()))
     active = total - comps["mtp"]
     if m.moe:
         active = sympy.expand(active - comps["experts"] + comps["experts"] * s.k / s.E)
-    return {"components": comps, "total": total, "active": active}
+    else:
+        layers = sympy.Symbol("L", positive=True, integer=True)
+        rename = {s.L_dense: layers}
+        comps = {k: v.subs(rename) for k, v in comps.items()}
+        total, active = total.subs(rename), active.subs(rename)
+        values["L"] = m.n_layers
+    return {"components": comps, "total": total, "active": active,
+            "values": {sympy.Symbol(k, positive=True, integer=True): v for k, v in values.items()}}
