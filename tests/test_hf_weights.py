@@ -1,0 +1,187 @@
+"""`llmc import hf DIR -o OUT` / `llmc export hf CKPT -o DIR` with weights: for a tiny randomly
+initialised transformers model of every family, llmc's logits after import equal transformers'
+(1e-4, fp32), and export -> transformers -> import gives back exactly the same tensors."""
+
+import json
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+safetensors_torch = pytest.importorskip("safetensors.torch")
+
+from test_hf_config import TINY, tiny_config  # noqa: E402
+
+from llmc.compiler.cli import main as llmc  # noqa: E402
+from llmc.compiler.errors import UserError  # noqa: E402
+from llmc.compiler.hf import hf_to_model, read_config  # noqa: E402
+from llmc.runtime.hf_weights import import_checkpoint  # noqa: E402
+from llmc.runtime.model.io import load_model  # noqa: E402
+
+torch.set_num_threads(2)
+VOCAB = 128
+
+
+def _perturb(model) -> None:
+    """Random init leaves norms at 1 and biases at 0, which would hide a swapped or dropped
+    tensor: move every one of them, and the DeepSeek routing-correction buffers too."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.2)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.add_(torch.randn_like(b) * 0.05)
+
+
+def _untie_indexer(model) -> None:
+    """DeepSeek-V3.2's indexer scores are relu(q.k): exact zeros whose order top-k breaks
+    arbitrarily (differently for two equal implementations). Make every q.k positive so the
+    selection is decided by the scores: positive-leaning inputs, queries and key offsets."""
+    with torch.no_grad():
+        model.model.embed_tokens.weight.add_(20.0)
+        for layer in model.model.layers:
+            attn = layer.self_attn
+            attn.q_a_proj.weight.abs_()
+            attn.indexer.wq_b.weight.abs_()
+            attn.indexer.k_norm.bias[attn.indexer.qk_rope_head_dim:] = 2.0
+
+
+def hf_model(family: str, seed: int = 0):
+    """A tiny transformers model of the family with weights large enough to make attention
+    sharp (so RoPE, scaling and masking mistakes show in the logits)."""
+    config = tiny_config(family)
+    config.initializer_range = 0.2
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    _perturb(model)
+    if family == "deepseek_v32":
+        _untie_indexer(model)
+    return model
+
+
+def write_tokenizer(path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tokenizer = Tokenizer(models.WordLevel({f"w{i}": i for i in range(VOCAB)}, unk_token="w0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.save(str(path))
+
+
+def logits(model, tokens):
+    with torch.no_grad():
+        out = model(tokens)
+    return out.logits
+
+
+@pytest.fixture(scope="module")
+def tokens():
+    return torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("family", list(TINY))
+def test_import_matches_transformers_and_round_trips(family, tokens, tmp_path):
+    reference = hf_model(family)
+    reference.save_pretrained(tmp_path / "hf")
+    write_tokenizer(tmp_path / "hf" / "tokenizer.json")
+
+    assert llmc(["import", "hf", str(tmp_path / "hf"), "-o", str(tmp_path / "llmc")]) == 0
+    model, plan, tokenizer = load_model(tmp_path / "llmc")
+    model.eval()
+    assert tokenizer is not None and tokenizer.get_vocab_size() == VOCAB
+    expected = logits(reference, tokens)
+    torch.testing.assert_close(logits(model, tokens), expected, atol=1e-4, rtol=0)
+
+    # export -> transformers: the same tensors transformers saved, the same logits
+    assert llmc(["export", "hf", str(tmp_path / "llmc"), "-o", str(tmp_path / "exported")]) == 0
+    assert (tmp_path / "exported" / "tokenizer.json").is_file()
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "exported").eval()
+    original = reference.state_dict()
+    for name, tensor in reloaded.state_dict().items():
+        assert torch.equal(tensor, original[name]), name
+    torch.testing.assert_close(logits(reloaded, tokens), expected, atol=1e-5, rtol=0)
+
+    # ... -> import again: bit-identical llmc tensors
+    assert llmc(["import", "hf", str(tmp_path / "exported"), "-o", str(tmp_path / "again")]) == 0
+    again, _, _ = load_model(tmp_path / "again")
+    first = model.state_dict()
+    assert again.state_dict().keys() == first.keys()
+    for name, tensor in again.state_dict().items():
+        assert torch.equal(tensor, first[name]), name
+
+
+def test_sharded_checkpoint(tokens, tmp_path):
+    reference = hf_model("qwen2_moe")
+    reference.save_pretrained(tmp_path / "hf", max_shard_size="40KB")
+    assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
+    assert len(list((tmp_path / "hf").glob("*.safetensors"))) > 2
+    assert llmc(["import", "hf", str(tmp_path / "hf"), "-o", str(tmp_path / "llmc")]) == 0
+    model, _, _ = load_model(tmp_path / "llmc")
+    torch.testing.assert_close(logits(model.eval(), tokens), logits(reference, tokens), atol=1e-4, rtol=0)
+
+
+def test_gpt2_hub_names_without_prefix(tokens, tmp_path):
+    """The Hub's gpt2 checkpoint names tensors `h.0.attn.c_attn.weight` (no `transformer.`)
+    and carries the causal-mask buffers `h.N.attn.bias`."""
+    reference = hf_model("gpt2")
+    reference.save_pretrained(tmp_path / "hf")
+    file = tmp_path / "hf" / "model.safetensors"
+    state = safetensors_torch.load_file(str(file))
+    state = {k.removeprefix("transformer."): v for k, v in state.items()}
+    state["h.0.attn.bias"] = torch.tril(torch.ones(1, 1, 64, 64))
+    safetensors_torch.save_file(state, str(file), metadata={"format": "pt"})
+    assert llmc(["import", "hf", str(tmp_path / "hf"), "-o", str(tmp_path / "llmc")]) == 0
+    model, _, _ = load_model(tmp_path / "llmc")
+    torch.testing.assert_close(logits(model.eval(), tokens), logits(reference, tokens), atol=1e-4, rtol=0)
+
+
+def test_deepseek_mtp_round_trip(tmp_path):
+    """MTP modules travel in DeepSeek's layout (extra layer n_layers + k with enorm, hnorm,
+    eh_proj, shared_head); transformers ignores them, llmc reads them back exactly."""
+    from llmc.runtime.hf_weights import export_checkpoint
+    from llmc.runtime.model import Transformer
+    from llmc.runtime.model.io import save_model
+
+    imported = hf_to_model(json.loads(tiny_config("deepseek_v3").to_json_string()))
+    assert imported.model.mtp.depth == 1
+    torch.manual_seed(0)
+    model = Transformer(imported.model)
+    model.init_weights()
+    _perturb(model)
+    from llmc.compiler.hf import import_spec
+    from llmc.compiler.spec import Spec
+    spec = Spec.model_validate(import_spec(imported))
+    save_model(model, {"version": 1, "spec": spec.model_dump(mode="json")}, tmp_path / "llmc")
+    export_checkpoint(tmp_path / "llmc", tmp_path / "hf")
+    stored = safetensors_torch.load_file(str(tmp_path / "hf" / "model.safetensors"))
+    assert "model.layers.3.eh_proj.weight" in stored and "model.layers.3.shared_head.head.weight" in stored
+    config, folder = read_config(tmp_path / "hf")
+    import_checkpoint(folder, tmp_path / "again", hf_to_model(config))
+    again, _, _ = load_model(tmp_path / "again")
+    assert again.cfg.mtp.depth == 1
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(again.state_dict()[name], tensor), name
+
+
+def test_missing_tensor_is_named(tmp_path):
+    reference = hf_model("llama")
+    reference.save_pretrained(tmp_path / "hf")
+    file = tmp_path / "hf" / "model.safetensors"
+    state = safetensors_torch.load_file(str(file))
+    del state["model.layers.1.mlp.up_proj.weight"]
+    safetensors_torch.save_file(state, str(file), metadata={"format": "pt"})
+    config, folder = read_config(tmp_path / "hf")
+    with pytest.raises(UserError, match=r"model\.layers\.1\.mlp\.up_proj\.weight"):
+        import_checkpoint(folder, tmp_path / "llmc", hf_to_model(config))
+
+
+def test_quantised_checkpoint_is_refused(tmp_path):
+    reference = hf_model("llama")
+    reference.save_pretrained(tmp_path / "hf")
+    file = tmp_path / "hf" / "model.safetensors"
+    state = safetensors_torch.load_file(str(file))
+    state["model.layers.0.mlp.up_proj.weight_scale_inv"] = torch.ones(1)
+    safetensors_torch.save_file(state, str(file), metadata={"format": "pt"})
+    config, folder = read_config(tmp_path / "hf")
+    with pytest.raises(UserError, match="quantised"):
+        import_checkpoint(folder, tmp_path / "llmc", hf_to_model(config))
