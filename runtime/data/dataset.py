@@ -72,12 +72,14 @@ class TrainData:
         return [_stack(samples[j:j + self.micro_batch]) for j in range(0, len(samples), self.micro_batch)]
 
     def val_batches(self, n_batches: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """A fixed validation set of n_batches micro-batches per rank, interleaving the sources."""
+        """This rank's part of a fixed validation set of n_batches x micro_batch samples (interleaving
+        the sources); the set does not depend on the number of ranks."""
         if not self.val:
             return []
-        per_rank = n_batches * self.micro_batch
+        total = n_batches * self.micro_batch
+        lo, hi = self.rank * total // self.dp, (self.rank + 1) * total // self.dp
         picks = []
-        for j in range(self.rank * per_rank, (self.rank + 1) * per_rank):
+        for j in range(lo, hi):
             windows = self.val[j % len(self.val)]
             picks.append(windows[(j // len(self.val)) % len(windows)])
         return [_stack(picks[j:j + self.micro_batch]) for j in range(0, len(picks), self.micro_batch)]

@@ -10,17 +10,21 @@ import sys
 from pathlib import Path
 
 from ...compiler.errors import UserError
-from ...compiler.spec import load_spec, spec_to_toml
+from ...compiler.spec import SpecError, load_spec, spec_to_toml
 
 
 def _spec_for(args):
-    spec = load_spec(args.spec, args.overrides)
-    if args.nproc and args.nproc != spec.world_size:
-        extra = [f"hardware.gpus_per_node={args.nproc}", "hardware.nodes=1"]
-        if spec.parallel.world_size != "auto":
-            extra.append(f"parallel.world_size={args.nproc}")
-        spec = load_spec(args.spec, list(args.overrides) + extra)
-    return spec
+    """The spec with --set applied; with --nproc N, laid out for N processes on this host."""
+    if args.nproc:
+        try:
+            spec = load_spec(args.spec, args.overrides)
+            if spec.world_size == args.nproc:
+                return spec
+        except SpecError:
+            pass  # e.g. parallel.dp = N on a spec written for one process: retry with N processes
+        extra = [f"hardware.gpus_per_node={args.nproc}", "hardware.nodes=1", f"parallel.world_size={args.nproc}"]
+        return load_spec(args.spec, extra + list(args.overrides))
+    return load_spec(args.spec, args.overrides)
 
 
 def main(args) -> int:
