@@ -90,7 +90,7 @@ def divisors(n: int) -> list[int]:
 @dataclass
 class _Fit:
     degrees: Degrees
-    time: StepTime
+    time: StepTime | None
     memory_bytes: tuple[float, ...]   # TrainMemoryModel.rank_bytes of the most loaded rank
     rank: int
     chunks: list[list[int]]
@@ -192,14 +192,17 @@ class LayoutSearch:
                         yield [Degrees(dp, tp, pp, ep, zero, mbs, accum, par.sequence_parallel and tp > 1,
                                        par.pp_schedule, v) for zero in zeros]
 
-    def evaluate(self, deg: Degrees) -> _Fit:
-        """Memory of the most loaded rank and the step time of one layout."""
+    def evaluate(self, deg: Degrees, *, timed: bool = True) -> _Fit:
+        """Memory of the most loaded rank and the step time of one layout (None when it does not
+        fit or `timed` is false: the time of a layout that cannot run is not needed)."""
         layers, shares, work = self.shares(deg.pp, deg.virtual_stages)
         worst, worst_rank = None, 0
         for sh in shares:
             values = self.memory.rank_bytes(deg, sh)
             if worst is None or values[6] > worst[6]:
                 worst, worst_rank = values, sh.rank
+        if not timed or worst[6] > self.memory.capacity:
+            return _Fit(deg, None, worst, worst_rank, layers)
         m, t = self.spec.model, self.spec.train
         precision_bytes = 4 if t.precision == "fp32" else 2
         time = step_time(work, dp=deg.dp, tp=deg.tp, pp=deg.pp, ep=deg.ep, zero=deg.zero,

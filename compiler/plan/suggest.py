@@ -23,7 +23,16 @@ def _fits(spec: Spec, params: ParamCount) -> bool:
     from .layout import LayoutSearch
 
     search = LayoutSearch(spec, params)
-    return any(search.evaluate(group[-1]).peak <= search.memory.capacity for group in search.candidates())
+    too_big = set()
+    for group in search.candidates():
+        deg = group[-1]  # the most sharded ZeRO stage of this layout
+        key = (deg.dp, deg.tp, deg.pp, deg.ep)
+        if key in too_big:
+            continue
+        if search.evaluate(deg, timed=False).peak <= search.memory.capacity:
+            return True
+        too_big.add(key)  # a larger micro-batch of the same layout cannot fit either
+    return False
 
 
 def what_would_fit(spec: Spec, params: ParamCount) -> list[str]:
