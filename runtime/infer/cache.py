@@ -12,8 +12,10 @@ queries, so each row computes exactly what it would alone.
 
 Sizes. MHA/GQA/MQA store k and v: 2 x n_kv_heads x head_dim values per token per layer. MLA
 stores only the compressed latent and the shared RoPE key: kv_lora_rank + qk_rope_head_dim
-(decoded with absorbed projections, see mla_decode.py). DSA adds its indexer keys:
-index_head_dim per token per layer. `nbytes()` counts the tensors actually held.
+(decoded with absorbed projections in runtime/model/mla.py). DSA adds its indexer keys, kept as
+DeepSeek-V3.2 serves them: fp8 (e4m3) with one fp32 scale per block of 128 dims, i.e.
+index_head_dim + 4 x ceil(index_head_dim / 128) bytes per token per layer. `nbytes()` counts the
+tensors actually held; at bf16 it equals the plan's memory.inference.kv_cache_bytes_per_token.
 """
 
 import torch
@@ -110,17 +112,43 @@ class KVLayerCache(LayerCache):
         return k_all, v_all
 
 
+FP8 = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8).max
+INDEX_BLOCK = 128   # dims sharing one fp32 scale in the indexer's key cache
+
+
 class MLALayerCache(LayerCache):
     """MLA: the normalised kv latent [B, T, kv_lora_rank] and the roped shared key [B, T, rope_dim],
-    plus the DSA indexer's keys [B, T, index_head_dim] when the layer has an indexer."""
+    plus the DSA indexer's keys [B, T, index_head_dim] (fp8 with fp32 block scales) when sparse."""
+
+    def __init__(self, owner, shapes, dtype, device, index_fp8: bool = True):
+        shapes = dict(shapes)
+        index_dim = shapes.pop("index_k", None) if index_fp8 else None
+        super().__init__(owner, shapes, dtype, device)
+        self.index_fp8 = index_fp8
+        if index_dim is not None:
+            blocks = -(-index_dim[0] // INDEX_BLOCK)
+            self.buffers["index_k"] = torch.zeros(owner.batch, owner.max_len, *index_dim, dtype=FP8, device=device)
+            self.buffers["index_scale"] = torch.ones(owner.batch, owner.max_len, blocks, dtype=torch.float32,
+                                                     device=device)
 
     def update(self, kv_latent: torch.Tensor, k_rope: torch.Tensor, start_pos: int = 0):
         del start_pos
         return tuple(self.write(latent=kv_latent, k_rope=k_rope))
 
     def update_index(self, index_k: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+        """Store the indexer keys [B, T, D] as fp8 blocks; return all of them dequantised."""
         del start_pos
-        return self.write(index_k=index_k)[0]
+        if not self.index_fp8:
+            return self.write(index_k=index_k)[0]
+        B, T, D = index_k.shape
+        pad = (-D) % INDEX_BLOCK
+        blocks = torch.nn.functional.pad(index_k.float(), (0, pad)).view(B, T, -1, INDEX_BLOCK)
+        scale = blocks.abs().amax(-1).clamp(min=1e-12) / FP8_MAX
+        codes = (blocks / scale[..., None]).to(FP8).flatten(2)[..., :D]
+        k_all, s_all = self.write(index_k=codes, index_scale=scale)
+        full = torch.nn.functional.pad(k_all.float(), (0, pad)).view(*k_all.shape[:2], -1, INDEX_BLOCK)
+        return (full * s_all[..., None]).flatten(2)[..., :D].to(index_k.dtype)
 
 
 def layer_shapes(cfg) -> dict[str, tuple[int, ...]]:
@@ -134,14 +162,20 @@ def layer_shapes(cfg) -> dict[str, tuple[int, ...]]:
     return {"k": (cfg.kv_heads, cfg.dim_per_head), "v": (cfg.kv_heads, cfg.dim_per_head)}
 
 
-def build_cache(model, batch: int, max_len: int, dtype=None, device=None) -> WholeCache:
-    """A cache for every layer of `model` (the layers this process holds)."""
+def build_cache(model, batch: int, max_len: int, dtype=None, device=None, index_fp8: bool = True) -> WholeCache:
+    """A cache for every layer of `model` (the layers this process holds).
+
+    index_fp8: keep DSA indexer keys in fp8 as DeepSeek-V3.2 serves them (the plan's size); False
+    keeps them in `dtype`, so top-k selection is bit-for-bit that of the uncached model."""
     cfg = model.cfg
     param = next(model.parameters())
     dtype = dtype or (param.dtype if param.is_floating_point() else torch.float32)
     device = device or param.device
     cache = WholeCache(batch, max_len, device)
-    kind = MLALayerCache if cfg.attention.kind == "mla" else KVLayerCache
     for layer_id in model.layers.keys():
-        cache.layers[int(layer_id)] = kind(cache, layer_shapes(cfg), dtype, device)
+        if cfg.attention.kind == "mla":
+            layer = MLALayerCache(cache, layer_shapes(cfg), dtype, device, index_fp8)
+        else:
+            layer = KVLayerCache(cache, layer_shapes(cfg), dtype, device)
+        cache.layers[int(layer_id)] = layer
     return cache

@@ -2,8 +2,10 @@
 
 A quantized checkpoint is a normal model folder (plan.json, tokenizer.json) whose
 model.safetensors holds the quantized model's state dict (QuantLinear codes/scales/zeros, other
-matrices under `parametrizations.<name>`), vectors in bf16, plus `quantization.json`
+matrices under `parametrizations.<name>`), embeddings and vectors in bf16, plus `quantization.json`
 ({"bits", "group_size", "symmetric"}) that says how to rebuild the modules before loading.
+MTP modules are left out: they only train (generation reads the main model), and the plan's
+inference weights count the main model.
 """
 
 import json
@@ -36,6 +38,7 @@ def load_for_inference(path, device="cpu", dtype=None):
     cfg = QuantConfig(**json.loads(quant.read_text()))
     plan = json.loads((model_dir / "plan.json").read_text())
     model = io.build_model(plan, device)
+    model.mtp = torch.nn.ModuleList()       # not stored (see the module docstring)
     quantize_model(model, cfg, structure_only=True)
     state = load_file(str(model_dir / "model.safetensors"), device=str(device))
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -58,6 +61,7 @@ def quantize_checkpoint(src, out, cfg: QuantConfig) -> Path:
     if (model_dir / QUANT_FILE).is_file():
         raise UserError(f"{model_dir} is already quantized; quantize the original checkpoint")
     model, plan, _ = io.load_model(model_dir, "cpu", torch.float32)
+    model.mtp = torch.nn.ModuleList()
     quantize_model(model, cfg)
     state = {}
     for name, t in model.state_dict().items():

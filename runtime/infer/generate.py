@@ -71,11 +71,13 @@ def check_prompts(prompts: list[list[int]], model, max_new_tokens: int) -> int:
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], params: SamplingParams, tokenizer=None, *,
              on_text: Callable[[int, str], None] | None = None, pad_id: int = 0,
-             cache_dtype: torch.dtype | None = None, keep_logits: bool = False) -> list[Generation]:
+             cache_dtype: torch.dtype | None = None, index_fp8: bool = True,
+             keep_logits: bool = False) -> list[Generation]:
     """Generate for every prompt (token id lists) in one batch with a KV cache.
 
     tokenizer: needed for text, stop strings and streaming; `on_text(row, chunk)` is called as
     soon as a chunk of a row's text is safe to show. keep_logits: keep each step's logits (tests).
+    index_fp8: DSA indexer keys in fp8 (as served) or exact (see cache.build_cache).
     """
     device = next(model.parameters()).device
     B = len(prompts)
@@ -85,7 +87,7 @@ def generate(model, prompts: list[list[int]], params: SamplingParams, tokenizer=
         return results
     tokens, real, positions = left_pad(prompts, pad_id, device)
     lengths = real.sum(1)
-    cache = build_cache(model, B, tokens.shape[1] + max_new, dtype=cache_dtype)
+    cache = build_cache(model, B, tokens.shape[1] + max_new, dtype=cache_dtype, index_fp8=index_fp8)
     seen = seen_tokens(B, model.cfg.vocab_size, device)
     seen.scatter_(1, tokens, real)
     generators = None if params.greedy else make_generators(B, params.seed)

@@ -8,10 +8,11 @@ codes -8..7 shifted by 8). Int4 codes are packed two per byte, the even element 
 
 Bytes of one quantized weight of n values, g = group_size, G = ceil(n / g):
     codes  ceil(G*g * bits / 8)      scales 2*G      zero points G (asymmetric only)
-Which weights: every Linear weight, the embedding and any other parameter of rank >= 2 (routed
-experts stacked [E, out, in]). Vectors (norms, biases, router biases) stay in bf16, 2 bytes each.
-`checkpoint_bytes` states this formula for a whole model; the planner's
-`memory.inference` int8/int4 figures follow it.
+Which weights: every Linear weight and any other parameter of rank >= 2 (routed experts stacked
+[E, out, in]). Embeddings (token and learned positions, and so a tied head) stay in bf16, as do
+vectors (norms, biases), 2 bytes per value. This is the planner's `memory.inference.weights`
+int8/int4 formula (embedding + positions + norms at bf16, the rest at bits/8 plus a bf16 scale per
+128 values); the two differ only by biases (bf16 here) and per-tensor padding of the last group.
 """
 
 import math
@@ -52,18 +53,10 @@ def weight_bytes(numel: int, cfg: QuantConfig) -> int:
     return codes + groups * SCALE_BYTES + (0 if cfg.symmetric else groups)
 
 
-def should_quantize(name: str, tensor: torch.Tensor) -> bool:
-    """Matrices are quantized; vectors (norms, biases) are too small to be worth it."""
-    return tensor.dim() >= 2 and tensor.is_floating_point()
-
-
-def checkpoint_bytes(named_shapes: dict[str, tuple[int, ...]], cfg: QuantConfig) -> int:
-    """Bytes of all tensors of a quantized checkpoint, from parameter names and shapes."""
-    total = 0
-    for shape in named_shapes.values():
-        n = math.prod(shape)
-        total += weight_bytes(n, cfg) if len(shape) >= 2 else 2 * n
-    return total
+def should_quantize(module: nn.Module, tensor: torch.Tensor) -> bool:
+    """Matrices are quantized; vectors (norms, biases) are too small to be worth it, and an
+    embedding is a lookup table read a row at a time (its bytes are not the decode bottleneck)."""
+    return tensor.dim() >= 2 and tensor.is_floating_point() and not isinstance(module, nn.Embedding)
 
 
 def _round_up_to_bf16(scale: torch.Tensor) -> torch.Tensor:
@@ -190,7 +183,7 @@ def quantize_model(model: nn.Module, cfg: QuantConfig, structure_only: bool = Fa
         if isinstance(module, (QuantLinear, QuantWeight, _Dequantize)):
             continue
         for pname, p in list(module.named_parameters(recurse=False)):
-            if should_quantize(pname, p):
+            if should_quantize(module, p):
                 qw = QuantWeight(tuple(p.shape), cfg, p.dtype) if structure_only else QuantWeight.from_float(p, cfg)
                 _parametrize(module, pname, qw)
     return model.requires_grad_(False)
