@@ -61,8 +61,8 @@ def main():
     pipe = None
     if layout.pp > 1:
         from llmc.runtime.parallel.pipeline import build_pipeline
-        pipe = build_pipeline(model, pdims, n_microbatches=args.n_micro // layout.dp,
-                              schedule=layout.pp_schedule, wrap=lambda m: parallelize(m, pdims))
+        pipe = build_pipeline(model, pdims, n_microbatches=args.n_micro // layout.dp, micro_batch_size=args.micro,
+                              seq_len=args.seq, schedule=layout.pp_schedule, wrap=lambda m: parallelize(m, pdims))
         raw, wrapped = pipe.modules, pipe.wrapped
     else:
         raw, wrapped = [model], [parallelize(model, pdims)]

@@ -105,8 +105,6 @@ def _cut_to_stage(model: nn.Module, layers: list[int], first: bool, last: bool) 
     needs_embed = first or (last and (len(stage.mtp) > 0 or stage.head is None))
     if not needs_embed:
         stage.embed = None
-    elif not first:
-        stage.embed.weight._llmc_pp_copy = True  # counted once in the global gradient norm
     if not first:
         stage.pos_embed = None
     if not last:
@@ -188,10 +186,16 @@ def _embed_groups(pdims, last_needs_embed: bool):
     return mine
 
 
-def build_pipeline(model: nn.Module, pdims, n_microbatches: int, schedule: str = "1f1b", wrap=None) -> Pipeline:
+def build_pipeline(model: nn.Module, pdims, n_microbatches: int, micro_batch_size: int, seq_len: int,
+                   schedule: str = "1f1b", wrap=None, activation_dtype: torch.dtype = torch.float32) -> Pipeline:
     """Cut `model` into this rank's stage(s) by layout.stages, wrap each (e.g. parallelize), and
     build the schedule over the pp group. `wrap(stage_module) -> module` runs before the
-    PipelineStage is made (FSDP/DDP of the stage)."""
+    PipelineStage is made (FSDP/DDP of the stage).
+
+    The stages' input and output shapes are given statically (tokens [mb, T] into the first
+    stage, hidden [mb, T, D] of `activation_dtype` between stages, a scalar loss out of the
+    last), so the schedule runs no placeholder forward/backward to infer them (that pass
+    corrupts DDP's bucket bookkeeping)."""
     lay = pdims.layout
     stages = lay.stages
     n_stages = len(stages)
@@ -201,9 +205,19 @@ def build_pipeline(model: nn.Module, pdims, n_microbatches: int, schedule: str =
         raise ValueError(f"{n_stages} stages over pp = {lay.pp} need the interleaved schedule")
     modules = [_cut_to_stage(model, stages[s], s == 0, s == n_stages - 1) for s in stage_ids]
     wrapped = [wrap(m) if wrap is not None else m for m in modules]
+    for m, s in zip(modules, stage_ids):
+        if s != 0 and m.embed is not None:  # after wrapping: FSDP replaces the Parameter objects
+            m.embed.weight._llmc_pp_copy = True  # counted once in the global gradient norm
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     group = pdims.group("pp")
-    pipe_stages = [PipelineStage(w, s, n_stages, device, group=group) for w, s in zip(wrapped, stage_ids)]
+    tokens = torch.zeros(micro_batch_size, seq_len, dtype=torch.long, device=device)
+    hidden = torch.zeros(micro_batch_size, seq_len, model.cfg.d_model, dtype=activation_dtype, device=device,
+                         requires_grad=True)  # so that stages exchange its gradient
+    loss = torch.zeros((), dtype=torch.float32, device=device)
+    pipe_stages = [PipelineStage(w, s, n_stages, device, group=group,
+                                 input_args=tokens if s == 0 else hidden,
+                                 output_args=loss if s == n_stages - 1 else hidden)
+                   for w, s in zip(wrapped, stage_ids)]
     cls = SCHEDULES[schedule]
     if schedule == "interleaved":
         sched = cls(pipe_stages, n_microbatches=n_microbatches, loss_fn=_loss_is_output)
