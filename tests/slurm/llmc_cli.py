@@ -30,3 +30,9 @@ def handle_of(stdout: str, scheduler: str) -> str:
         if line.startswith(f"{scheduler}://"):
             return line.split()[0].rstrip(":")
     raise AssertionError(f"no {scheduler}:// handle in:\n{stdout}")
+
+
+def shared_data_cache(tmp_path_factory) -> list[str]:
+    """`--set data.cache_dir=...` pointing at one folder per test session: the job tests prepare
+    the tiny corpus once (prepared data is keyed by a fingerprint of its settings)."""
+    return ["--set", f"data.cache_dir={tmp_path_factory.getbasetemp() / 'llmc-data-cache'}"]

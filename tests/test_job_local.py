@@ -1,0 +1,51 @@
+"""`llmc run specs/tiny.toml` on TorchX's local_cwd scheduler: a real (very short) training run.
+
+Two processes, because the plan says so (hardware.gpus_per_node=2): the run report must count them.
+Then status, logs and list answer from another process.
+"""
+
+import json
+
+import pytest
+
+from slurm.llmc_cli import SHORT_RUN, TINY, handle_of, llmc, shared_data_cache
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("local-run")
+    attack = "$(touch pwned); rm -rf ~"   # an env value: must reach the job as text, never run
+    result = llmc("run", TINY, *SHORT_RUN, *shared_data_cache(tmp_path_factory), "--set", "hardware.gpus_per_node=2",
+                  "--set", f"job.env.LLMC_PROBE={attack}", cwd=cwd, env={"HOME": str(cwd)})
+    return cwd, result
+
+
+def test_local_run_trains_with_the_planned_processes_and_prints_the_report(local_run):
+    cwd, result = local_run
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    handle = handle_of(result.stdout, "local_cwd")
+    assert f"{handle}: RUNNING" in result.stdout and f"{handle}: finished SUCCEEDED" in result.stdout
+    assert "step 2/2" in result.stdout                       # followed logs
+    run_dir = cwd / "runs" / "tiny"
+    report = (run_dir / "report.md").read_text()
+    assert report in result.stdout                           # ends with the run report
+    assert "processes: 2" in report
+    plan = json.loads((run_dir / "job" / "plan.json").read_text())
+    assert plan["layout"]["world_size"] == 2
+    assert (run_dir / "model" / "model.safetensors").exists()
+    assert not (cwd / "pwned").exists()
+
+
+def test_status_logs_list_from_another_process(local_run):
+    cwd, result = local_run
+    handle = handle_of(result.stdout, "local_cwd")
+    status = llmc("status", handle, cwd=cwd)
+    assert status.returncode == 0 and status.stdout.strip() == f"{handle}: SUCCEEDED"
+    logs = llmc("logs", handle, cwd=cwd)
+    assert logs.returncode == 0 and "step 2/2" in logs.stdout
+    listing = llmc("list", cwd=cwd)
+    assert listing.returncode == 0 and f"{handle}\tSUCCEEDED" in listing.stdout
+    cancel = llmc("cancel", handle, cwd=cwd)
+    assert cancel.returncode == 1 and "is not running" in cancel.stderr
