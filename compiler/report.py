@@ -235,14 +235,17 @@ def hardware_main(args) -> int:
 
     from .plan.hardware import ALIASES, CATALOG
 
-    t = Table(title="Accelerator catalog (dense peaks; bandwidth per device, one direction)", title_justify="left")
-    for col in ("name", "memory", "bf16 TFLOP/s", "fp8 TFLOP/s", "tf32 TFLOP/s", "node GB/s", "network GB/s",
-                "per node", "aliases", "note"):
-        t.add_column(col, justify="left" if col in ("name", "aliases", "note") else "right")
+    t = Table(title="Accelerator catalog: dense peak TFLOP/s; node / net: GB/s per device, one direction", title_justify="left")
+    for col in ("name", "GiB", "bf16", "fp8", "tf32", "node", "net", "per node", "aliases"):
+        t.add_column(col, justify="left" if col in ("name", "aliases") else "right", no_wrap=col == "name")
     for name, a in CATALOG.items():
         aliases = ", ".join(k for k, v in ALIASES.items() if v == name)
-        t.add_row(name, gib(a.memory_bytes), f"{a.peak_tflops_bf16:,.1f}",
-                  f"{a.peak_tflops_fp8:,.1f}" if a.peak_tflops_fp8 else "-", f"{a.peak_tflops('fp32'):,.1f}",
-                  f"{a.intra_node_gbps:,.0f}", f"{a.inter_node_gbps:,.1f}", str(a.max_per_node), aliases, a.note)
-    Console().print(t)
+        t.add_row(name, f"{a.memory_bytes / GiB:,.0f}", f"{a.peak_tflops_bf16:,.4g}",
+                  f"{a.peak_tflops_fp8:,.4g}" if a.peak_tflops_fp8 else "-", f"{a.peak_tflops('fp32'):,.4g}",
+                  f"{a.intra_node_gbps:,.0f}", f"{a.inter_node_gbps:,.1f}", str(a.max_per_node), aliases)
+    console = Console()
+    console.print(t)
+    for name, a in CATALOG.items():
+        if a.note:
+            console.print(f"  {name}: {a.note}", style="bright_black")
     return 0
