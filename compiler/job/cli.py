@@ -63,7 +63,12 @@ def run_main(args) -> int:
             print(f"follow it with: llmc logs --follow {handle}")
             return 0
         # A local job lives inside this process: --no-follow only keeps its logs quiet.
-        state = follow(runner, handle, role, replicas, logs=args.follow)
+        try:
+            state = follow(runner, handle, role, replicas, logs=args.follow)
+        except KeyboardInterrupt:
+            if scheduler != "local":
+                print(f"the job keeps running; stop it with: llmc cancel {handle}", file=sys.stderr)
+            raise   # on local, leaving the runner stops the job
         track.record(handle, state=state.name)
     print(f"{handle}: finished {state.name}")
     if state == AppState.SUCCEEDED:
