@@ -39,7 +39,7 @@ def _untie_indexer(model) -> None:
     arbitrarily (differently for two equal implementations). Make every q.k positive so the
     selection is decided by the scores: positive-leaning inputs, queries and key offsets."""
     with torch.no_grad():
-        model.model.embed_tokens.weight.add_(20.0)
+        model.model.embed_tokens.weight.add_(3.0)
         for layer in model.model.layers:
             attn = layer.self_attn
             attn.q_a_proj.weight.abs_()
