@@ -38,6 +38,20 @@ def test_deepseek_v3_published():
     assert 37e9 <= p.active < 38e9  # "37B activated for each token" (DeepSeek-V3 report)
 
 
+def test_deepseek_v3_readme_weights_figures():
+    """DeepSeek-V3's README_WEIGHTS.md: main model 36.6B activated "including 0.9B for the output head"
+    (the input embedding is not counted there); the MTP module "11.5B unique" and 1.5B activated
+    including the head. Its MTP figures leave out eh_proj (2 x 7168 x 7168 = 0.1B), which the
+    checkpoint does hold (model.layers.61.eh_proj.weight)."""
+    overrides = [o for o in DEEPSEEK_V3 if not o.startswith("model.mtp")]
+    p = count_params(load_spec("specs/ds_v32.toml", overrides).model)
+    head, eh_proj = 129280 * 7168, 2 * 7168 * 7168
+    assert round((p.active - p.embedding) / 1e9, 1) == 36.6
+    assert round((p.mtp - eh_proj) / 1e9, 1) == 11.5
+    assert round((p.mtp_active - eh_proj + head) / 1e9, 1) == 1.5
+    assert round(p.stored_with_mtp_copies / 1e9, 1) == 684.5  # the model card's "685B" (671B + "14B")
+
+
 def test_ds_v32_685b_is_main_plus_mtp_with_its_own_embedding_and_head():
     """DeepSeek-V3.2's model card: 685B = 671B main + the MTP module as stored (with copies of
     embedding and head). The main model is what transformers' DeepseekV32 (no MTP) counts."""
