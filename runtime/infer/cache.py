@@ -104,12 +104,28 @@ class LayerCache:
 
 
 class KVLayerCache(LayerCache):
-    """Keys and values of MHA / GQA / MQA: update(k, v, start_pos) -> (k_all, v_all), [B, T, H_kv, D]."""
+    """Keys and values of MHA / GQA / MQA: update(k, v, start_pos) -> (k_all, v_all), [B, T, H_kv, D].
+
+    Stored head-major [B, H_kv, max_len, D], so the attention's transpose back to [B, H, S, D]
+    hands SDPA each head's keys as one contiguous block (no copy per step)."""
+
+    def __init__(self, owner: WholeCache, shapes: dict[str, tuple[int, ...]], dtype, device):
+        self.owner = owner
+        self.buffers = {name: torch.zeros(owner.batch, shape[0], owner.max_len, *shape[1:], dtype=dtype, device=device)
+                        for name, shape in shapes.items()}
 
     def update(self, k: torch.Tensor, v: torch.Tensor, start_pos: int = 0):
         del start_pos  # the owner's slot counter decides where the chunk goes (see module docstring)
-        k_all, v_all = self.write(k=k, v=v)
-        return k_all, v_all
+        s0 = self.owner.length
+        s1 = s0 + self.owner.chunk
+        if k.shape[1] != s1 - s0:
+            raise ValueError(f"cache.begin({s1 - s0}) was called but {k.shape[1]} tokens arrived")
+        out = []
+        for name, t in (("k", k), ("v", v)):
+            buf = self.buffers[name]
+            buf[:, :, s0:s1] = t.transpose(1, 2).to(buf.dtype)
+            out.append(buf[:, :, :s1].transpose(1, 2))
+        return tuple(out)
 
 
 FP8 = torch.float8_e4m3fn

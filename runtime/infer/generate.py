@@ -103,8 +103,11 @@ def generate(model, prompts: list[list[int]], params: SamplingParams, tokenizer=
 
     t0 = time.perf_counter()
     for step in range(max_new):
-        next_tokens = draw(next_token_probs(logits, params, seen), generators) if not params.greedy \
-            else next_token_probs(logits, params, seen).argmax(-1)
+        if params.greedy and params.repetition_penalty == 1.0:
+            next_tokens = logits.argmax(-1)      # what next_token_probs' one-hot would pick, without it
+        else:
+            probs = next_token_probs(logits, params, seen)
+            next_tokens = probs.argmax(-1) if params.greedy else draw(probs, generators)
         seen[torch.arange(B), next_tokens] = True
         for b in range(B):
             if done[b]:
