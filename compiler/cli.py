@@ -64,6 +64,7 @@ def _run(p):
     p.add_argument("--scheduler", choices=["local", "slurm", "kubernetes"], help="override job.scheduler")
     p.add_argument("--dryrun", action="store_true", help="print what would be submitted; submit nothing")
     p.add_argument("--no-follow", dest="follow", action="store_false", help="return after submitting")
+    p.add_argument("--resume", action="store_true", help="continue the run from its newest complete checkpoint")
 
 
 def _handle(p):

@@ -120,3 +120,8 @@ def test_compiler_job_modules_do_not_import_torch():
         assert "torch" not in sys.modules, "the compiler imported torch"
     """)
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_resume_reaches_the_entry():
+    (role,) = build_appdef(plan_of(), "local", "p.json", "out", resume=True).roles
+    assert role.args[-5:] == ["--plan", "p.json", "--out", "out", "--resume"]

@@ -102,7 +102,7 @@ def relative_path(path: str) -> str:
     return "./" + path if path.startswith("-") else path
 
 
-def torchrun_args(layout: Layout, plan_path: str, run_dir: str) -> list[str]:
+def torchrun_args(layout: Layout, plan_path: str, run_dir: str, resume: bool = False) -> list[str]:
     """Arguments after the interpreter: torchrun, then the training entry.
 
     One node: an agent-local store on a free port (localhost:0). Several nodes: the endpoint comes
@@ -113,16 +113,18 @@ def torchrun_args(layout: Layout, plan_path: str, run_dir: str) -> list[str]:
             "--rdzv_backend", "c10d", "--rdzv_id", specs.macros.app_id]
     if layout.nodes == 1:
         args += ["--rdzv_endpoint", "localhost:0"]
-    return args + ["-m", ENTRY_MODULE, "--plan", relative_path(plan_path), "--out", relative_path(run_dir)]
+    args += ["-m", ENTRY_MODULE, "--plan", relative_path(plan_path), "--out", relative_path(run_dir)]
+    return args + (["--resume"] if resume else [])
 
 
 def build_appdef(plan: dict, scheduler: str, plan_path: str, run_dir: str,
-                 python: str | None = None) -> specs.AppDef:
+                 python: str | None = None, resume: bool = False) -> specs.AppDef:
     """The TorchX AppDef of a plan document for `scheduler`.
 
-    `plan_path` and `run_dir` are as the job sees them (relative to its working directory).
-    `python` is the interpreter: this one (sys.executable) for local and Slurm, where the job shares
-    this machine's or cluster's file system; `python` on the image's PATH for Kubernetes.
+    `plan_path` and `run_dir` are as the job sees them (relative to its working directory);
+    `resume` continues the run from its newest complete checkpoint. `python` is the interpreter:
+    this one (sys.executable) for local and Slurm, where the job shares this machine's or
+    cluster's file system; `python` on the image's PATH for Kubernetes.
     """
     if scheduler not in SCHEDULERS:
         raise UserError(f"unknown scheduler (expected one of {', '.join(SCHEDULERS)}, found {scheduler!r})")
@@ -137,7 +139,7 @@ def build_appdef(plan: dict, scheduler: str, plan_path: str, run_dir: str,
            "LOGLEVEL": "WARNING"}
     env.update(spec.job.env)  # the spec wins
 
-    command = [python] + torchrun_args(layout, plan_path, run_dir)
+    command = [python] + torchrun_args(layout, plan_path, run_dir, resume)
     if layout.nodes == 1:
         entrypoint, args = command[0], command[1:]
     else:

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from torchx.specs import AppState, parse_app_handle
@@ -41,14 +42,15 @@ def run_main(args) -> int:
     if args.dryrun:
         with tempfile.TemporaryDirectory(prefix="llmc-dryrun-") as tmp:
             job = compile_job(spec, Path(tmp), scheduler=scheduler, spec_path=args.spec,
-                              overrides=args.overrides, plan_at=run_dir / "job")
+                              overrides=args.overrides, plan_at=run_dir / "job", resume=args.resume)
             if scheduler in job.unavailable:
                 raise UserError(job.unavailable[scheduler])
             print(f"# dry run: nothing submitted. The {scheduler} request (TorchX dryrun):")
             print((job.out / REQUEST_FILES[scheduler]).read_text(encoding="utf-8"))
         return 0
 
-    job = compile_job(spec, run_dir / "job", scheduler=scheduler, spec_path=args.spec, overrides=args.overrides)
+    job = compile_job(spec, run_dir / "job", scheduler=scheduler, spec_path=args.spec, overrides=args.overrides,
+                      resume=args.resume)
     if scheduler in job.unavailable:
         raise UserError(job.unavailable[scheduler])
     app = job.app()
@@ -140,22 +142,32 @@ def logs_main(args) -> int:
     known = track.lookup(args.handle)
     with make_runner() as runner:
         if app.scheduler_backend.startswith("local") and runner.status(args.handle) is None:
-            return _local_logs_from_disk(args.handle, app.app_id, known)
+            return _local_logs_from_disk(args.handle, app.app_id, known, args.follow)
         role = known.get("role") or app.app_id.rsplit("-", 1)[0]
         print_logs(runner, args.handle, role, int(known.get("replicas", 1)), tail=args.follow)
     return 0
 
 
-def _local_logs_from_disk(handle: str, app_id: str, known: dict) -> int:
-    """A local job launched by another process: its logs are files under the run's log folder."""
+def _local_logs_from_disk(handle: str, app_id: str, known: dict, follow: bool) -> int:
+    """A local job launched by another process: its logs are files under the run's log folder;
+    following them lasts as long as the `llmc run` that owns the job."""
     if not known.get("log_dir"):
         raise UserError(f"no record of {handle} in {track.RECORD} (run `llmc logs` where you ran `llmc run`)")
     files = sorted(Path(known["log_dir"]).glob(f"*/{app_id}/*/*/combined.log"))
     if not files:
         raise UserError(f"no log files of {handle} under {known['log_dir']}")
-    for path in files:
-        print(path.read_text(encoding="utf-8", errors="replace"), end="")
-    return 0
+    readers = [path.open(encoding="utf-8", errors="replace") for path in files]
+    try:
+        while True:
+            alive = follow and _alive(known.get("pid"))
+            for reader in readers:
+                print(reader.read(), end="", flush=True)
+            if not alive:
+                return 0
+            time.sleep(1)
+    finally:
+        for reader in readers:
+            reader.close()
 
 
 def cancel_main(args) -> int:

@@ -39,12 +39,13 @@ class CompiledJob:
     plan_path: str            # plan.json as the job sees it (relative to its working directory)
     run_dir: str              # the run directory as the job sees it
     log_dir: str              # local scheduler logs (host path)
+    resume: bool = False      # the job continues from the run's newest complete checkpoint
     files: dict[str, str] = field(default_factory=dict)        # what -> file name in `out`
     unavailable: dict[str, str] = field(default_factory=dict)  # scheduler -> why it cannot take this job
 
     def app(self) -> specs.AppDef:
         """A fresh AppDef for this job's scheduler (TorchX's dryrun mutates the one it gets)."""
-        return build_appdef(self.plan, self.scheduler, self.plan_path, self.run_dir)
+        return build_appdef(self.plan, self.scheduler, self.plan_path, self.run_dir, resume=self.resume)
 
     def cfg(self, scheduler: str | None = None) -> dict:
         return scheduler_cfg(self.spec, scheduler or self.scheduler, self.log_dir)
@@ -79,7 +80,7 @@ def _appdef_json(app: specs.AppDef) -> str:
 
 def _render_request(runner, job: CompiledJob, scheduler: str) -> str:
     workdir_of(job.spec, scheduler)   # local/Slurm read job.image as a folder: UserError if it is not
-    app = build_appdef(job.plan, scheduler, job.plan_path, job.run_dir)
+    app = build_appdef(job.plan, scheduler, job.plan_path, job.run_dir, resume=job.resume)
     info = runner.dryrun(app, torchx_scheduler(job.spec, scheduler), cfg=job.cfg(scheduler))
     if scheduler == "slurm":
         return info.request.materialize()
@@ -94,7 +95,7 @@ def render_job_card(job: CompiledJob, spec_path: str, overrides: list[str]) -> s
     template = resources.files("llmc.templates").joinpath("job_card.md.j2").read_text(encoding="utf-8")
     layout = layout_of(job.plan)
     role = job.app().roles[0]
-    run = ["llmc", "run", spec_path, "--scheduler", job.scheduler]
+    run = ["llmc", "run", spec_path, "--scheduler", job.scheduler] + (["--resume"] if job.resume else [])
     for text in overrides:
         run += ["--set", text]
     return jinja2.Template(template, keep_trailing_newline=True, undefined=jinja2.StrictUndefined).render(
@@ -111,7 +112,7 @@ def plan_document(spec: Spec) -> dict:
 
 
 def compile_job(spec: Spec, out: Path, *, scheduler: str | None = None, spec_path: str = "SPEC",
-                overrides: list[str] = (), plan_at: Path | None = None) -> CompiledJob:
+                overrides: list[str] = (), plan_at: Path | None = None, resume: bool = False) -> CompiledJob:
     """Plan `spec` and write its job files into `out` (created). Returns what was written.
 
     `plan_at` is the folder the job will read plan.json from, when that is not `out` (a dry run
@@ -125,7 +126,7 @@ def compile_job(spec: Spec, out: Path, *, scheduler: str | None = None, spec_pat
     job = CompiledJob(spec=spec, plan=plan, scheduler=scheduler, out=out, workdir=workdir,
                       plan_path=_job_relative((plan_at or out) / "plan.json", workdir),
                       run_dir=os.path.normpath(str(run_dir)),
-                      log_dir=str((workdir / run_dir / "logs").resolve()))
+                      log_dir=str((workdir / run_dir / "logs").resolve()), resume=resume)
 
     def write(what: str, name: str, text: str) -> None:
         (out / name).write_text(text, encoding="utf-8")
