@@ -143,8 +143,13 @@ def logs_main(args) -> int:
     with make_runner() as runner:
         if app.scheduler_backend.startswith("local") and runner.status(args.handle) is None:
             return _local_logs_from_disk(args.handle, app.app_id, known, args.follow)
-        role = known.get("role") or app.app_id.rsplit("-", 1)[0]
-        print_logs(runner, args.handle, role, int(known.get("replicas", 1)), tail=args.follow)
+        role, replicas = known.get("role"), known.get("replicas", 1)
+        if role is None:   # submitted from elsewhere: ask the scheduler
+            described = runner.describe(args.handle)
+            if described is None or not described.roles:
+                raise UserError(f"the scheduler does not know {args.handle}")
+            role, replicas = described.roles[0].name, described.roles[0].num_replicas
+        print_logs(runner, args.handle, role, int(replicas), tail=args.follow)
     return 0
 
 
