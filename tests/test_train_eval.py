@@ -1,0 +1,88 @@
+"""`llmc eval CKPT --text-file F --json`: mean next-token loss and perplexity, against references."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llmc.compiler.plan import build_plan
+from llmc.compiler.spec import load_spec
+from llmc.runtime.data.tokenizer import train_tokenizer
+from llmc.runtime.model import Transformer
+from llmc.runtime.model.io import save_model
+
+from train_helpers import REPO
+
+TEXT = "def add(a, b):\n    return a + b\n\nclass Point:\n    x: int = 0\n    y: int = 0\n" * 3
+CONTEXT = 16
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("eval")
+    tok = train_tokenizer([TEXT] * 4, 300)
+    spec = load_spec(REPO / "specs" / "tiny.toml", [
+        "model.vocab_size=300", "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.n_kv_heads=1",
+        "model.ffn_hidden=48", f"model.max_seq_len={CONTEXT}", f"train.seq_len={CONTEXT}"])
+    plan = build_plan(spec).model_dump(mode="json")
+    torch.manual_seed(0)
+    model = Transformer(spec.model)
+    model.init_weights()
+    save_model(model, plan, tmp / "random", tokenizer=tok)
+    with torch.no_grad():
+        model.head.weight.zero_()
+    save_model(model, plan, tmp / "uniform", tokenizer=tok)
+    (tmp / "text.txt").write_text(TEXT)
+    return tmp, tok
+
+
+def run_eval(*args):
+    return subprocess.run([sys.executable, "-m", "llmc.compiler.cli", "eval", *map(str, args)],
+                          capture_output=True, text=True)
+
+
+def test_uniform_model_has_loss_log_vocab(checkpoint):
+    tmp, tok = checkpoint
+    r = run_eval(tmp / "uniform", "--text-file", tmp / "text.txt", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    n_ids = len(tok.encode(TEXT, add_special_tokens=False).ids)
+    assert out["tokens"] == n_ids - 1
+    assert out["loss"] == pytest.approx(math.log(300), abs=1e-5)      # zero logits: uniform over 300 tokens
+    assert out["perplexity"] == pytest.approx(300, rel=1e-4)
+
+
+def test_windowed_loss_matches_a_token_by_token_reference(checkpoint):
+    """Each token j >= 1 is predicted from the tokens of its window before it (windows of CONTEXT
+    predictions, starting at 0, CONTEXT, 2 CONTEXT, ...): computed one prefix at a time here."""
+    tmp, tok = checkpoint
+    from llmc.runtime.model.io import load_model
+    model, _, _ = load_model(tmp / "random", "cpu", "fp32")
+    ids = tok.encode(TEXT, add_special_tokens=False).ids
+    assert len(ids) > 3 * CONTEXT  # several windows
+    losses = []
+    with torch.no_grad():
+        for j in range(1, len(ids)):
+            start = ((j - 1) // CONTEXT) * CONTEXT
+            logits = model(torch.tensor([ids[start:j]])).logits[0, -1]
+            losses.append(-F.log_softmax(logits.float(), -1)[ids[j]].item())
+    r = run_eval(tmp / "random", "--text-file", tmp / "text.txt", "--json")
+    out = json.loads(r.stdout)
+    assert out["tokens"] == len(losses)
+    assert out["loss"] == pytest.approx(sum(losses) / len(losses), abs=1e-4)
+    assert out["perplexity"] == pytest.approx(math.exp(out["loss"]), rel=1e-6)
+    plain = run_eval(tmp / "random", "--text-file", tmp / "text.txt")
+    assert plain.returncode == 0 and "perplexity" in plain.stdout
+
+
+def test_eval_errors_are_clear(checkpoint, tmp_path):
+    tmp, _ = checkpoint
+    r = run_eval(tmp / "random", "--text-file", tmp_path / "missing.txt")
+    assert r.returncode == 1 and "missing.txt: file not found" in r.stderr and "Traceback" not in r.stderr
+    (tmp_path / "bad.txt").write_bytes(b"ok\n\xfe\n")
+    r = run_eval(tmp / "random", "--text-file", tmp_path / "bad.txt")
+    assert r.returncode == 1 and "bad.txt:2: invalid UTF-8" in r.stderr
