@@ -86,19 +86,50 @@ def read_config(source: str | Path) -> tuple[dict, Path | None]:
     return config, folder
 
 
-def default_run(model: ModelSpec) -> dict:
-    """The tables besides [model] of an imported spec: a small placeholder run to edit."""
-    return {"train": {"seq_len": min(model.max_seq_len, 2048), "global_batch_size": 8, "max_steps": 100}}
+# The placeholder run of an imported spec: a short CPU run when the model fits one CPU, else
+# nodes of 8 H100s, doubled until the planner finds a layout (so `llmc plan` works at once).
+_CPU_RUN = {"seq_len": 2048, "global_batch_size": 8, "max_steps": 100}
+_GPU_RUN = {"seq_len": 4096, "global_batch_size": 1024, "max_steps": 1000}
+_MAX_NODES = 1024
 
 
-def import_spec(imported: Imported, tokenizer: str | None = None) -> dict:
+def default_run(model: ModelSpec) -> tuple[dict, str | None]:
+    """The tables besides [model] of an imported spec, and a note on the hardware chosen."""
+    from .plan import build_plan
+
+    def tables(run: dict, hardware: dict | None) -> dict:
+        out = {"train": {**run, "seq_len": min(model.max_seq_len, run["seq_len"])}}
+        return {**out, "hardware": hardware} if hardware else out
+
+    def plans(data: dict) -> bool:
+        try:
+            spec = Spec.model_validate({"model": model.model_dump(mode="json", exclude_none=True), **data})
+            return build_plan(spec, strict=False).layout is not None
+        except (UserError, ImportError, pydantic.ValidationError):
+            return False
+
+    if plans(tables(_CPU_RUN, None)):
+        return tables(_CPU_RUN, None), None
+    nodes = 1
+    while nodes <= _MAX_NODES:
+        data = tables(_GPU_RUN, {"accelerator": "H100", "gpus_per_node": 8, "nodes": nodes})
+        if plans(data):
+            return data, (f"the model does not train on one CPU: the placeholder run uses {nodes} node(s) of "
+                          "8 H100s, the fewest that fit; edit [hardware] and [train]")
+        nodes *= 2
+    return tables(_CPU_RUN, None), "no placeholder hardware fits this model; edit [hardware] and [train]"
+
+
+def import_spec(imported: Imported, tokenizer: str | None = None) -> tuple[dict, str | None]:
     """A whole spec (as TOML-ready data) around an imported model: the model table filled in,
-    every other table left to its defaults but for a placeholder [train]."""
-    data = {"model": imported.model.model_dump(mode="json", exclude_none=True), **default_run(imported.model)}
+    every other table left to its defaults but for a placeholder [train] (and [hardware] when
+    the model needs GPUs); and a note on that choice."""
+    run, note = default_run(imported.model)
+    data = {"model": imported.model.model_dump(mode="json", exclude_none=True), **run}
     if tokenizer:
         data["data"] = {"tokenizer": {"path": tokenizer}}
     Spec.model_validate(data)  # what we write must load
-    return data
+    return data, note
 
 
 def _has_weights(folder: Path | None) -> bool:
@@ -112,6 +143,8 @@ def import_main(args) -> int:
     for warning in imported.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     out = Path(args.output) if args.output else None
+    if out is not None and out.is_dir() and not _has_weights(folder):
+        raise UserError(f"{args.source} has no safetensors weights to convert: give -o a spec file (.toml)")
     if out is not None and _has_weights(folder) and not out.suffix == ".toml":
         # A checkpoint: weights and tokenizer too. The runtime (torch) is imported only here.
         from llmc.runtime.hf_weights import import_checkpoint
@@ -124,7 +157,10 @@ def import_main(args) -> int:
     if folder is not None and (folder / "tokenizer.json").is_file():
         tok = (folder / "tokenizer.json").resolve()
         tokenizer = str(tok if out is None else Path(_relpath(tok, out.resolve().parent)))
-    text = tomli_w.dumps(import_spec(imported, tokenizer))
+    data, note = import_spec(imported, tokenizer)
+    if note:
+        print(f"note: {note}", file=sys.stderr)
+    text = tomli_w.dumps(data)
     header = f"# Imported by `llmc import hf` from a {imported.family} config.json\n"
     if out is None:
         sys.stdout.write(header + text)

@@ -154,7 +154,9 @@ class HFCheckpoint:
             self.file_of = {name: folder / file for name, file in weight_map.items()}
         else:
             self.file_of = {}
-            for file in sorted(folder.glob("*.safetensors")):
+            # Mistral's folders also hold consolidated.safetensors (its own format): prefer model*.
+            files = sorted(folder.glob("model*.safetensors")) or sorted(folder.glob("*.safetensors"))
+            for file in files:
                 with safe_open(str(file), "pt") as f:
                     self.file_of.update({name: file for name in f.keys()})
         if not self.file_of:
@@ -197,6 +199,8 @@ def convert_state(checkpoint: HFCheckpoint, adapter: Adapter, names: list[str]) 
         shown = ", ".join(missing[:6]) + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")
         raise UserError(f"the checkpoint lacks tensors its config.json implies: {shown}")
     left = sorted(n for n in checkpoint.names() - used if not any(re.match(p, n) for p in IGNORED_HF))
+    if adapter.m.tie_embeddings:  # some tied checkpoints store the head anyway: it is the embedding
+        left = [n for n in left if n != "lm_head.weight"]
     warnings = []
     if adapter.family.startswith("deepseek"):  # the MTP copies of embedding and head are duplicates
         left = [n for n in left if not re.search(r"\.(embed_tokens|shared_head\.head)\.weight$", n)]
@@ -224,7 +228,10 @@ def import_checkpoint(folder: Path, out: Path, imported) -> None:
               "mtp.depth = 0", file=sys.stderr)
         m = m.model_copy(update={"mtp": m.mtp.model_copy(update={"depth": 0})})
         imported.model = m
-    spec = Spec.model_validate(import_spec(imported))
+    data, note = import_spec(imported)
+    if note:
+        print(f"note: {note}", file=sys.stderr)
+    spec = Spec.model_validate(data)
     with torch.device("meta"):
         model = Transformer(spec.model)
     adapter = Adapter(imported.family, spec.model, bool(imported.hf.get("rope_interleave", True)))
@@ -241,20 +248,10 @@ def import_checkpoint(folder: Path, out: Path, imported) -> None:
 
 
 def _plan_document(spec) -> dict:
-    """plan.json of the imported spec. The placeholder run may not fit its default hardware (a
-    large model on one CPU): the model folder still needs the spec, so fall back to spec + params."""
-    from llmc.compiler.plan import build_plan, count_params
-    from llmc.compiler.spec import SpecError
+    """plan.json of the imported spec (without a layout when its placeholder run fits nowhere)."""
+    from llmc.compiler.plan import build_plan
 
-    try:
-        return build_plan(spec).model_dump(mode="json")
-    except (UserError, SpecError) as e:
-        print(f"warning: the placeholder run does not plan ({e}); plan.json holds the spec and parameter "
-              "counts only", file=sys.stderr)
-        counts = count_params(spec.model)
-        return {"version": 1, "spec": spec.model_dump(mode="json"),
-                "params": {"total": counts.total, "active": counts.active, "embedding": counts.embedding,
-                           "mtp": counts.mtp, "components": counts.components}}
+    return build_plan(spec, strict=False).model_dump(mode="json")
 
 
 def export_checkpoint(checkpoint, out: Path) -> dict:

@@ -243,3 +243,18 @@ def test_compiler_side_imports_no_torch():
     code = ("import sys, llmc.compiler.hf, llmc.compiler.hf_export, llmc.compiler.hf_families;"
             "sys.exit('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
+
+
+def test_imported_spec_plans_at_once():
+    """The placeholder run around an imported model fits somewhere, so `llmc plan` works on it:
+    one CPU for a tiny model, the fewest 8 x H100 nodes for a large one."""
+    from llmc.compiler.hf import import_spec
+    from llmc.compiler.plan import build_plan
+    from llmc.compiler.spec import Spec
+
+    tiny, note = import_spec(hf_to_model(config_json(tiny_config("llama"))))
+    assert note is None and "hardware" not in tiny
+    assert build_plan(Spec.model_validate(tiny)).layout is not None
+    large, note = import_spec(hf_to_model(LLAMA_31_8B))
+    assert large["hardware"]["accelerator"] == "H100" and "H100" in note
+    assert build_plan(Spec.model_validate(large)).layout is not None

@@ -150,7 +150,7 @@ def test_deepseek_mtp_round_trip(tmp_path):
     _perturb(model)
     from llmc.compiler.hf import import_spec
     from llmc.compiler.spec import Spec
-    spec = Spec.model_validate(import_spec(imported))
+    spec = Spec.model_validate(import_spec(imported)[0])
     save_model(model, {"version": 1, "spec": spec.model_dump(mode="json")}, tmp_path / "llmc")
     export_checkpoint(tmp_path / "llmc", tmp_path / "hf")
     stored = safetensors_torch.load_file(str(tmp_path / "hf" / "model.safetensors"))
