@@ -77,7 +77,7 @@ def no_fit_message(spec: Spec, params: ParamCount, search: Search, closest) -> s
 
         m, d = LayoutSearch(spec, params).memory.as_model(closest.memory_bytes, closest.rank), closest.degrees
         head = (f"{spec.model.n_layers}-layer model with {params.total / 1e9:,.1f}B parameters does not fit on "
-                f"{world} x {spec.hardware.accelerator}: the smallest layout (dp={d.dp} tp={d.tp} pp={d.pp} "
+                f"{world} x {spec.hardware.accelerator}: the layout closest to fitting (dp={d.dp} tp={d.tp} pp={d.pp} "
                 f"ep={d.ep} zero={d.zero} micro_batch_size={d.micro_batch_size}) needs {m.peak / GiB:,.1f} GiB "
                 f"per device (weights {m.weights / GiB:,.1f}, gradients {m.gradients / GiB:,.1f}, optimizer "
                 f"{m.optimizer / GiB:,.1f}, activations {m.activations / GiB:,.1f}, temporary "
