@@ -20,13 +20,16 @@ def assign_layers(costs: list[float], chunks: int, tail: float) -> list[list[int
     if chunks >= n:
         return [[i] for i in range(n)]
 
-    def fill(bound: float) -> list[list[int]] | None:
+    def fill(bound: float, even: bool = False) -> list[list[int]] | None:
         runs: list[list[int]] = []
         i = n - 1
         for c in reversed(range(chunks)):          # c chunks still to fill before this one
             total, run = (tail if c == chunks - 1 else 0.0), []
+            share = (sum(costs[:i + 1]) + total) / (c + 1)  # an even split of what is left
             while i >= c:                           # leave one layer at least for each earlier chunk
                 if run and total + costs[i] > bound:
+                    break
+                if even and run and c > 0 and total + costs[i] / 2 > share:
                     break
                 total += costs[i]
                 run.append(i)
@@ -47,7 +50,7 @@ def assign_layers(costs: list[float], chunks: int, tail: float) -> list[list[int
             lo = mid
         else:
             hi, best = mid, runs
-    return best
+    return fill(hi, even=True) or best  # as balanced, spread evenly where the bound leaves room
 
 
 def within_node(size: int, stride: int, per_node: int) -> bool:
