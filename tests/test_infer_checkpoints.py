@@ -27,6 +27,10 @@ GPT2 = DENSE[:4] + ["model.n_kv_heads=4", "model.ffn_hidden=128", "model.max_seq
                     "model.norm='layernorm'", "model.activation='gelu_tanh'", "model.qkv_bias=true",
                     "model.out_bias=true", "model.mlp_bias=true", "model.tie_embeddings=true",
                     "model.attention.kind='mha'"]
+# Qwen3 style: qk-norm and q/k/v biases.
+QWEN = DENSE + ["model.qk_norm=true", "model.qkv_bias=true"]
+# Mixtral style: GQA with a softmax-routed MoE in every layer.
+MIXTRAL = DENSE + ["model.moe={n_experts=4, top_k=2, expert_hidden=64, score='softmax'}"]
 DRAFT = ["model.vocab_size=512", "model.d_model=32", "model.n_layers=1", "model.n_heads=2",
          "model.n_kv_heads=1", "model.ffn_hidden=64", "model.max_seq_len=256"]
 

@@ -12,15 +12,16 @@ from llmc.compiler.cli import main as llmc
 from llmc.runtime.infer.cache import build_cache
 from llmc.runtime.infer.generate import generate, generate_without_cache
 from llmc.runtime.infer.sampling import SamplingParams
-from test_infer_checkpoints import one_thread, DENSE, GPT2, checkpoint, random_model, spec_with  # noqa: F401
+from test_infer_checkpoints import one_thread, DENSE, GPT2, MIXTRAL, QWEN, checkpoint, random_model, spec_with  # noqa: F401
 
 
 PROMPTS = [[5, 17, 300, 2, 9, 41, 7], [88, 3], [1] * 12 + [250, 251], [400]]
 
 
-@pytest.fixture(scope="module", params=["llama", "gpt2"])
+@pytest.fixture(scope="module", params=["llama", "gpt2", "qwen", "mixtral"])
 def model(request):
-    return random_model(spec_with(DENSE if request.param == "llama" else GPT2), seed=1)
+    overrides = {"llama": DENSE, "gpt2": GPT2, "qwen": QWEN, "mixtral": MIXTRAL}[request.param]
+    return random_model(spec_with(overrides), seed=1)
 
 
 def test_cached_generation_equals_recomputing_everything(model):
