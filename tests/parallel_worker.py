@@ -67,7 +67,9 @@ def main():
     else:
         raw, wrapped = [model], [parallelize(model, pdims)]
     params = [p for m in wrapped for p in m.parameters()]
-    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.1, foreach=False)
+    # eps 1e-6 (not 1e-8): Adam divides by |g| + eps, which turns last-bit noise in a near-zero
+    # gradient into a sizeable update; a larger eps keeps the comparison about the gradients.
+    opt = torch.optim.AdamW(params, lr=3e-4, weight_decay=0.1, eps=1e-6, foreach=False)
 
     if args.load_dcp:
         from llmc.runtime.parallel.checkpoint import load_train_state

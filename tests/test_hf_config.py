@@ -258,3 +258,19 @@ def test_imported_spec_plans_at_once():
     large, note = import_spec(hf_to_model(LLAMA_31_8B))
     assert large["hardware"]["accelerator"] == "H100" and "H100" in note
     assert build_plan(Spec.model_validate(large)).layout is not None
+
+
+def test_deepseek_v32_adds_the_indexer():
+    """DeepSeek-V3.2-Exp is V3 plus the DSA indexer in every layer (its config.json adds index_*)."""
+    v32 = {**DEEPSEEK_V3, "model_type": "deepseek_v32", "architectures": ["DeepseekV32ForCausalLM"],
+           "index_n_heads": 64, "index_head_dim": 128, "index_topk": 2048}
+    del v32["quantization_config"]
+    m = hf_to_model(v32).model
+    assert (m.attention.index_n_heads, m.attention.index_head_dim, m.attention.index_topk) == (64, 128, 2048)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = hf_param_count(transformers.AutoConfig.for_model(**v32))
+    assert count_params(m).main == reference
+    # wq_b (q_lora_rank -> 64 x 128), wk, k_norm (LayerNorm), weights_proj, in each of 61 layers
+    per_layer = 1536 * 64 * 128 + 7168 * 128 + 2 * 128 + 7168 * 64
+    assert count_params(m).main - count_params(hf_to_model(DEEPSEEK_V3).model).main == 61 * per_layer

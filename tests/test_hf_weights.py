@@ -212,3 +212,18 @@ def test_llmc_models_export_to_transformers(spec_name, family, repo, tmp_path):
     reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     tokens = torch.randint(0, spec.model.vocab_size, (2, 40), generator=torch.Generator().manual_seed(2))
     torch.testing.assert_close(logits(reference, tokens), logits(model, tokens), atol=1e-4, rtol=0)
+
+
+def test_deepseek_rotate_half_checkpoint(tokens, tmp_path):
+    """transformers' DeepSeek-V3 can also hold rotate-half RoPE rows (rope_interleave = false):
+    those are llmc's layout already and must not be permuted."""
+    config = tiny_config("deepseek_v3")
+    config.rope_interleave = False
+    config.initializer_range = 0.2
+    torch.manual_seed(0)
+    reference = transformers.AutoModelForCausalLM.from_config(config).eval()
+    _perturb(reference)
+    reference.save_pretrained(tmp_path / "hf")
+    assert llmc(["import", "hf", str(tmp_path / "hf"), "-o", str(tmp_path / "llmc")]) == 0
+    model, _, _ = load_model(tmp_path / "llmc")
+    torch.testing.assert_close(logits(model.eval(), tokens), logits(reference, tokens), atol=1e-4, rtol=0)

@@ -36,12 +36,22 @@ def expert_ref(moe, e, x):
     return h @ ex.w2[e].T
 
 
+@pytest.fixture(params=["grouped_mm", "loop"])
+def expert_path(request, monkeypatch):
+    """Run a test through both expert computations: torch._grouped_mm and the loop over experts."""
+    from llmc.runtime.model.moe import GroupedExperts
+    if request.param == "grouped_mm" and not hasattr(torch, "_grouped_mm"):
+        pytest.skip("torch._grouped_mm not in this torch")
+    monkeypatch.setattr(GroupedExperts, "use_grouped_mm", request.param == "grouped_mm")
+    return request.param
+
+
 @pytest.mark.parametrize("moe_cfg", [
     dict(score="softmax", norm_topk=False),
     dict(score="softmax", norm_topk=True, n_shared_experts=1, shared_expert_gate=True),
     dict(score="sigmoid", norm_topk=True, routed_scaling=2.5, balance="aux_free", n_shared_experts=2),
 ])
-def test_dispatch_equals_per_token_loop(moe_cfg):
+def test_dispatch_equals_per_token_loop(moe_cfg, expert_path):
     moe = build_moe(**moe_cfg)
     x = torch.randn(2, 9, 8)
     out = moe(x)
@@ -174,7 +184,7 @@ def test_experts_with_bias_and_plain_activation():
         torch.testing.assert_close(out[t], want, atol=1e-5, rtol=1e-5)
 
 
-def test_moe_bf16_forward_backward():
+def test_moe_bf16_forward_backward(expert_path):
     model = Transformer(spec(n_shared_experts=1)).to(torch.bfloat16)
     model.init_weights()
     tokens = torch.randint(0, 50, (2, 6))
@@ -182,3 +192,19 @@ def test_moe_bf16_forward_backward():
     assert out.logits.dtype == torch.bfloat16
     out.loss.backward()
     assert torch.isfinite(model.layers["0"].ffn.experts.w1.grad).all()
+
+
+def test_expert_gradients_equal_between_paths(monkeypatch):
+    from llmc.runtime.model.moe import GroupedExperts
+    if not hasattr(torch, "_grouped_mm"):
+        pytest.skip("torch._grouped_mm not in this torch")
+    moe = build_moe()
+    x = torch.randn(12, 8)
+    grads = []
+    for grouped in (True, False):
+        monkeypatch.setattr(GroupedExperts, "use_grouped_mm", grouped)
+        moe.zero_grad()
+        (moe(x) * torch.linspace(-1, 1, 8)).sum().backward()
+        grads.append([p.grad.clone() for p in moe.experts.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

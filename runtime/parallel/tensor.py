@@ -1,0 +1,147 @@
+"""Tensor parallelism (Megatron-style) with `parallelize_module`, plus optional sequence parallelism.
+
+Per block:
+  attention  q/k/v (GQA) or wq_b / wkv_b (MLA) column-wise: each rank owns n_heads / tp heads;
+             wo row-wise. MLA's low-rank down-projections (wq_a, wkv_a) and their norms stay
+             replicated: they are small and feed every head (the gradient of the rope key,
+             shared by all heads, is all-reduced over TP).
+  dense FFN  w1 / w3 column-wise, w2 row-wise.
+  MoE FFN    replicated (router, experts, shared experts): experts are split by expert
+             parallelism instead; each TP rank computes the same result.
+Model:
+  embedding  vocabulary-parallel (row-wise over the vocabulary); head column-wise over the
+             vocabulary with the logits gathered (the model's loss takes full logits).
+With sequence parallelism the residual stream between blocks is split over the sequence:
+norms (block, final, MTP) run on their slice (SequenceParallel), attention and FFN inputs are
+all-gathered, and row-wise outputs are reduce-scattered back to the slice.
+
+Attention modules keep their head counts as attributes; they are set to the local counts here.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, PrepareModuleOutput,
+                                               RowwiseParallel, SequenceParallel, parallelize_module)
+
+
+class _AllReduceTailGrad(torch.autograd.Function):
+    """Identity forward; backward all-reduces the gradient of the last columns (from `start`).
+
+    MLA's rope key (the tail of wkv_a's output) is shared by every head: with the heads split
+    over TP ranks each rank sees only its heads' share of its gradient. The latent part of
+    the same output already gets a full gradient through wkv_b's column-parallel input."""
+
+    @staticmethod
+    def forward(ctx, x, start, group):
+        ctx.start, ctx.group = start, group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        tail = grad[..., ctx.start:].contiguous()
+        dist.all_reduce(tail, group=ctx.group)
+        grad[..., ctx.start:] = tail
+        return grad, None, None
+
+
+def _reduce_rope_key_grad(attn: nn.Module, group):
+    def hook(module, args, out):
+        return _AllReduceTailGrad.apply(out, attn.kv_lora_rank, group)
+    attn.wkv_a.register_forward_hook(hook)
+
+
+def _shard_grad_like_param(p):
+    if p.grad.placements != p.placements:
+        p.grad = p.grad.redistribute(p.device_mesh, p.placements)
+
+
+def _attention_plan(attn: nn.Module, tp: int, sp: bool) -> dict:
+    col, row = ColwiseParallel(), RowwiseParallel(output_layouts=Shard(1) if sp else Replicate())
+    if hasattr(attn, "wkv_b"):  # MLA
+        plan = {"wkv_b": col, "wo": row}
+        plan["wq_b" if getattr(attn, "q_lora_rank", 0) else "wq"] = col
+        if getattr(attn, "indexer", None) is not None:
+            raise NotImplementedError("tensor parallelism of the DSA sparse indexer is not supported")
+    else:
+        if attn.n_kv_heads % tp:
+            raise ValueError(f"tp = {tp} must divide the key/value heads ({attn.n_kv_heads})")
+        plan = {"wq": col, "wk": col, "wv": col, "wo": row}
+        attn.n_kv_heads //= tp  # qk-norm weights (shared by heads) stay replicated
+    if attn.n_heads % tp:
+        raise ValueError(f"tp = {tp} must divide n_heads ({attn.n_heads})")
+    attn.n_heads //= tp
+    return plan
+
+
+def _block_plan(block: nn.Module, tp: int, sp: bool) -> dict:
+    plan = {f"attn.{k}": v for k, v in _attention_plan(block.attn, tp, sp).items()}
+    if sp:
+        plan["attn_norm"] = SequenceParallel()
+        plan["ffn_norm"] = SequenceParallel()
+        plan["attn"] = PrepareModuleInput(input_layouts=(Shard(1), None, None), desired_input_layouts=(Replicate(), None, None),
+                                          use_local_output=True)
+        plan["ffn"] = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),),
+                                         use_local_output=True)
+    if block.is_moe:
+        if sp:  # replicated MoE on the full sequence; each rank keeps its slice of the output
+            plan["ffn"] = _MoESequenceParallel()
+    else:
+        plan["ffn.w1"] = ColwiseParallel()
+        plan["ffn.w2"] = RowwiseParallel(output_layouts=Shard(1) if sp else Replicate())
+        if block.ffn.w3 is not None:
+            plan["ffn.w3"] = ColwiseParallel()
+    return plan
+
+
+def _MoESequenceParallel():
+    """Gather the sequence into a replicated MoE and keep this rank's sequence slice of its output."""
+    from torch.distributed.tensor.parallel.style import ParallelStyle
+
+    class MoESequenceParallel(ParallelStyle):
+        def _apply(self, module, mesh):
+            PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),),
+                               use_local_output=True)._apply(module, mesh)
+            PrepareModuleOutput(output_layouts=(Replicate(),), desired_output_layouts=(Shard(1),),
+                                use_local_output=True)._apply(module, mesh)
+            return module
+
+    return MoESequenceParallel()
+
+
+def apply_tp(model: nn.Module, tp_mesh, sequence_parallel: bool = False) -> nn.Module:
+    """Shard `model`'s attention, dense FFNs, embedding and head over the tp mesh (in place)."""
+    tp, sp = tp_mesh.size(), sequence_parallel
+    if model.head is None:
+        raise NotImplementedError("tensor parallelism with tied embeddings is not supported")
+    if sp and getattr(model, "pos_embed", None) is not None:
+        raise NotImplementedError("sequence parallelism with learned absolute positions is not supported")
+    top = {}
+    if model.embed is not None:
+        top["embed"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1) if sp else Replicate())
+    if model.norm is not None and sp:
+        top["norm"] = SequenceParallel()
+    if model.head is not None:
+        top["head"] = ColwiseParallel(input_layouts=Shard(1) if sp else Replicate(), output_layouts=Replicate())
+    parallelize_module(model, tp_mesh, top)
+    if model.embed is not None:
+        # DTensor's embedding backward yields a replicated (full) gradient for the vocabulary-
+        # sharded weight; keep only this rank's rows so gradients are sharded like the weight.
+        model.embed.weight.register_post_accumulate_grad_hook(_shard_grad_like_param)
+    blocks = list(model.layers.values()) + [m.block for m in getattr(model, "mtp", [])]
+    for block in blocks:
+        if hasattr(block.attn, "wkv_a"):
+            _reduce_rope_key_grad(block.attn, tp_mesh.get_group())
+    for block in model.layers.values():
+        parallelize_module(block, tp_mesh, _block_plan(block, tp, sp))
+    for mtp in getattr(model, "mtp", []):
+        plan = {f"block.{k}": v for k, v in _block_plan(mtp.block, tp, sp).items()}
+        if sp:
+            plan.update({"enorm": SequenceParallel(), "hnorm": SequenceParallel(), "norm": SequenceParallel(),
+                         "eh_proj": ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(1))})
+        parallelize_module(mtp, tp_mesh, plan)
+    return model
