@@ -13,7 +13,7 @@ from .plan.formatting import (GiB, duration, flops_rows, gib, human, memory_rows
                               total_rows)
 from .spec import load_spec
 
-BAR_WIDTH = 48
+BAR_WIDTH = 40
 COLOURS = {"weights": "blue", "gradients": "magenta", "optimizer": "yellow", "activations": "green",
            "temporary": "cyan", "reserve (overhead)": "bright_black"}
 
@@ -122,7 +122,7 @@ def _print_memory(console, plan) -> None:
         bar.append("·" * max(0, BAR_WIDTH - len(bar.plain)), style="bright_black")
         t.add_row("peak", f"{train.peak / GiB:,.2f}", bar)
         console.print(t)
-        console.print(f"{train.in_flight_micro_batches:g} micro-batches in flight on that stage; "
+        console.print(f"micro-batches in flight on that stage: {train.in_flight_micro_batches:g}; "
                       f"{'fits' if train.fits else 'DOES NOT FIT'} ({train.peak / train.capacity:.0%} of the device)")
     inf = plan.memory.inference
     t = Table(title=f"Inference on one node ({inf.devices} devices, {gib(inf.capacity)} usable)", title_justify="left")
@@ -145,17 +145,19 @@ def _print_layout(console, plan) -> None:
         t.add_column()
         fixed = ", ".join(f"{k}={v}" for k, v in search.fixed.items()) or "none"
         t.add_row("world", f"{lay.world_size:,} = {lay.nodes:,} nodes x {lay.procs_per_node} processes")
-        t.add_row("degrees", f"dp {lay.dp} · tp {lay.tp} · pp {lay.pp} · ep {lay.ep} (edp {lay.edp}) · "
+        t.add_row("degrees", f"dp {lay.dp} · tp {lay.tp} · pp {lay.pp} · ep {lay.ep}"
+                             f"{f' (edp {lay.edp})' if lay.ep > 1 else ''} · "
                              f"ZeRO-{lay.zero}  (fixed by the spec: {fixed})")
         t.add_row("batch", f"micro-batch {lay.micro_batch_size} x {lay.grad_accum} accumulation x dp {lay.dp}; "
                            f"sequence parallel {'on' if lay.sequence_parallel else 'off'}; {lay.pp_schedule}")
         for dim, g in lay.groups.items():
-            if g.size > 1:
+            if g.size > 1 and (dim != "edp" or lay.ep > 1):
                 where = "inside a node" if g.within_node else "across nodes"
                 first = ", ".join(map(str, g.first)) + (", ..." if g.size > len(g.first) else "")
                 t.add_row(f"{dim} groups", f"{g.count:,} of {g.size}, stride {g.stride}, {where}; first: [{first}]")
         for i, layers in enumerate(lay.stages):
-            extra = (" + embedding" if i == 0 else "") + (" + final norm, head, MTP" if i == len(lay.stages) - 1
+            mtp = ", MTP" if plan.params.mtp else ""
+            extra = (" + embedding" if i == 0 else "") + (f" + final norm, head{mtp}" if i == len(lay.stages) - 1
                                                           else "")
             if len(lay.stages) > 1 or i == 0:
                 t.add_row(f"stage {i}" if len(lay.stages) > 1 else "layers", ranges(layers) + extra)
