@@ -18,6 +18,8 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         out = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return out.to(x.dtype) * self.weight.to(x.dtype)
 

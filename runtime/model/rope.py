@@ -86,10 +86,16 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [B, T, H, D] by cos/sin of shape [T, D] or [B, T, D]."""
+    """Rotate x [B, T, H, D] by cos/sin of shape [T, D] or [B, T, D]: x cos + rotate_half(x) sin.
+
+    Computed as x cos + roll(x, D/2) sin' with sin' = [-sin | sin] (the sign of rotate_half
+    moved onto sin), one copy and one fused multiply-add instead of chunk/neg/cat.
+    """
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    half = x.shape[-1] // 2
+    sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
     if cos.dim() == 2:
         cos, sin = cos[None, :, None, :], sin[None, :, None, :]
     else:
         cos, sin = cos[:, :, None, :], sin[:, :, None, :]
-    return x * cos + rotate_half(x) * sin
+    return torch.addcmul(x * cos, x.roll(half, dims=-1), sin)
