@@ -12,28 +12,30 @@ hands a checkpoint folder to `llmc.runtime.hf_weights`, imported lazily.
 from __future__ import annotations
 
 import json
+import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pydantic
 import tomli_w
 
 from .errors import UserError
-from .spec import ModelSpec, Spec
 from .hf_export import export_family
 from .hf_families import FAMILIES, ConfigReader
+from .spec import ModelSpec, Spec
 
 __all__ = ["FAMILIES", "Imported", "hf_to_model", "import_main", "model_to_hf", "read_config", "import_spec"]
 
 
+@dataclass
 class Imported:
-    """The result of mapping a config.json: the model table, what was lost, and the family."""
+    """The result of mapping a config.json: the family, the model table, what was lost."""
 
-    def __init__(self, family: str, model: ModelSpec, warnings: list[str], hf: dict):
-        self.family = family
-        self.model = model
-        self.warnings = warnings
-        self.hf = hf  # the config.json as read (the weight converter needs e.g. rope_interleave)
+    family: str
+    model: ModelSpec
+    warnings: list[str]
+    hf: dict  # the config.json as read (the weight converter needs e.g. rope_interleave)
 
 
 def hf_to_model(config: dict) -> Imported:
@@ -156,7 +158,8 @@ def import_main(args) -> int:
     tokenizer = None
     if folder is not None and (folder / "tokenizer.json").is_file():
         tok = (folder / "tokenizer.json").resolve()
-        tokenizer = str(tok if out is None else Path(_relpath(tok, out.resolve().parent)))
+        # relative to the spec written (as spec paths are), absolute when printed
+        tokenizer = str(tok) if out is None else os.path.relpath(tok, out.resolve().parent)
     data, note = import_spec(imported, tokenizer)
     if note:
         print(f"note: {note}", file=sys.stderr)
@@ -169,9 +172,3 @@ def import_main(args) -> int:
         out.write_text(header + text, encoding="utf-8")
         print(f"wrote {out}", file=sys.stderr)
     return 0
-
-
-def _relpath(path: Path, start: Path) -> str:
-    import os
-
-    return os.path.relpath(path, start)
