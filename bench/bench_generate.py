@@ -2,12 +2,14 @@
 
     python bench/bench_generate.py [--target CKPT] [--draft CKPT] [--new-tokens 128] [--threads 1]
 
-Without --target, a Llama-style model (~30M parameters, random weights) is built and exported to
-transformers with `llmc export hf`'s code, so both libraries run the same weights. Both decode
-greedily the same prompts with a KV cache (and, as a reference, without one); llmc also decodes
-with speculative decoding and with int8 / int4 weights. Without --draft, the draft is the target's
-first layer with its embedding, final norm and head (LayerSkip-style early exit), a well-matched
-draft for a model whose later layers refine rather than overturn its predictions.
+Without --target, a pair is trained here in a few minutes on Python's standard library source
+(cached in --workdir): a one-layer draft (d_model 256), then a 12-layer target grown from it
+(progressive stacking: the draft's layer and embeddings, 11 new layers whose output projections
+start at zero, so the target starts as the draft) and trained further. The target is ~8x the
+draft's compute, and close to it in what it predicts: a well-matched draft. The target is exported
+to transformers with `llmc export hf`'s code, so both libraries run the same weights. Both decode
+greedily the same held-out prompts with a KV cache (and, as a reference, without one); llmc also
+decodes with speculative decoding and with int8 / int4 weights.
 
 Prints a table of tokens/s (new tokens over the whole generate call, prefill included, best of
 --repeats) and each row's ratio to transformers with its KV cache, and whether each row's tokens
@@ -26,31 +28,55 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
-BENCH_MODEL = ["model.vocab_size=4096", "model.d_model=512", "model.n_layers=8", "model.n_heads=8",
-               "model.n_kv_heads=4", "model.ffn_hidden=1408", "model.max_seq_len=1024"]
+TARGET = ["model.vocab_size=2048", "model.d_model=256", "model.n_layers=12", "model.n_heads=8",
+          "model.n_kv_heads=4", "model.ffn_hidden=704", "model.max_seq_len=512"]
+DRAFT_LAYERS = 1
+CORPUS = ["argparse.py", "textwrap.py", "string.py", "shlex.py", "json/decoder.py", "json/encoder.py",
+          "json/__init__.py", "dataclasses.py"]
 
 
-def build_target(tmp: Path) -> Path:
+def corpus() -> str:
+    import sysconfig
+    lib = Path(sysconfig.get_paths()["stdlib"])
+    return "\n".join((lib / name).read_text(encoding="utf-8") for name in CORPUS)
+
+
+def train_pair(workdir: Path, draft_steps: int, target_steps: int) -> tuple[Path, Path]:
+    """Train the draft, grow the target from it and train that; both saved as llmc checkpoints."""
+    from test_infer_checkpoints import fit
+
     from llmc.compiler.plan import build_plan
     from llmc.compiler.spec import load_spec
+    from llmc.runtime.data.tokenizer import train_tokenizer
     from llmc.runtime.model import Transformer
     from llmc.runtime.model.io import save_model
-    spec = load_spec(REPO / "specs" / "tiny.toml", BENCH_MODEL)
+    if (workdir / "target" / "model.safetensors").is_file() and (workdir / "draft" / "model.safetensors").is_file():
+        return workdir / "target", workdir / "draft"
+    text = corpus()
+    train_text = text[:int(0.9 * len(text))]
+    tok = train_tokenizer([train_text], 2048)
+    ids = tok.encode(train_text).ids
+    target_spec = load_spec(REPO / "specs" / "tiny.toml", TARGET)
+    draft_spec = load_spec(REPO / "specs" / "tiny.toml", TARGET + [f"model.n_layers={DRAFT_LAYERS}"])
     torch.manual_seed(0)
-    model = Transformer(spec.model)
-    model.init_weights()
-    return save_model(model, build_plan(spec).model_dump(mode="json"), tmp / "target")
-
-
-def early_exit_draft(target, n_layers: int = 1):
-    """The target's first n_layers with its embedding, final norm and head, as a model of its own."""
-    from llmc.runtime.model import Transformer
-    cfg = target.cfg.model_copy(update={"n_layers": n_layers})
-    draft = Transformer(cfg)
-    state = {k: v for k, v in target.state_dict().items()
-             if not k.startswith("layers.") or int(k.split(".")[1]) < n_layers}
-    draft.load_state_dict({k: v for k, v in state.items() if not k.startswith("mtp.")}, strict=False)
-    return draft.eval()
+    draft = Transformer(draft_spec.model)
+    draft.init_weights()
+    t0 = time.perf_counter()
+    fit(draft, ids, draft_steps, seq=128, batch=16, lr=3e-3)
+    print(f"draft trained: {draft_steps} steps in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
+    target = Transformer(target_spec.model)
+    target.init_weights()
+    with torch.no_grad():
+        for name, module in target.named_modules():
+            if name.endswith(("attn.wo", "ffn.w2")):
+                module.weight.zero_()           # new layers start as the identity
+    target.load_state_dict(draft.state_dict(), strict=False)
+    t0 = time.perf_counter()
+    fit(target, ids, target_steps, seq=128, batch=16, lr=1e-3, seed=1)
+    print(f"target trained: {target_steps} steps in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
+    save_model(draft, build_plan(draft_spec).model_dump(mode="json"), workdir / "draft", tok)
+    save_model(target, build_plan(target_spec).model_dump(mode="json"), workdir / "target", tok)
+    return workdir / "target", workdir / "draft"
 
 
 def best_time(fn, repeats: int):
@@ -64,8 +90,11 @@ def best_time(fn, repeats: int):
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--target", help="an llmc checkpoint (default: a random ~30M Llama-style model)")
-    ap.add_argument("--draft", help="a draft checkpoint for speculative decoding (default: early exit)")
+    ap.add_argument("--target", help="an llmc checkpoint (default: trained here, see above)")
+    ap.add_argument("--draft", help="a draft checkpoint sharing the target's tokenizer")
+    ap.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "llmc-bench-generate"))
+    ap.add_argument("--draft-steps", type=int, default=300)
+    ap.add_argument("--target-steps", type=int, default=60)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--prompts", type=int, default=2)
@@ -87,16 +116,23 @@ def main() -> int:
     from llmc.runtime.infer.sampling import SamplingParams
     from llmc.runtime.infer.speculative import speculative_generate
 
-    tmp = Path(tempfile.mkdtemp(prefix="bench-generate-"))
-    target_path = Path(args.target) if args.target else build_target(tmp)
-    target, _, _ = load_for_inference(target_path, dtype=torch.float32)
-    draft = load_for_inference(args.draft, dtype=torch.float32)[0] if args.draft else early_exit_draft(target)
-    export_checkpoint(target_path, tmp / "hf")
-    hf = AutoModelForCausalLM.from_pretrained(tmp / "hf", dtype=torch.float32).eval()
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if args.target:
+        if not args.draft:
+            ap.error("--target needs --draft")
+        target_path, draft_path = Path(args.target), Path(args.draft)
+    else:
+        target_path, draft_path = train_pair(workdir, args.draft_steps, args.target_steps)
+    target, _, tok = load_for_inference(target_path, dtype=torch.float32)
+    draft = load_for_inference(draft_path, dtype=torch.float32)[0]
+    export_checkpoint(target_path, workdir / "hf")
+    hf = AutoModelForCausalLM.from_pretrained(workdir / "hf", dtype=torch.float32).eval()
 
-    g = torch.Generator().manual_seed(1)
-    vocab = target.cfg.vocab_size
-    prompts = [torch.randint(0, vocab, (args.prompt_len,), generator=g).tolist() for _ in range(args.prompts)]
+    text = corpus() if not args.target else None
+    held_out = tok.encode(text[int(0.9 * len(text)):]).ids if text else list(range(args.prompt_len * 50))
+    step = len(held_out) // (args.prompts + 1)
+    prompts = [held_out[i * step:i * step + args.prompt_len] for i in range(args.prompts)]
     params = SamplingParams(max_new_tokens=args.new_tokens)
     n = args.new_tokens
 
@@ -143,7 +179,9 @@ def main() -> int:
         rows.append((f"llmc int{bits} weights", speed, outs, f"{agree:.0%} of tokens as fp32"))
 
     n_params = sum(p.numel() for p in target.parameters())
-    table = Table(title=f"Decode speed: {n_params / 1e6:.1f}M-parameter model, {len(prompts)} prompts of "
+    d_params = sum(p.numel() for p in draft.parameters())
+    table = Table(title=f"Decode speed: {n_params / 1e6:.1f}M-parameter target ({d_params / 1e6:.1f}M draft), "
+                        f"{len(prompts)} prompts of "
                         f"{args.prompt_len} tokens, {n} new tokens, greedy, fp32, {args.threads} thread(s)")
     for col in ("generation", "tokens/s", "vs transformers (cache)", "same tokens as transformers", "note"):
         table.add_column(col, justify="right" if col != "generation" else "left")
