@@ -81,3 +81,11 @@ def test_generate_verb_with_a_draft_reports_acceptance(tmp_path, capsys):
     spec = json.loads(capsys.readouterr().out)
     assert spec["token_ids"] == plain["token_ids"] and spec["text"] == plain["text"]
     assert 0.0 <= spec["acceptance_rate"] <= 1.0
+
+
+def test_greedy_speculative_with_an_mla_moe_target_equals_the_target_alone():
+    target = random_model(spec_with(["model.vocab_size=512", "model.max_seq_len=128"], "tiny_moe.toml"), seed=1)
+    draft = random_model(spec_with(DRAFT), seed=2)
+    params = SamplingParams(max_new_tokens=16)
+    prompt = [5, 17, 300, 2, 9]
+    assert speculative_generate(target, draft, prompt, params, k=3).tokens == generate(target, [prompt], params)[0].tokens
