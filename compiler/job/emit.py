@@ -121,7 +121,10 @@ def compile_job(spec: Spec, out: Path, *, scheduler: str | None = None, spec_pat
     scheduler = scheduler or spec.job.scheduler
     workdir = workdir_of(spec, scheduler)
     run_dir = Path(spec.job.out_dir) / spec.job.name
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the output folder {out} ({e.strerror})") from None
     plan = plan_document(spec)
     job = CompiledJob(spec=spec, plan=plan, scheduler=scheduler, out=out, workdir=workdir,
                       plan_path=_job_relative((plan_at or out) / "plan.json", workdir),

@@ -11,6 +11,7 @@ import csv
 import functools
 import json
 import subprocess
+import time
 from typing import Any
 
 from torchx.runner import Runner
@@ -33,7 +34,24 @@ def slurm_state(text: str) -> AppState:
 
 
 class SlurmSchedulerFixed(SlurmScheduler):
-    """TorchX's Slurm scheduler, reading sacct's state words robustly (describe, list)."""
+    """TorchX's Slurm scheduler, reading sacct's state words robustly (describe, list).
+
+    `describe` answers from a one-second memory: TorchX's log followers ask for the state every
+    0.1 s while waiting for output, and each question is an sacct process competing with the job.
+    """
+
+    DESCRIBE_TTL_S = 1.0
+
+    def __init__(self, session_name: str) -> None:
+        super().__init__(session_name)
+        self._described: dict[str, tuple[float, DescribeAppResponse | None]] = {}
+
+    def describe(self, app_id: str) -> DescribeAppResponse | None:
+        now = time.monotonic()
+        cached = self._described.get(app_id)
+        if cached is None or now - cached[0] > self.DESCRIBE_TTL_S:
+            cached = self._described[app_id] = (now, self._describe_now(app_id))
+        return cached[1]
 
     def _partition_memmb(self, partition: str | None) -> int | None:
         """Memory (MB) of `partition` (or the default one); None when sinfo cannot say.
@@ -52,7 +70,7 @@ class SlurmSchedulerFixed(SlurmScheduler):
                 return int(memory.strip().rstrip("M+") or 0)
         return None
 
-    def describe(self, app_id: str) -> DescribeAppResponse | None:
+    def _describe_now(self, app_id: str) -> DescribeAppResponse | None:
         out = subprocess.run(["sacct", "--parsable2", "--noconvert", "-j", app_id,
                               "--format", "JobID,JobName,State"],
                              stdout=subprocess.PIPE, check=True, text=True).stdout
