@@ -11,6 +11,7 @@ import json
 import os
 import random
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -71,7 +72,9 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, data_
         tmp.mkdir(parents=True)
     _barrier(env)
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(tmp))
+    with warnings.catch_warnings():  # one process without a process group is a supported case, not news
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(tmp))
     torch.save({"rng": rng_state(), "data": data_state, "scheduler": scheduler.state_dict()},
                tmp / f"rank{env.rank}.pt")
     _barrier(env)
@@ -97,7 +100,9 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, env: DistEnv) -> tu
                         f"(found {env.world_size})")
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optimizer": optim_sd}
-    dcp.load(state, checkpoint_id=str(path))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(path))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     extra = torch.load(path / f"rank{env.rank}.pt", weights_only=False)
     scheduler.load_state_dict(extra["scheduler"])
