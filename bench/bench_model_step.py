@@ -87,7 +87,8 @@ def main():
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--precision", choices=["fp32", "bf16", "both"], default="both")
-    ap.add_argument("--compile", action="store_true", help="also time both models under torch.compile")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time both models with each block torch.compile'd (slow to compile on 2 cores)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -122,8 +123,10 @@ def main():
                     model.init_weights()
                 model.train()
                 opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-                run = torch.compile(model) if compiled else model
-                steps[kind] = step_fn(run, kind, tokens, labels, opt, precision)
+                if compiled:  # block by block, as llmc's trainer does (parallel.apply_compile)
+                    for block in (model.layers.values() if kind == "llmc" else model.model.layers):
+                        block.compile()
+                steps[kind] = step_fn(model, kind, tokens, labels, opt, precision)
             seconds = time_interleaved(steps, args.steps, args.warmup + (2 if compiled else 0))
             rates = {k: n_tokens / t for k, t in seconds.items()}
             del steps
