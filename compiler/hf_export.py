@@ -77,6 +77,9 @@ def _obstacles(m: ModelSpec, family: str) -> list[str]:
                 out.append("DeepSeek-V3 makes every layer after first_k_dense_replace MoE (layer_freq must be 1)")
             if moe.shared_expert_gate:
                 out.append("DeepSeek has no shared-expert gate")
+            if moe.n_groups > 1 and moe.balance != "aux_free":
+                out.append("transformers' DeepSeek-V3 ranks expert groups by their best two experts; llmc "
+                           "does so with moe.balance = 'aux_free' (and by the best one otherwise)")
             if moe.shared_expert_hidden not in (None, moe.n_shared_experts * moe.expert_hidden):
                 out.append("DeepSeek's shared expert is n_shared_experts x expert_hidden wide")
         else:
@@ -148,8 +151,7 @@ def write_config(m: ModelSpec, family: str) -> dict:
                           num_experts_per_tok=moe.top_k, moe_intermediate_size=moe.expert_hidden,
                           n_shared_experts=moe.n_shared_experts, n_group=moe.n_groups, topk_group=moe.topk_groups,
                           routed_scaling_factor=moe.routed_scaling, norm_topk_prob=moe.norm_topk,
-                          scoring_func="sigmoid", topk_method="noaux_tc" if moe.balance == "aux_free" else "greedy",
-                          moe_layer_freq=1)
+                          scoring_func="sigmoid", topk_method="noaux_tc", moe_layer_freq=1)
         if a.sparse:
             config.update(index_n_heads=a.index_n_heads, index_head_dim=a.index_head_dim, index_topk=a.index_topk)
         return config

@@ -293,20 +293,20 @@ def deepseek_v3(r: ConfigReader) -> dict:
     is_moe = [t == "sparse" for t in types] if types else [i >= first_dense for i in range(n_layers)]
     experts = r.get("n_routed_experts", 0)
     pattern = moe_pattern(r, pattern_from, is_moe) if experts else None
-    method = r.get("topk_method", "noaux_tc")
-    if method not in ("noaux_tc", "greedy", "group_limited_greedy"):
-        r.unmappable("topk_method", "llmc routes like noaux_tc (sigmoid, grouped, bias-corrected) or greedy")
-    score = r.get("scoring_func", "sigmoid")
-    if score not in ("sigmoid", "softmax"):
-        r.unmappable("scoring_func", "llmc scores routers with sigmoid or softmax")
+    # transformers' DeepSeek-V3 routes one way only: sigmoid scores, a correction bias steering the
+    # choice (noaux_tc), groups ranked by their best two experts. A config saying otherwise is not V3.
+    if r.get("topk_method", "noaux_tc") != "noaux_tc":
+        r.unmappable("topk_method", "DeepSeek-V3 routes with noaux_tc")
+    if r.get("scoring_func", "sigmoid") != "sigmoid":
+        r.unmappable("scoring_func", "DeepSeek-V3 scores experts with sigmoid")
     if pattern is not None:
         table["moe"] = {
             "n_experts": experts, "top_k": r.require("num_experts_per_tok"),
             "expert_hidden": r.require("moe_intermediate_size"), "n_shared_experts": r.get("n_shared_experts", 0),
-            "score": score if score in ("sigmoid", "softmax") else "sigmoid", "norm_topk": bool(r.get("norm_topk_prob", True)),
+            "score": "sigmoid", "norm_topk": bool(r.get("norm_topk_prob", True)),
             "n_groups": r.get("n_group", 1) or 1, "topk_groups": r.get("topk_group", 1) or 1,
             "routed_scaling": float(r.get("routed_scaling_factor", 1.0)),
-            "balance": "aux_free" if method == "noaux_tc" else "aux_loss",
+            "balance": "aux_free",
             "aux_loss_coef": float(r.get("aux_loss_alpha", 0.0001)), **pattern}
         r.get("seq_aux")
     depth = r.get("num_nextn_predict_layers", 0)
