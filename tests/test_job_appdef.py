@@ -51,7 +51,7 @@ def test_nodes_and_processes_come_from_the_plan_layout_not_the_hardware_table():
 def test_resources_from_the_hardware_table_and_job_overrides():
     # 2 nodes of 8 H100s: 8 GPUs, 8 CPUs per GPU, host memory = one device's 80 GiB per process.
     spec = ["hardware.accelerator=H100-80GB", "hardware.gpus_per_node=8", "hardware.nodes=2",
-            "train.micro_batch_size=2", "job.image=img"]
+            "train.micro_batch_size=2", "train.global_batch_size=32", "job.image=img"]
     (role,) = build_appdef(plan_of(*spec), "kubernetes", "p.json", "out").roles
     assert (role.resource.gpu, role.resource.cpu, role.resource.memMB) == (8, 64, 8 * 80 * GiB_MB)
     assert role.entrypoint == "bash" and "python" in role.args   # the image's python, not this one
@@ -75,7 +75,7 @@ def test_env_image_retries_mounts_reach_the_role():
 
 
 def test_multi_node_rendezvous_reads_rank0_host_from_the_environment(tmp_path):
-    plan = plan_of("hardware.nodes=2", "train.micro_batch_size=8")
+    plan = plan_of("hardware.nodes=2", "train.micro_batch_size=8", "train.global_batch_size=32")
     (role,) = build_appdef(plan, "slurm", "p.json", "out").roles
     assert role.entrypoint == "bash" and role.args[:2] == ["-c", RENDEZVOUS_SCRIPT]
     assert role.args[3:5] == ["${rank0_env}", "29500"]

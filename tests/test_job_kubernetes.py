@@ -16,6 +16,7 @@ from slurm.llmc_cli import TINY, handle_of, llmc
 
 # Two nodes of two CPU processes, with everything [job] can say.
 SPEC = ["--set", "hardware.nodes=2", "--set", "hardware.gpus_per_node=2", "--set", "train.micro_batch_size=8",
+        "--set", "train.global_batch_size=32",
         "--set", "job.image=registry.example/llmc:1.0", "--set", "job.queue=research",
         "--set", "job.cpus_per_node=4", "--set", "job.memory_gb_per_node=8", "--set", "job.env.FOO=bar baz",
         "--set", 'job.mounts=[{src="/mnt/shared", dst="/work"}]']
