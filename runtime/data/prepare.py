@@ -183,7 +183,12 @@ def prepare(spec, *, console: Console | None = None) -> Path:
                 console.print(f"[yellow]{source.path}: skipped {bad.total} bad records: {dict(bad.counts)}")
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
     shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    try:
+        os.replace(tmp, out)
+    except OSError:  # another process prepared the same data meanwhile: keep theirs
+        shutil.rmtree(tmp, ignore_errors=True)
+        if load_manifest(out).get("fingerprint") != fp:
+            raise
     return out
 
 
