@@ -22,10 +22,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_worker(out: Path, nproc: int, layout: dict, extra: list[str] = (), timeout: float = 240) -> list[dict]:
-    """Run the worker on `nproc` ranks (plain python for one) and return each rank's result."""
-    args = ["--spec", SPEC, "--out", str(out), "--layout", json.dumps(layout)]
-    for s in SETS:
+def run_worker(out: Path, nproc: int, layout: dict | None = None, sets: list[str] = (), extra: list[str] = (),
+               timeout: float = 300) -> list[dict]:
+    """Run the worker on `nproc` ranks (plain python for one) and return each rank's result.
+
+    Without `layout` the worker takes the planner's layout for the spec with `sets` (e.g.
+    "parallel.dp=2"); with it, that layout directly."""
+    args = ["--spec", SPEC, "--out", str(out)]
+    if layout is not None:
+        args += ["--layout", json.dumps(layout)]
+    for s in [*SETS, *sets]:
         args += ["--set", s]
     args += list(extra)
     if nproc == 1:

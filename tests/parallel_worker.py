@@ -23,8 +23,9 @@ def parse():
     ap = argparse.ArgumentParser()
     ap.add_argument("--spec", required=True)
     ap.add_argument("--set", action="append", default=[])
-    ap.add_argument("--layout", default="{}", help="JSON overrides of the layout (dp, tp, pp, ep, zero, ...)")
+    ap.add_argument("--layout", default=None, help="JSON layout (dp, tp, pp, ep, zero, ...) instead of the plan's")
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--start-step", type=int, default=0, help="first step of the data stream (after a resume)")
     ap.add_argument("--micro", type=int, default=2, help="micro-batch size")
     ap.add_argument("--n-micro", type=int, default=4, help="micro-batches in the global batch")
     ap.add_argument("--seq", type=int, default=16)
@@ -43,11 +44,22 @@ def main():
         parallelize, reduce_expert_counts
 
     init_distributed(timeout_s=120)
-    spec = load_spec(args.spec, args.set)
     world = dist.get_world_size() if dist.is_initialized() else 1
-    lay = {"world_size": world, "dp": world, **json.loads(args.layout)}
-    layout = Layout(**lay)
-    layout.check()
+    plan_memory = None
+    if args.layout is None:  # the planner's layout for these degrees, as a job would run it
+        from llmc.compiler.plan import build_plan
+        sets = [*args.set, f"hardware.gpus_per_node={world}", "train.precision=fp32",
+                f"train.micro_batch_size={args.micro}", f"train.global_batch_size={args.micro * args.n_micro}",
+                f"train.seq_len={args.seq}"]
+        spec = load_spec(args.spec, sets)
+        plan = build_plan(spec).model_dump(mode="json")
+        layout, plan_memory = Layout.from_plan(plan), plan["memory"]["train"]
+        lay = plan["layout"]
+    else:
+        spec = load_spec(args.spec, args.set)
+        lay = {"world_size": world, "dp": world, **json.loads(args.layout)}
+        layout = Layout(**lay)
+        layout.check()
     pdims = build_mesh(layout)
     rank = dist.get_rank() if dist.is_initialized() else 0
 
@@ -56,7 +68,8 @@ def main():
     model.init_weights()
     g = torch.Generator().manual_seed(1)
     V = spec.model.vocab_size
-    stream = torch.randint(0, V, (args.steps, args.n_micro, args.micro, args.seq + 1), generator=g)
+    stream = torch.randint(0, V, (args.start_step + args.steps, args.n_micro, args.micro, args.seq + 1), generator=g)
+    stream = stream[args.start_step:]
 
     pipe = None
     if layout.pp > 1:
@@ -73,7 +86,7 @@ def main():
 
     if args.load_dcp:
         from llmc.runtime.parallel.checkpoint import load_train_state
-        load_train_state(args.load_dcp, raw, opt)
+        load_train_state(args.load_dcp, wrapped[0], opt)
 
     accum = args.n_micro // layout.dp
     d = pdims.dp_rank
@@ -115,9 +128,9 @@ def main():
         state.update({k: v.detach().clone() for k, v in sd.items()})
     if args.save_dcp:
         from llmc.runtime.parallel.checkpoint import save_train_state
-        save_train_state(args.save_dcp, raw, opt)
+        save_train_state(args.save_dcp, wrapped[0], opt)
     os.makedirs(args.out, exist_ok=True)
-    torch.save({"losses": losses, "state": state, "bytes": measured, "layout": lay},
+    torch.save({"losses": losses, "state": state, "bytes": measured, "layout": lay, "plan_memory": plan_memory},
                os.path.join(args.out, f"rank{rank}.pt"))
     if dist.is_initialized():
         dist.barrier()

@@ -1,46 +1,58 @@
-"""Invariant 6: every parallel layout trains exactly like one process over the same global batch.
+"""Invariant 6: every parallel layout trains exactly like one process over the same global batch,
+and holds exactly the model-state bytes the plan says.
 
-Each layout runs tests/parallel_worker.py through torchrun (gloo, CPU) on tiny_moe (MLA + MoE
-with a shared expert + MTP, aux-free routing bias plus balance loss): 3 AdamW steps with
-gradient clipping over 4 micro-batches of 2 x 16 tokens. The losses of every step and every
-weight (and routing-bias buffer) afterwards must equal the single-process run's to 1e-5
-relative in fp32.
+Each layout is planned by `build_plan` (degrees fixed with --set parallel.X=N, as a user would)
+and run by tests/parallel_worker.py through torchrun (gloo, CPU) on tiny_moe (MLA + MoE with a
+shared expert + MTP, aux-free routing bias plus balance loss): 3 AdamW steps with gradient
+clipping over a global batch of 4 micro-batches of 2 x 16 tokens. The losses of every step and
+every weight (and routing-bias buffer) afterwards must equal the single-process run's to 1e-5
+relative in fp32. The weights / gradients / optimizer bytes each rank holds, counted from its
+local shards, must equal the plan's figures for the most loaded device.
 """
 
 import pytest
 
 from parallel_helpers import merged_state, relative_error, run_worker
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = pytest.mark.timeout(900)
 
-STAGES_2 = [[0, 1], [2, 3]]
+
+def degrees(dp=1, tp=1, pp=1, ep=1, zero=0, **extra) -> list[str]:
+    sets = [f"parallel.dp={dp}", f"parallel.tp={tp}", f"parallel.pp={pp}", f"parallel.ep={ep}", f"parallel.zero={zero}"]
+    return sets + [f"parallel.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in extra.items()]
+
+
+NO_SP = {"sequence_parallel": False}
 LAYOUTS = {
-    "dp2_ddp": (2, {"dp": 2, "zero": 0}),
-    "dp2_fsdp": (2, {"dp": 2, "zero": 3}),
-    "dp2_zero2": (2, {"dp": 2, "zero": 2}),
-    "ep2": (2, {"dp": 2, "ep": 2, "zero": 0}),
-    "ep2_fsdp": (2, {"dp": 2, "ep": 2, "zero": 3}),
-    "pp2_1f1b": (2, {"dp": 1, "pp": 2, "stages": STAGES_2, "pp_schedule": "1f1b"}),
-    "pp2_gpipe": (2, {"dp": 1, "pp": 2, "stages": STAGES_2, "pp_schedule": "gpipe"}),
-    "pp2_interleaved": (2, {"dp": 1, "pp": 2, "stages": [[0], [1], [2], [3]], "pp_schedule": "interleaved",
-                            "pp_virtual_stages": 2}),
-    "tp2": (2, {"dp": 1, "tp": 2, "sequence_parallel": False}),
-    "tp2_sp": (2, {"dp": 1, "tp": 2, "sequence_parallel": True}),
-    "dp2_x_ep2": (4, {"dp": 4, "ep": 2, "zero": 0}),   # ep groups {0,1},{2,3}; expert grads over edp {0,2},{1,3}
-    "dp2_x_pp2": (4, {"dp": 2, "pp": 2, "stages": STAGES_2}),
-    "dp2_x_pp2_fsdp": (4, {"dp": 2, "pp": 2, "zero": 3, "stages": STAGES_2}),
+    "dp2_ddp": (2, degrees(dp=2, zero=0)),
+    "dp2_fsdp": (2, degrees(dp=2, zero=3)),
+    "dp2_zero2": (2, degrees(dp=2, zero=2)),
+    "ep2": (2, degrees(dp=2, ep=2)),
+    "ep2_fsdp": (2, degrees(dp=2, ep=2, zero=3)),
+    "pp2_1f1b": (2, degrees(pp=2, pp_schedule="1f1b")),
+    "pp2_gpipe": (2, degrees(pp=2, pp_schedule="gpipe")),
+    "pp2_interleaved": (2, degrees(pp=2, pp_schedule="interleaved", pp_virtual_stages=2)),
+    "tp2": (2, degrees(tp=2, sequence_parallel=False)),
+    "tp2_sp": (2, degrees(tp=2, sequence_parallel=True)),
+    "dp2_x_ep2": (4, degrees(dp=4, ep=2)),   # ep groups {0,1},{2,3}; expert gradients over edp {0,2},{1,3}
+    "dp2_x_pp2": (4, degrees(dp=2, pp=2)),
+    "dp2_x_pp2_fsdp": (4, degrees(dp=2, pp=2, zero=3)),
 }
+
+# Layouts whose measured model states are not the plan's figures, and why (see the report):
+#   zero 1/2 run as FSDP2 without resharding after forward: weights are sharded at rest;
+#   TP keeps norms, MoE layers and MLA's down-projections replicated, the plan divides whole blocks;
+#   PP with MTP keeps a copy of the embedding on the last stage, which the plan does not count.
+MEMORY_DIFFERS = {"dp2_zero2", "tp2", "tp2_sp", "pp2_1f1b", "pp2_gpipe", "pp2_interleaved", "dp2_x_pp2",
+                  "dp2_x_pp2_fsdp"}
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    return run_worker(tmp_path_factory.mktemp("ref"), 1, {"world_size": 1, "dp": 1})[0]
+    return run_worker(tmp_path_factory.mktemp("ref"), 1, sets=degrees())[0]
 
 
-@pytest.mark.parametrize("name", list(LAYOUTS))
-def test_layout_matches_single_process(name, reference, tmp_path):
-    nproc, layout = LAYOUTS[name]
-    results = run_worker(tmp_path, nproc, {"world_size": nproc, **layout})
+def assert_same_training(results, reference):
     for r in results:
         for got, want in zip(r["losses"], reference["losses"]):
             assert abs(got - want) <= 1e-5 * abs(want), (r["losses"], reference["losses"])
@@ -49,5 +61,29 @@ def test_layout_matches_single_process(name, reference, tmp_path):
     errors = {k: relative_error(state[k], v) for k, v in reference["state"].items()}
     worst = max(errors, key=errors.get)
     assert errors[worst] <= 1e-5, (worst, errors[worst])
-    # the run moved the weights (a layout that skipped the update would not pass unnoticed)
-    assert reference["losses"][0] != reference["losses"][-1]
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_layout_matches_single_process(name, reference, tmp_path):
+    nproc, sets = LAYOUTS[name]
+    results = run_worker(tmp_path, nproc, sets=sets)
+    assert results[0]["layout"]["world_size"] == nproc
+    assert_same_training(results, reference)
+    if name not in MEMORY_DIFFERS:
+        plan = results[0]["plan_memory"]
+        most_loaded = {k: max(r["bytes"][k] for r in results) for k in ("weights", "gradients", "optimizer")}
+        assert most_loaded == {k: plan[k] for k in most_loaded}
+
+
+def test_pipeline_model_states_match_plan_without_mtp(tmp_path):
+    """With no MTP the last stage needs no embedding copy: measured bytes = the plan's."""
+    results = run_worker(tmp_path, 2, sets=degrees(pp=2) + ["model.mtp.depth=0"])
+    plan = results[0]["plan_memory"]
+    most_loaded = {k: max(r["bytes"][k] for r in results) for k in ("weights", "gradients", "optimizer")}
+    assert most_loaded == {k: plan[k] for k in most_loaded}
+
+
+def test_reference_trains(reference):
+    """The single-process reference itself moves: its loss changes from step to step."""
+    losses = reference["losses"]
+    assert len(set(losses)) == len(losses)

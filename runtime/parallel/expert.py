@@ -121,9 +121,9 @@ def apply_ep(model: nn.Module, pdims) -> nn.Module:
             local.register_hook(_reduce_grad_hook(edp_group, layout.dp))
             setattr(experts, name, local)
         experts._llmc_ep, experts._llmc_ep_rank = ep, ep_rank
-        experts._llmc_ep_group = ep_mesh.get_group()
+        experts._llmc_ep_group, experts._llmc_ep_mesh = ep_mesh.get_group(), ep_mesh
         experts.register_forward_pre_hook(_dispatch_hook)
         experts.register_forward_hook(_combine_hook)
         experts._register_state_dict_hook(_as_dtensor_hook(ep_mesh))
-        experts._register_load_state_dict_pre_hook(_from_global_hook)
+        experts._register_load_state_dict_pre_hook(_from_global_hook, with_module=True)
     return model
