@@ -118,8 +118,8 @@ class Trainer:
             check_resumable(ckpt, plan)
             self.step, data_state = load_checkpoint(ckpt, self.model, self.optimizer, self.scheduler, env)
             self.data.load_state_dict(data_state)
-            if env.is_main:
-                truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
+        if env.is_main:  # records past the starting step belong to a run that is being redone
+            truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
         self.val_batches = self.data.val_batches(self.t.eval_batches)
         self.flops_per_token = flops_per_token(plan)
         self.peak = peak_flops(plan) * env.world_size
