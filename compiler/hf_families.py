@@ -56,6 +56,9 @@ class ConfigReader:
 
     def finish(self) -> None:
         """Raise UserError with every unmappable field; warn about keys nobody read."""
+        quantisation = self.get("quantization_config")
+        if quantisation and quantisation.get("quant_method") != "fp8":
+            self.lossy("quantization_config", "the architecture is imported; weights quantised this way are not")
         ignored = sorted(k for k in self.config if k not in self.used)
         if ignored:
             self.warnings.append(f"fields not represented in the llmc spec, ignored: {', '.join(ignored)}")

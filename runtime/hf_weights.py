@@ -147,7 +147,8 @@ class Adapter:
 class HFCheckpoint:
     """The safetensors of a HF model folder, sharded (model.safetensors.index.json) or not, read lazily."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, fp8_block: tuple[int, int] = (128, 128)):
+        self.fp8_block = fp8_block
         index = folder / "model.safetensors.index.json"
         if index.is_file():
             weight_map = json.loads(index.read_text())["weight_map"]
@@ -173,19 +174,33 @@ class HFCheckpoint:
         short = name.removeprefix("transformer.")
         return short if short in self.file_of else None
 
-    def get(self, name: str) -> torch.Tensor:
+    def _read(self, name: str) -> torch.Tensor:
         file = self.file_of[name]
         if file not in self._open:
             self._open[file] = safe_open(str(file), "pt")
         return self._open[file].get_tensor(name)
 
+    def get(self, name: str) -> torch.Tensor:
+        """The tensor `name`; fp8 weights with a `name_scale_inv` beside them come back dequantised."""
+        t = self._read(name)
+        if f"{name}_scale_inv" in self.file_of:
+            t = dequantise_fp8(t, self._read(f"{name}_scale_inv"), self.fp8_block)
+        return t
+
+
+def dequantise_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """DeepSeek's fp8 release format: each block x block tile of `weight` times its scale, in bf16."""
+    rows, cols = weight.shape
+    scale = scale_inv.float().repeat_interleave(block[0], dim=0)[:rows].repeat_interleave(block[1], dim=1)[:, :cols]
+    return (weight.float() * scale).to(torch.bfloat16)
+
 
 def convert_state(checkpoint: HFCheckpoint, adapter: Adapter, names: list[str]) -> tuple[dict, list[str]]:
     """llmc tensors `names` from the checkpoint; and warnings about HF tensors left unused."""
-    quantised = [n for n in checkpoint.names() if n.endswith(("_scale_inv", ".qweight", ".scales"))]
+    quantised = [n for n in checkpoint.names() if n.endswith((".qweight", ".scales", ".qzeros", ".absmax"))]
     if quantised:
         raise UserError(f"the checkpoint holds quantised weights (e.g. {quantised[0]}); llmc imports "
-                        "bf16/fp16/fp32 weights: dequantise it first")
+                        "bf16/fp16/fp32 weights and DeepSeek's block-wise fp8: dequantise it first")
     state, missing, used = {}, [], set()
     for name in names:
         sources = [checkpoint.resolve(n) or n for n in adapter.hf_names(name)]
@@ -193,7 +208,7 @@ def convert_state(checkpoint: HFCheckpoint, adapter: Adapter, names: list[str]) 
         if absent:
             missing += absent
             continue
-        used.update(sources)
+        used.update(sources + [f"{n}_scale_inv" for n in sources])
         state[name] = adapter.to_llmc(name, [checkpoint.get(n) for n in sources])
     if missing:
         shown = ", ".join(missing[:6]) + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")
@@ -221,7 +236,8 @@ def import_checkpoint(folder: Path, out: Path, imported) -> None:
     from .model import Transformer
     from .model.io import save_model
 
-    checkpoint = HFCheckpoint(Path(folder))
+    quantisation = imported.hf.get("quantization_config") or {}
+    checkpoint = HFCheckpoint(Path(folder), tuple(quantisation.get("weight_block_size", (128, 128))))
     m = imported.model
     if m.mtp.depth and checkpoint.resolve(f"model.layers.{m.n_layers}.eh_proj.weight") is None:
         print(f"warning: the checkpoint has no MTP weights (model.layers.{m.n_layers}.*): imported with "

@@ -180,7 +180,7 @@ def test_quantised_checkpoint_is_refused(tmp_path):
     reference.save_pretrained(tmp_path / "hf")
     file = tmp_path / "hf" / "model.safetensors"
     state = safetensors_torch.load_file(str(file))
-    state["model.layers.0.mlp.up_proj.weight_scale_inv"] = torch.ones(1)
+    state["model.layers.0.mlp.up_proj.qweight"] = torch.ones(1, dtype=torch.int32)  # GPTQ-style
     safetensors_torch.save_file(state, str(file), metadata={"format": "pt"})
     config, folder = read_config(tmp_path / "hf")
     with pytest.raises(UserError, match="quantised"):
@@ -227,3 +227,31 @@ def test_deepseek_rotate_half_checkpoint(tokens, tmp_path):
     assert llmc(["import", "hf", str(tmp_path / "hf"), "-o", str(tmp_path / "llmc")]) == 0
     model, _, _ = load_model(tmp_path / "llmc")
     torch.testing.assert_close(logits(model.eval(), tokens), logits(reference, tokens), atol=1e-4, rtol=0)
+
+
+def test_fp8_block_quantised_checkpoint(tmp_path):
+    """DeepSeek releases fp8 weights with one scale per block x block tile (`weight_scale_inv`):
+    import dequantises them (to bf16)."""
+    reference = hf_model("llama")
+    reference.save_pretrained(tmp_path / "hf")
+    file = tmp_path / "hf" / "model.safetensors"
+    state = safetensors_torch.load_file(str(file))
+    block = 32
+    expected = {}
+    for name in [n for n, t in state.items() if t.dim() == 2 and ".layers." in n]:
+        w = state[name]
+        rows, cols = w.shape
+        tiles = w.reshape(rows // block, block, cols // block, block)
+        scale = tiles.abs().amax(dim=(1, 3)) / 448.0  # e4m3's largest value
+        q = (tiles / scale[:, None, :, None]).to(torch.float8_e4m3fn)
+        state[name] = q.reshape(rows, cols)
+        state[name + "_scale_inv"] = scale
+        expected[name] = (q.float() * scale[:, None, :, None]).reshape(rows, cols).to(torch.bfloat16)
+    safetensors_torch.save_file(state, str(file), metadata={"format": "pt"})
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [block, block]}
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    assert llmc(["import", "hf", str(tmp_path / "hf"), "-o", str(tmp_path / "llmc")]) == 0
+    stored = safetensors_torch.load_file(str(tmp_path / "llmc" / "model.safetensors"))
+    assert torch.equal(stored["layers.1.ffn.w3.weight"], expected["model.layers.1.mlp.up_proj.weight"])
+    assert torch.equal(stored["layers.0.attn.wq.weight"], expected["model.layers.0.self_attn.q_proj.weight"])
