@@ -15,7 +15,7 @@ from llmc.runtime.infer.sampling import SamplingParams
 from test_infer_checkpoints import one_thread, DENSE, GPT2, MIXTRAL, QWEN, checkpoint, random_model, spec_with  # noqa: F401
 
 
-PROMPTS = [[5, 17, 300, 2, 9, 41, 7], [88, 3], [1] * 12 + [250, 251], [400]]
+PROMPTS = [[5, 17, 300, 2, 9, 41, 7], [88, 0, 3], [1] * 12 + [250, 251], [400]]   # 0 is also the padding id
 
 
 @pytest.fixture(scope="module", params=["llama", "gpt2", "qwen", "mixtral"])
@@ -43,7 +43,7 @@ def test_each_row_of_a_batch_equals_its_prompt_alone(model):
         alone = generate(model, [prompt], greedy, keep_logits=True)[0]
         assert row.tokens == alone.tokens
         assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(row.logits, alone.logits))
-    sampled = SamplingParams(max_new_tokens=10, temperature=1.0, seed=11)
+    sampled = SamplingParams(max_new_tokens=10, temperature=1.0, seed=11, repetition_penalty=1.5)
     batch = generate(model, PROMPTS, sampled)
     assert [r.tokens for r in batch] == [generate(model, [p], sampled)[0].tokens for p in PROMPTS]
 

@@ -89,7 +89,8 @@ def generate(model, prompts: list[list[int]], params: SamplingParams, tokenizer=
     lengths = real.sum(1)
     cache = build_cache(model, B, tokens.shape[1] + max_new, dtype=cache_dtype, index_fp8=index_fp8)
     seen = seen_tokens(B, model.cfg.vocab_size, device)
-    seen.scatter_(1, tokens, real)
+    for b, p in enumerate(prompts):       # the prompt's own tokens count as seen, padding does not
+        seen[b, torch.tensor(p, device=device)] = True
     generators = None if params.greedy else make_generators(B, params.seed)
     streams = [TextStream(tokenizer, params.stop_strings) if tokenizer is not None else None for _ in range(B)]
     stop_ids = torch.tensor(sorted(set(params.stop_tokens)), dtype=torch.long, device=device)
