@@ -49,3 +49,12 @@ def test_status_logs_list_from_another_process(local_run):
     assert listing.returncode == 0 and f"{handle}\tSUCCEEDED" in listing.stdout
     cancel = llmc("cancel", handle, cwd=cwd)
     assert cancel.returncode == 1 and "is not running" in cancel.stderr
+
+
+def test_a_failing_job_ends_failed_with_its_error_shown(tmp_path):
+    result = llmc("run", TINY, "--set", 'data.sources=[{path="/nonexistent/corpus.txt"}]', cwd=tmp_path)
+    assert result.returncode == 1
+    handle = handle_of(result.stdout, "local_cwd")
+    assert f"{handle}: finished FAILED" in result.stdout
+    assert "/nonexistent/corpus.txt: file not found" in result.stdout   # the job's own message, followed
+    assert llmc("status", handle, cwd=tmp_path).stdout.strip() == f"{handle}: FAILED"
