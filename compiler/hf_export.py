@@ -87,8 +87,6 @@ def _obstacles(m: ModelSpec, family: str) -> list[str]:
                 out.append(f"{family} routes by softmax, without groups or routed_scaling")
             if family == "mixtral" and (not moe.norm_topk or moe.first_dense_layers or moe.layer_freq != 1):
                 out.append("mixtral renormalises the top-k weights and makes every layer MoE")
-            if family == "qwen2_moe" and moe.n_shared_experts != 1 and moe.shared_expert_hidden is None:
-                out.append("qwen2_moe has exactly one shared expert (give shared_expert_hidden)")
             if family == "qwen2_moe" and not moe.shared_expert_gate:
                 out.append("qwen2_moe gates its shared expert (shared_expert_gate must be true)")
     if m.mtp.depth and not family.startswith("deepseek"):

@@ -258,8 +258,10 @@ def qwen2_moe(r: ConfigReader) -> dict:
     sliding_window(r, "use_sliding_window")
     table = _qwen_moe(r, table)
     shared = r.get("shared_expert_intermediate_size", 0)
-    if shared and "moe" in table:
-        table["moe"].update(n_shared_experts=1, shared_expert_hidden=shared, shared_expert_gate=True)
+    if "moe" in table:  # Qwen2-MoE always builds the gate, even around a zero-width shared expert
+        table["moe"]["shared_expert_gate"] = True
+        if shared:
+            table["moe"].update(n_shared_experts=1, shared_expert_hidden=shared)
     return table
 
 
