@@ -130,7 +130,8 @@ class Trainer:
         env, model = self.env, self.model
         micro = self.data.next_step()
         counts = [int((labels != -100).sum()) for _, labels in micro]
-        n_global = all_reduce_sum(torch.tensor(float(sum(counts)), dtype=torch.float64), env).item()
+        n_local = torch.tensor(float(sum(counts)), dtype=torch.float64, device=env.device)
+        n_global = all_reduce_sum(n_local, env).item()  # target tokens of the whole global batch
         dp = self.layout["dp"]
         sums = torch.zeros(3, dtype=torch.float64)  # lm loss x targets, aux, mtp
         expert_counts = None
