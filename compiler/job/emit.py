@@ -15,6 +15,7 @@ from importlib import resources
 from pathlib import Path
 
 import jinja2
+import yaml   # TorchX's own dependency
 from torchx import specs
 from torchx.schedulers.kubernetes_scheduler import sanitize_for_serialization
 
@@ -85,7 +86,6 @@ def _render_request(runner, job: CompiledJob, scheduler: str) -> str:
     if scheduler == "slurm":
         return info.request.materialize()
     if scheduler == "kubernetes":
-        import yaml  # TorchX's own dependency
         return yaml.safe_dump(sanitize_for_serialization(info.request.resource), sort_keys=False)
     return str(info) + "\n"
 
@@ -102,8 +102,7 @@ def render_job_card(job: CompiledJob, spec_path: str, overrides: list[str]) -> s
         job=job, spec=job.spec, plan=job.plan, layout=layout, full_layout=job.plan["layout"],
         resources=node_resources(job.spec, layout),
         run_command=shlex.join(run),
-        node_command=shlex.join([role.entrypoint] + role.args),
-        schedulers=SCHEDULERS, request_files=REQUEST_FILES)
+        node_command=shlex.join([role.entrypoint] + role.args))
 
 
 def plan_document(spec: Spec) -> dict:
