@@ -98,3 +98,16 @@ def test_stream_cuts_at_a_stop_string_spanning_tokens():
     emitted += stream.finish()
     assert stream.stopped
     assert emitted == stream.text == "你好，"
+
+
+def test_stream_after_a_prompt_keeps_sentencepiece_leading_spaces():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    tok.train_from_iterator(["hello world this is a test of the metaspace tokenizer"] * 20,
+                            trainers.BpeTrainer(vocab_size=80, show_progress=False))
+    prompt = tok.encode("hello world").ids
+    new = tok.encode("hello world this is a test").ids[len(prompt):]
+    stream = TextStream(tok, prompt_ids=prompt)
+    text = "".join(stream.push(i) for i in new) + stream.finish()
+    assert text == " this is a test"

@@ -92,7 +92,8 @@ def generate(model, prompts: list[list[int]], params: SamplingParams, tokenizer=
     for b, p in enumerate(prompts):       # the prompt's own tokens count as seen, padding does not
         seen[b, torch.tensor(p, device=device)] = True
     generators = None if params.greedy else make_generators(B, params.seed)
-    streams = [TextStream(tokenizer, params.stop_strings) if tokenizer is not None else None for _ in range(B)]
+    streams = [TextStream(tokenizer, params.stop_strings, prompt_ids=p) if tokenizer is not None else None
+               for p in prompts]
     stop_ids = torch.tensor(sorted(set(params.stop_tokens)), dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
 

@@ -21,6 +21,9 @@ def raw_tokenizer(tokenizer) -> Tokenizer:
     raise TypeError(f"not a tokenizers.Tokenizer or a wrapper of one: {type(tokenizer).__name__}")
 
 
+CONTEXT_TOKENS = 8
+
+
 class TextStream:
     """Turns a row's new token ids into text, chunk by chunk.
 
@@ -29,9 +32,13 @@ class TextStream:
     emitted so far, cut before the stop string.
     """
 
-    def __init__(self, tokenizer, stop_strings: tuple[str, ...] = (), skip_special_tokens: bool = True):
+    def __init__(self, tokenizer, stop_strings: tuple[str, ...] = (), skip_special_tokens: bool = True,
+                 prompt_ids: list[int] | None = None):
         self.tokenizer = raw_tokenizer(tokenizer)
-        self.decoder = DecodeStream(skip_special_tokens=skip_special_tokens)
+        # The prompt's last tokens are context, not output: SentencePiece-style decoders drop the
+        # leading space of a sequence's first word, which the new text is not.
+        context = [int(i) for i in prompt_ids[-CONTEXT_TOKENS:]] if prompt_ids else None
+        self.decoder = DecodeStream(ids=context, skip_special_tokens=skip_special_tokens)
         self.stop_strings = tuple(s for s in stop_strings if s)
         self.hold = max((len(s) for s in self.stop_strings), default=1) - 1
         self.pending = ""        # decoded but not yet emitted (might begin a stop string)
