@@ -133,8 +133,10 @@ def test_deepseek_v3_classic_layout():
     assert (m.rope.scaling, m.rope.factor, m.rope.original_max_seq_len, m.rope.mscale_all_dim) == ("yarn", 40.0, 4096, 1.0)
     assert (m.moe.n_groups, m.moe.topk_groups, m.moe.routed_scaling, m.moe.balance) == (8, 4, 2.5, "aux_free")
     assert m.mtp.depth == 1 and m.moe.first_dense_layers == 3
-    # the fp8 quantisation of the released weights is not part of the architecture: warned, not mapped
-    assert any("quantization_config" in w for w in imported.warnings)
+    # the fp8 release is dequantised by the weight import; other quantisations are warned about
+    assert not any("quantization_config" in w for w in imported.warnings)
+    gptq = dict(DEEPSEEK_V3, quantization_config={"quant_method": "gptq", "bits": 4})
+    assert any("quantization_config" in w for w in hf_to_model(gptq).warnings)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         reference = hf_param_count(transformers.DeepseekV3Config(**{k: v for k, v in DEEPSEEK_V3.items()
