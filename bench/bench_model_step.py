@@ -135,7 +135,7 @@ def main():
             table.add_row(precision, "yes" if compiled else "no", f"{rates['llmc']:,.0f}", f"{rates['hf']:,.0f}",
                           f"{rates['llmc'] / rates['hf']:.2f}x", f"{flops / 1e9:,.1f}",
                           f"{100 * flops / peaks[precision]:.0f}%", f"{100 * hf_flops / peaks[precision]:.0f}%")
-    Console().print(table)
+    Console(width=140).print(table)
     for p, peak in peaks.items():
         print(f"measured torch.mm peak ({p}, 2048^3): {peak / 1e9:,.1f} GFLOP/s")
 
