@@ -89,8 +89,6 @@ def _obstacles(m: ModelSpec, family: str) -> list[str]:
                 out.append("mixtral renormalises the top-k weights and makes every layer MoE")
             if family == "qwen2_moe" and not moe.shared_expert_gate:
                 out.append("qwen2_moe gates its shared expert (shared_expert_gate must be true)")
-    if m.mtp.depth and not family.startswith("deepseek"):
-        out.append(f"{family} has no multi-token prediction (mtp.depth must be 0)")
     return out
 
 
