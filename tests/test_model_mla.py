@@ -171,7 +171,7 @@ def test_indexer_selection_by_hand():
         score = [float(sum(w[0, t, h] * torch.relu(q[0, t, h] @ k[0, s]) for h in range(2))) for s in range(t + 1)]
         for s in sorted(range(t + 1), key=lambda s: -score[s])[:4]:  # ties (relu zeros): earlier key first
             keep[0, t, s] = True
-    torch.testing.assert_close(idx(x, q_latent, cos, sin), keep, atol=0, rtol=0)
+    torch.testing.assert_close(idx(x, q_latent, cos, sin)[0], keep, atol=0, rtol=0)
     assert keep[0, 8].sum() == 4
     torch.testing.assert_close(attn(x, cos, sin), mla_reference(attn, x, cos, sin, keep), atol=1e-5, rtol=1e-5)
 
@@ -220,3 +220,45 @@ def test_deepseek_style_forward_backward(dtype):
     out.loss.backward()
     grads = [p.grad for n, p in m.named_parameters() if ".indexer." not in n]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_indexer_alignment_loss_by_hand_and_only_trains_the_indexer():
+    m = build(attention=SPARSE)
+    tokens = torch.randint(0, 61, (1, 7))
+    out = m(tokens, tokens.roll(-1, 1))
+    assert out.indexer_loss is not None
+    torch.testing.assert_close(out.loss, out.lm_loss + out.indexer_loss)
+
+    # layer 0 by hand: p = main attention summed over heads and renormalised on the kept keys,
+    # loss = mean_t sum_s p log(p / softmax_kept(I))
+    attn = m.layers["0"].attn
+    x = m.layers["0"].attn_norm(m.embed(tokens))
+    cos, sin = rope_cos_sin(torch.arange(7), m.inv_freq)
+    with torch.no_grad():
+        q_latent = attn.q_norm(attn.wq_a(x))
+        keep, score = attn.indexer(x, q_latent, cos, sin)
+        q = attn.wq_b(q_latent).view(1, 7, 3, 10)
+        latent, kr = attn.wkv_a(x).split([10, 4], -1)
+        kv = attn.wkv_b(attn.kv_norm(latent)).view(1, 7, 3, 11)
+        kr = apply_rope(kr[:, :, None], cos, sin)[:, :, 0]
+        total = 0.0
+        for t in range(7):
+            kept = keep[0, t].nonzero().flatten().tolist()
+            p = torch.zeros(len(kept))
+            for h in range(3):
+                qh = torch.cat((q[0, t, h, :6], apply_rope(q[:, t:t + 1, h:h + 1, 6:], cos[t:t + 1], sin[t:t + 1]).flatten()))
+                s = torch.stack([qh @ torch.cat((kv[0, j, h, :6], kr[0, j])) for j in kept]) * attn.scale
+                p += s.softmax(0)
+            p = p / p.sum()
+            log_q = score[0, t, kept].log_softmax(0)
+            total += (p * (p.log() - log_q)).sum()
+    layer0 = m.layers["0"].attn.indexer.last_loss
+    torch.testing.assert_close(layer0, total / 7, atol=1e-5, rtol=1e-4)
+
+    m.zero_grad()
+    out.indexer_loss.backward()
+    for name, p in m.named_parameters():
+        if ".indexer." not in name:  # the alignment loss reaches nothing but the indexers
+            assert p.grad is None or p.grad.abs().sum() == 0, name
+    for layer in m.layers.values():
+        assert layer.attn.indexer.wq_b.weight.grad.abs().sum() > 0

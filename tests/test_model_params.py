@@ -16,7 +16,7 @@ SPECS = sorted((Path(__file__).resolve().parent.parent / "specs").glob("*.toml")
 @pytest.mark.parametrize("path", SPECS, ids=lambda p: p.stem)
 def test_model_parameters_equal_plan(path):
     spec = load_spec(path)
-    params = build_plan(spec).model_dump(mode="json")["params"]
+    params = build_plan(spec, strict=False).model_dump(mode="json")["params"]  # params need no layout
     with torch.device("meta"):
         model = Transformer(spec.model)
     assert count_by_component(model) == params["components"]

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import causal_keep
+from .indexer import Indexer, alignment_loss
 from .norm import build_norm
 from .rope import apply_rope, softmax_scale_factor
 
@@ -51,7 +52,6 @@ class MLA(nn.Module):
         self.wo = nn.Linear(H * self.v_dim, d, bias=cfg.out_bias)
         self.scale = self.qk_dim ** -0.5 * softmax_scale_factor(cfg.rope)
         if a.sparse:
-            from .indexer import Indexer
             self.indexer = Indexer(cfg)
         else:
             self.indexer = None
@@ -66,16 +66,17 @@ class MLA(nn.Module):
         latent = self.kv_norm(latent)
         k_rope = apply_rope(k_rope.unsqueeze(2), cos, sin).squeeze(2)
 
-        keep = None  # [B, T, S] keys each query may see, from the sparse indexer
+        keep = score = None  # [B, T, S] keys each query may see and their index scores
         if self.indexer is not None:
-            keep = self.indexer(x, q_latent, cos, sin, cache=cache, start_pos=start_pos)
+            keep, score = self.indexer(x, q_latent, cos, sin, cache=cache, start_pos=start_pos)
+            self.indexer.last_loss = None
         if cache is not None:
             out = self._absorbed(q_nope, q_rope, latent, k_rope, cache, start_pos, keep)
         else:
-            out = self._dense(q_nope, q_rope, latent, k_rope, keep)
+            out = self._dense(q_nope, q_rope, latent, k_rope, keep, score)
         return self.wo(out.reshape(B, T, self.n_heads * self.v_dim))
 
-    def _dense(self, q_nope, q_rope, latent, k_rope, keep):
+    def _dense(self, q_nope, q_rope, latent, k_rope, keep, score=None):
         """Training / no-cache path: materialise per-head k, v and run SDPA. Returns [B, T, H, v_dim]."""
         B, T, H, _ = q_nope.shape
         kv = self.wkv_b(latent).view(B, T, H, self.nope_dim + self.v_dim)
@@ -87,6 +88,8 @@ class MLA(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None], scale=self.scale)
+            if torch.is_grad_enabled():  # train the indexer towards this attention
+                self.indexer.last_loss = alignment_loss(q.detach(), k.detach(), self.scale, score, keep)
         return out.transpose(1, 2)
 
     def _absorbed(self, q_nope, q_rope, latent, k_rope, cache, start_pos, keep):

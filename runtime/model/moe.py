@@ -104,7 +104,9 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x_sorted: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         """x_sorted [M, D], rows grouped by expert in id order; tokens_per_expert [E] sums to M."""
-        if self.use_grouped_mm and self.b1 is None:
+        # torch._grouped_mm runs fp32 in eager on CPU, but its compile-time (meta) kernel wants bf16
+        if self.use_grouped_mm and self.b1 is None and (
+                x_sorted.dtype == torch.bfloat16 or not torch.compiler.is_compiling()):
             return self._grouped_mm_forward(x_sorted, tokens_per_expert)
         outs = [self.expert_forward(e, chunk)
                 for e, chunk in enumerate(torch.split(x_sorted, tokens_per_expert.tolist()))

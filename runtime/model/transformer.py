@@ -27,10 +27,12 @@ class ModelOutput:
 
     logits: torch.Tensor                          # [B, T, V]
     loss: torch.Tensor | None = None              # lm_loss + aux_loss + mtp.loss_weight * mtp_loss
+                                                  #   (+ indexer_loss with the DSA indexer)
     lm_loss: torch.Tensor | None = None           # mean next-token cross entropy over labels != -100
     aux_loss: torch.Tensor | None = None          # MoE balance loss, already weighted by aux_loss_coef
     mtp_loss: torch.Tensor | None = None          # mean over MTP depths of their cross entropy
     expert_counts: torch.Tensor | None = None     # [n_moe_layers, n_experts] tokens routed per expert
+    indexer_loss: torch.Tensor | None = None      # DSA indexers' alignment KL, summed over layers
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -153,7 +155,16 @@ class Transformer(nn.Module):
                 out.loss = out.loss + self.cfg.mtp.loss_weight * out.mtp_loss
             if out.aux_loss is not None:
                 out.loss = out.loss + out.aux_loss
+            if self.cfg.attention.sparse:
+                out.indexer_loss = self._indexer_loss()
+                if out.indexer_loss is not None:  # trains only the indexers (their inputs are detached)
+                    out.loss = out.loss + out.indexer_loss
         return out
+
+    def _indexer_loss(self):
+        losses = [m.attn.indexer.last_loss for m in self.modules()
+                  if isinstance(m, Block) and m.attn.indexer.last_loss is not None]
+        return torch.stack(losses).sum() if losses else None
 
     def output(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm and head (the embedding matrix when tied)."""
