@@ -78,6 +78,13 @@ def _attention_plan(attn: nn.Module, tp: int, sp: bool) -> dict:
     return plan
 
 
+def inner(module: nn.Module) -> nn.Module:
+    """The block inside an activation-checkpoint or torch.compile wrapper."""
+    for attr in ("_checkpoint_wrapped_module", "_orig_mod"):
+        module = getattr(module, attr, module)
+    return module
+
+
 def _block_plan(block: nn.Module, tp: int, sp: bool) -> dict:
     plan = {f"attn.{k}": v for k, v in _attention_plan(block.attn, tp, sp).items()}
     if sp:
@@ -132,12 +139,12 @@ def apply_tp(model: nn.Module, tp_mesh, sequence_parallel: bool = False) -> nn.M
         # DTensor's embedding backward yields a replicated (full) gradient for the vocabulary-
         # sharded weight; keep only this rank's rows so gradients are sharded like the weight.
         model.embed.weight.register_post_accumulate_grad_hook(_shard_grad_like_param)
-    blocks = list(model.layers.values()) + [m.block for m in getattr(model, "mtp", [])]
+    blocks = [inner(b) for b in model.layers.values()] + [m.block for m in getattr(model, "mtp", [])]
     for block in blocks:
         if hasattr(block.attn, "wkv_a"):
             _reduce_rope_key_grad(block.attn, tp_mesh.get_group())
     for block in model.layers.values():
-        parallelize_module(block, tp_mesh, _block_plan(block, tp, sp))
+        parallelize_module(inner(block), tp_mesh, _block_plan(inner(block), tp, sp))
     for mtp in getattr(model, "mtp", []):
         plan = {f"block.{k}": v for k, v in _block_plan(mtp.block, tp, sp).items()}
         if sp:
