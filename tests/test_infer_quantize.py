@@ -128,15 +128,16 @@ def test_quantized_checkpoint_size_and_round_trip(tmp_path, bits, symmetric, gro
     assert llmc(["quantize", str(out), "--bits", "8", "-o", str(tmp_path / "again")]) == 1
 
 
-@pytest.mark.parametrize("symmetric", [True, False])
-def test_fused_int4_kernel_matches_the_dequantised_weight(symmetric):
-    lin = torch.nn.Linear(256, 96, bias=True)
+@pytest.mark.parametrize("symmetric,in_features", [(True, 256), (False, 256), (True, 704), (False, 96)])
+def test_fused_int4_kernel_matches_the_dequantised_weight(symmetric, in_features):
+    # 704 = 5.5 groups of 128 per row (groups straddle rows): the kernel runs with groups of 64
+    lin = torch.nn.Linear(in_features, 96, bias=True)
     cfg = QuantConfig(4, 128, symmetric=symmetric)
     ql = QuantLinear.from_linear(lin, cfg)
-    assert ql._int4_kernel() is not None            # whole groups per row: the kernel path
-    x = torch.randn(2, 3, 256)
+    assert ql._int4_kernel() is not None
+    x = torch.randn(2, 3, in_features)
     q = quantize_tensor(lin.weight, cfg)
-    w = dequantize_tensor(q["codes"], q["scales"], q.get("zeros"), (96, 256), cfg)
+    w = dequantize_tensor(q["codes"], q["scales"], q.get("zeros"), (96, in_features), cfg)
     expected = x @ w.T + lin.bias
     # bf16 activations and bf16 zero points: about 2^-8 relative error on each product
     assert torch.allclose(ql(x), expected, atol=0.02 * expected.abs().max().item())

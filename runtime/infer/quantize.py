@@ -127,7 +127,7 @@ class QuantWeight(nn.Module):
 class QuantLinear(nn.Module):
     """nn.Linear with a quantized weight, dequantised at each call (`.weight` gives it too).
 
-    Int4 on CPU with whole groups per row uses torch's fused int4 kernel (tinygemm layout, bf16
+    Int4 on CPU uses torch's fused int4 kernel (tinygemm layout, bf16
     activations) instead: symmetric codes are already its `(q - 8) * scale + zero` with zero 0, an
     asymmetric zero point z becomes zero = (8 - z) * scale. Its packed copy of the weight is built
     on first use (so an int4 model holds ~1 byte per weight in memory; 0.5 on disk)."""
@@ -158,25 +158,32 @@ class QuantLinear(nn.Module):
         kernel = self._int4_kernel()
         if kernel is None:
             return F.linear(x, self.qweight().to(x.dtype), self.bias)
-        packed, scale_zero = kernel
+        packed, scale_zero, group = kernel
         y = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features).to(torch.bfloat16), packed,
-                                              self.qweight.cfg.group_size, scale_zero)
+                                              group, scale_zero)
         y = y.view(*x.shape[:-1], self.out_features).to(x.dtype)
         return y + self.bias if self.bias is not None else y
 
     def _int4_kernel(self):
-        """(packed weight, scales-and-zeros) for torch's CPU int4 matmul, or None where it does not apply."""
+        """(packed weight, scales-and-zeros, group) for torch's CPU int4 matmul, or None where it
+        does not apply. The kernel's groups lie within rows; ours run over the flattened weight,
+        so the kernel uses the largest group that divides both a row and ours (each of its
+        groups then sits inside one of ours and takes that group's scale)."""
         cfg, qw = self.qweight.cfg, self.qweight
-        if (cfg.bits != 4 or cfg.group_size not in self.KERNEL_GROUPS or self.in_features % cfg.group_size
-                or qw.codes.device.type != "cpu" or not hasattr(torch, "_weight_int4pack_mm_for_cpu")):
+        n, k, g = self.out_features, self.in_features, cfg.group_size
+        kernel_group = next((c for c in self.KERNEL_GROUPS[::-1] if k % c == 0 and g % c == 0), None)
+        if (cfg.bits != 4 or kernel_group is None or qw.codes.device.type != "cpu"
+                or not hasattr(torch, "_weight_int4pack_mm_for_cpu")):
             return None
         if self._kernel is None:
-            n, k, g = self.out_features, self.in_features, cfg.group_size
             codes = torch.stack((qw.codes & 0xF, qw.codes >> 4), dim=-1).flatten()[:n * k].view(n, k)
-            scale = qw.scales.float().view(n, k // g)
-            zero = torch.zeros_like(scale) if qw.zeros is None else (8 - qw.zeros.float().view(n, k // g)) * scale
+            chunk_start = torch.arange(n)[:, None] * k + torch.arange(k // kernel_group)[None, :] * kernel_group
+            ours = chunk_start // g                                       # [n, k / kernel_group]
+            scale = qw.scales.float()[ours]
+            zero = torch.zeros_like(scale) if qw.zeros is None else (8 - qw.zeros.float()[ours]) * scale
             scale_zero = torch.stack((scale.t(), zero.t()), dim=-1).to(torch.bfloat16).contiguous()
-            self._kernel = (torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1), scale_zero)
+            self._kernel = (torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1), scale_zero,
+                            kernel_group)
         return self._kernel
 
     def extra_repr(self) -> str:
