@@ -172,7 +172,9 @@ class MoE(nn.Module):
         Returns (out [N, D], tokens_per_expert [E])."""
         N, k = idx.shape
         flat = idx.reshape(-1)
-        tokens_per_expert = torch.bincount(flat, minlength=self.n_experts)
+        # scatter_add, not bincount: a fixed output shape keeps torch.compile in one graph
+        tokens_per_expert = torch.zeros(self.n_experts, dtype=torch.long, device=flat.device).scatter_add_(
+            0, flat, torch.ones_like(flat))
         order = flat.argsort(stable=True)
         token_of = order // k  # which token each sorted row came from
         y = self.experts(x[token_of], tokens_per_expert)
