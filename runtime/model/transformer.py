@@ -125,8 +125,9 @@ class Transformer(nn.Module):
         """tokens [B, T] int64 -> ModelOutput. labels[:, t] is the token after tokens[:, t] (-100 = ignore).
 
         positions: [T] or [B, T] absolute positions (default 0..T-1). cache: per-layer KV caches,
-        indexed `cache[layer_id]` (int); with a cache, positions must be [T] and start at the
-        number of tokens already cached (see attention.py for the per-layer hook).
+        indexed `cache[layer_id]` (int); start_pos, the first new position, is positions[..., 0]
+        of the first row; rows with other offsets need a cache carrying `mask` (see attention.py
+        and mla.py for the per-layer hook).
         """
         B, T = tokens.shape
         if positions is None:
