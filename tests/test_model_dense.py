@@ -272,3 +272,18 @@ def test_logits_equal_transformers_llama():
     tokens = torch.randint(0, 97, (2, 11))
     with torch.no_grad():
         torch.testing.assert_close(m(tokens).logits, hf(tokens).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_save_model_strips_wrapper_prefixes(tmp_path):
+    m = build()
+
+    class Wrapper(torch.nn.Module):  # what DDP / torch.compile put around a model
+        def __init__(self, inner):
+            super().__init__()
+            self.module = inner
+            self.cfg = inner.cfg
+
+    save_model(Wrapper(m), {"version": 1, "spec": {"model": m.cfg.model_dump(mode="json")}}, tmp_path)
+    m2, _, tok = load_model(tmp_path)
+    assert tok is None
+    assert torch.equal(m2.embed.weight, m.embed.weight)

@@ -6,12 +6,12 @@ COMPONENTS = ("embedding", "positions", "attention", "indexer", "mlp", "experts"
               "router", "norms", "mtp", "head")
 
 # name parts that wrappers insert (torch.compile, DDP, FSDP1, activation checkpointing)
-_WRAPPER_PARTS = {"_orig_mod", "module", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"}
+WRAPPER_PARTS = {"_orig_mod", "module", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"}
 
 
 def component_of(name: str) -> str:
     """The component of a parameter name of `Transformer` (wrapper prefixes are ignored)."""
-    parts = [p for p in name.split(".") if p not in _WRAPPER_PARTS]
+    parts = [p for p in name.split(".") if p not in WRAPPER_PARTS]
     top = parts[0]
     if top == "embed":
         return "embedding"

@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from llmc.compiler.errors import UserError
 
+from .components import WRAPPER_PARTS
 from .transformer import Transformer
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -49,6 +50,11 @@ def resolve_model_dir(path) -> Path:
                     f"in it or in {path / 'model'})")
 
 
+def plain_name(name: str) -> str:
+    """A state-dict name without the parts wrappers insert (torch.compile's _orig_mod, DDP's module)."""
+    return ".".join(p for p in name.split(".") if p not in WRAPPER_PARTS)
+
+
 def save_model(model: Transformer, plan: dict, out_dir, tokenizer=None) -> Path:
     """Write plan.json, model.safetensors and (when given) tokenizer.json into out_dir.
 
@@ -57,7 +63,7 @@ def save_model(model: Transformer, plan: dict, out_dir, tokenizer=None) -> Path:
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state = {plain_name(k): v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     _atomic(out / "model.safetensors", lambda p: save_file(state, str(p), metadata={"format": "pt"}))
     _atomic(out / "plan.json", lambda p: p.write_text(json.dumps(plan, indent=2)))
     if tokenizer is not None:
