@@ -1,6 +1,7 @@
 """Tiny checkpoints for the inference tests (random init, or a few seconds of fitting), and tests
 that the inference loader reads back exactly what save_model wrote."""
 
+import functools
 import inspect
 import textwrap
 from pathlib import Path
@@ -49,7 +50,9 @@ def spec_with(overrides, base: str = "tiny.toml"):
     return load_spec(SPECS / base, overrides)
 
 
+@functools.lru_cache(maxsize=None)
 def tokenizer(vocab: int = 512):
+    """A byte-level BPE trained on the real text (cached: the tests only read it)."""
     return train_tokenizer([REAL_TEXT, CHINESE * 3], vocab)
 
 

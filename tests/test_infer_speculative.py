@@ -39,7 +39,7 @@ def test_acceptance_rule_reproduces_the_target_distribution():
     q = torch.tensor([0.4, 0.1, 0.1, 0.4])
     bonus = torch.tensor([0.25, 0.25, 0.25, 0.25])
     gen = torch.Generator().manual_seed(0)
-    n = 20000
+    n = 10000
     counts = torch.zeros(4)
     accepted = 0
     for _ in range(n):
@@ -47,9 +47,9 @@ def test_acceptance_rule_reproduces_the_target_distribution():
         out = accept_prefix([d], [q], [p, bonus], gen)
         counts[out[0]] += 1
         accepted += len(out) == 2
-    assert torch.allclose(counts / n, p, atol=0.015)
+    assert torch.allclose(counts / n, p, atol=0.02)          # 4 standard deviations
     # expected acceptance: sum_x min(p(x), q(x)) = 0.1 + 0.1 + 0.1 + 0.2
-    assert abs(accepted / n - 0.5) < 0.015
+    assert abs(accepted / n - 0.5) < 0.02
 
 
 def test_sampled_speculative_matches_target_sampling_statistics():
