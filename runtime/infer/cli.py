@@ -98,7 +98,8 @@ def chat_main(args) -> int:
     """An interactive loop: each line of stdin is a user turn; EOF (Ctrl-D) ends the chat."""
     from llmc.runtime.data.chat import ChatTemplate
     model, plan, tokenizer = _load(args.checkpoint)
-    template = ChatTemplate(plan["spec"].get("data", {}).get("tokenizer", {}).get("chat_template", "chatml"))
+    tokenizer_spec = (plan["spec"].get("data") or {}).get("tokenizer") or {}
+    template = ChatTemplate(tokenizer_spec.get("chat_template") or "chatml")
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                             stop_tokens=_stop_ids(tokenizer), seed=0)
     header, footer = template.parts("assistant")
