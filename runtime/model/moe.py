@@ -74,6 +74,8 @@ class Router(nn.Module):
 class GroupedExperts(nn.Module):
     """E FFNs with stacked weights; tokens arrive sorted by expert, one matmul chain per expert."""
 
+    use_grouped_mm = hasattr(torch, "_grouped_mm")  # else (older torch) a loop over experts
+
     def __init__(self, n_experts: int, d_model: int, hidden: int, activation: str, bias: bool = False):
         super().__init__()
         self.act = ACTIVATIONS[activation]
@@ -112,8 +114,6 @@ class GroupedExperts(nn.Module):
                 for e, chunk in enumerate(torch.split(x_sorted, tokens_per_expert.tolist()))
                 if chunk.shape[0] > 0]
         return torch.cat(outs) if outs else x_sorted.new_zeros(x_sorted.shape)
-
-    use_grouped_mm = hasattr(torch, "_grouped_mm")
 
     def _grouped_mm_forward(self, x, tokens_per_expert):
         """The same FFNs as one grouped matmul per weight (no host sync, one kernel per matrix)."""
