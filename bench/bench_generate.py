@@ -12,8 +12,8 @@ greedily the same held-out prompts with a KV cache (and, as a reference, without
 decodes with speculative decoding and with int8 / int4 weights.
 
 Prints a table of tokens/s (new tokens over the whole generate call, prefill included, best of
---repeats) and each row's ratio to transformers with its KV cache, and whether each row's tokens
-equal transformers' greedy tokens.
+--repeats interleaved rounds) and each row's ratio to transformers with its KV cache, and whether
+each row's tokens equal transformers' greedy tokens.
 """
 
 import argparse
@@ -50,20 +50,27 @@ def train_pair(workdir: Path, draft_steps: int, target_steps: int) -> tuple[Path
     from llmc.runtime.data.tokenizer import train_tokenizer
     from llmc.runtime.model import Transformer
     from llmc.runtime.model.io import save_model
-    if (workdir / "target" / "model.safetensors").is_file() and (workdir / "draft" / "model.safetensors").is_file():
+    from llmc.runtime.infer.checkpoint import load_for_inference
+    if (workdir / "target" / "model.safetensors").is_file():
         return workdir / "target", workdir / "draft"
     text = corpus()
     train_text = text[:int(0.9 * len(text))]
-    tok = train_tokenizer([train_text], 2048)
-    ids = tok.encode(train_text).ids
     target_spec = load_spec(REPO / "specs" / "tiny.toml", TARGET)
     draft_spec = load_spec(REPO / "specs" / "tiny.toml", TARGET + [f"model.n_layers={DRAFT_LAYERS}"])
+    if (workdir / "draft" / "model.safetensors").is_file():
+        draft, _, tok = load_for_inference(workdir / "draft")
+        draft.train()
+    else:
+        tok = train_tokenizer([train_text], 2048)
+        torch.manual_seed(0)
+        draft = Transformer(draft_spec.model)
+        draft.init_weights()
+        t0 = time.perf_counter()
+        fit(draft, tok.encode(train_text).ids, draft_steps, seq=128, batch=16, lr=3e-3)
+        print(f"draft trained: {draft_steps} steps in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
+        save_model(draft, build_plan(draft_spec).model_dump(mode="json"), workdir / "draft", tok)
+    ids = tok.encode(train_text).ids
     torch.manual_seed(0)
-    draft = Transformer(draft_spec.model)
-    draft.init_weights()
-    t0 = time.perf_counter()
-    fit(draft, ids, draft_steps, seq=128, batch=16, lr=3e-3)
-    print(f"draft trained: {draft_steps} steps in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
     target = Transformer(target_spec.model)
     target.init_weights()
     with torch.no_grad():
@@ -72,20 +79,10 @@ def train_pair(workdir: Path, draft_steps: int, target_steps: int) -> tuple[Path
                 module.weight.zero_()           # new layers start as the identity
     target.load_state_dict(draft.state_dict(), strict=False)
     t0 = time.perf_counter()
-    fit(target, ids, target_steps, seq=128, batch=16, lr=1e-3, seed=1)
+    fit(target, ids, target_steps, seq=128, batch=16, lr=3e-4, seed=1)
     print(f"target trained: {target_steps} steps in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
-    save_model(draft, build_plan(draft_spec).model_dump(mode="json"), workdir / "draft", tok)
     save_model(target, build_plan(target_spec).model_dump(mode="json"), workdir / "target", tok)
     return workdir / "target", workdir / "draft"
-
-
-def best_time(fn, repeats: int):
-    best, out = float("inf"), None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t0)
-    return best, out
 
 
 def main() -> int:
@@ -98,7 +95,7 @@ def main() -> int:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--prompts", type=int, default=2)
-    ap.add_argument("--k", type=int, default=4, help="draft tokens per speculative round")
+    ap.add_argument("--k", type=int, nargs="+", default=[2, 4], help="draft tokens per speculative round")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--no-uncached", action="store_true", help="skip the slow rows without a KV cache")
@@ -136,15 +133,6 @@ def main() -> int:
     params = SamplingParams(max_new_tokens=args.new_tokens)
     n = args.new_tokens
 
-    def run_all(fn):
-        """tokens/s over all prompts (one at a time) and the generated token lists."""
-        elapsed, outs = 0.0, []
-        for p in prompts:
-            t, out = best_time(lambda: fn(p), args.repeats)
-            elapsed += t
-            outs.append(out)
-        return len(prompts) * n / elapsed, outs
-
     @torch.no_grad()
     def hf_generate(prompt, use_cache=True):
         ids = torch.tensor([prompt])
@@ -152,43 +140,55 @@ def main() -> int:
                           do_sample=False, use_cache=use_cache, eos_token_id=None, pad_token_id=0)
         return out[0, len(prompt):].tolist()
 
-    rows = []
-    hf_speed, reference = run_all(hf_generate)
-    rows.append(("transformers generate, KV cache", hf_speed, reference, ""))
-    speed, outs = run_all(lambda p: generate(target, [p], params)[0].tokens)
-    rows.append(("llmc generate, KV cache", speed, outs, ""))
-    if not args.no_uncached:
-        speed, outs = run_all(lambda p: hf_generate(p, use_cache=False))
-        rows.append(("transformers generate, no cache", speed, outs, ""))
-        speed, outs = run_all(lambda p: generate_without_cache(target, p, params))
-        rows.append(("llmc, no cache", speed, outs, ""))
-    accepted = []
+    acceptance: dict[int, list[float]] = {}
 
-    def spec_run(p):
-        r = speculative_generate(target, draft, p, params, k=args.k)
-        accepted.append(r.acceptance_rate)
+    def speculative(prompt, k):
+        r = speculative_generate(target, draft, prompt, params, k=k)
+        acceptance.setdefault(k, []).append(r.acceptance_rate)
         return r.tokens
-    speed, outs = run_all(spec_run)
-    plain = rows[1][1]
-    rows.append((f"llmc speculative (k={args.k})", speed, outs,
-                 f"acceptance {sum(accepted) / len(accepted):.0%}, {speed / plain:.2f}x llmc"))
-    for bits in (8, 4):
-        q = quantize_model(copy.deepcopy(target), QuantConfig(bits, 128))
-        speed, outs = run_all(lambda p: generate(q, [p], params)[0].tokens)
-        agree = sum(a == b for o, r in zip(outs, reference) for a, b in zip(o, r)) / (len(prompts) * n)
-        rows.append((f"llmc int{bits} weights", speed, outs, f"{agree:.0%} of tokens as fp32"))
+
+    quantized = {bits: quantize_model(copy.deepcopy(target), QuantConfig(bits, 128)) for bits in (8, 4)}
+    methods = {"transformers generate, KV cache": hf_generate,
+               "llmc generate, KV cache": lambda p: generate(target, [p], params)[0].tokens}
+    if not args.no_uncached:
+        methods["transformers generate, no cache"] = lambda p: hf_generate(p, use_cache=False)
+        methods["llmc, no cache"] = lambda p: generate_without_cache(target, p, params)
+    for k in args.k:
+        methods[f"llmc speculative, k={k}"] = lambda p, k=k: speculative(p, k)
+    for bits, q in quantized.items():
+        methods[f"llmc int{bits} weights"] = lambda p, q=q: generate(q, [p], params)[0].tokens
+
+    # Interleaved rounds, best time per (method, prompt): the machine's load drifts, and each
+    # method should meet the same drift.
+    best = {(m, i): float("inf") for m in methods for i in range(len(prompts))}
+    outs = {m: [None] * len(prompts) for m in methods}
+    for _ in range(args.repeats):
+        for m, fn in methods.items():
+            for i, p in enumerate(prompts):
+                t0 = time.perf_counter()
+                outs[m][i] = fn(p)
+                best[m, i] = min(best[m, i], time.perf_counter() - t0)
+    speed = {m: len(prompts) * n / sum(best[m, i] for i in range(len(prompts))) for m in methods}
+    reference = outs["transformers generate, KV cache"]
+    hf_speed, plain = speed["transformers generate, KV cache"], speed["llmc generate, KV cache"]
+    notes = {f"llmc speculative, k={k}": f"acceptance {sum(a) / len(a):.0%}, {speed[f'llmc speculative, k={k}'] / plain:.2f}x llmc"
+             for k, a in acceptance.items()}
+    for bits in quantized:
+        o = outs[f"llmc int{bits} weights"]
+        prefix = [next((i for i, (a, b) in enumerate(zip(x, r)) if a != b), n) for x, r in zip(o, reference)]
+        notes[f"llmc int{bits} weights"] = f"same first {sum(prefix) / len(prefix):.0f}/{n} tokens as fp32"
 
     n_params = sum(p.numel() for p in target.parameters())
     d_params = sum(p.numel() for p in draft.parameters())
     table = Table(title=f"Decode speed: {n_params / 1e6:.1f}M-parameter target ({d_params / 1e6:.1f}M draft), "
                         f"{len(prompts)} prompts of "
                         f"{args.prompt_len} tokens, {n} new tokens, greedy, fp32, {args.threads} thread(s)")
-    for col in ("generation", "tokens/s", "vs transformers (cache)", "same tokens as transformers", "note"):
-        table.add_column(col, justify="right" if col != "generation" else "left")
-    for name, speed, outs, note in rows:
-        same = "yes" if outs == reference else "no"
-        table.add_row(name, f"{speed:.1f}", f"{speed / hf_speed:.2f}x", same, note)
-    Console().print(table)
+    for col in ("generation", "tokens/s", "vs HF (cache)", "same tokens", "note"):
+        table.add_column(col, justify="left" if col in ("generation", "note") else "right")
+    for m in methods:
+        same = "yes" if outs[m] == reference else "no"
+        table.add_row(m, f"{speed[m]:.1f}", f"{speed[m] / hf_speed:.2f}x", same, notes.get(m, ""))
+    Console(width=130).print(table)
     return 0
 
 

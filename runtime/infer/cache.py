@@ -29,6 +29,7 @@ class WholeCache:
         self.length = 0                                  # slots already filled
         self.real = torch.ones(batch, max_len, dtype=torch.bool, device=device)
         self.mask: torch.Tensor | None = None            # for the chunk being written
+        self.padded = False                              # any padding slot so far
         self.layers: dict[int, object] = {}
         self.chunk = 0
 
@@ -40,12 +41,11 @@ class WholeCache:
         if self.length + n_new > self.max_len:
             raise ValueError(f"cache holds {self.max_len} tokens; {self.length} + {n_new} do not fit")
         s0, s1 = self.length, self.length + n_new
-        if real is not None:
-            self.real[:, s0:s1] = real
-        else:
-            self.real[:, s0:s1] = True
+        self.real[:, s0:s1] = True if real is None else real
+        if real is not None and not bool(real.all()):
+            self.padded = True
         self.chunk = n_new
-        if bool(self.real[:, :s1].all()):
+        if not self.padded:
             # No padding: causal with offset, which the attention derives from start_pos itself
             # (start_pos == slot when nothing is padded).
             self.mask = None

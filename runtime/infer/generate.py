@@ -94,7 +94,7 @@ def generate(model, prompts: list[list[int]], params: SamplingParams, tokenizer=
     generators = None if params.greedy else make_generators(B, params.seed)
     streams = [TextStream(tokenizer, params.stop_strings, prompt_ids=p) if tokenizer is not None else None
                for p in prompts]
-    stop_ids = torch.tensor(sorted(set(params.stop_tokens)), dtype=torch.long, device=device)
+    stop_ids = set(params.stop_tokens)
     done = torch.zeros(B, dtype=torch.bool, device=device)
 
     t0 = time.perf_counter()
@@ -135,11 +135,11 @@ def generate(model, prompts: list[list[int]], params: SamplingParams, tokenizer=
     return results
 
 
-def _accept(result: Generation, token: int, logits, stream, stop_ids, on_text, row: int) -> None:
+def _accept(result: Generation, token: int, logits, stream, stop_ids: set[int], on_text, row: int) -> None:
     """Record one new token of a row: stop tokens end the row (and are not part of the output)."""
     if logits is not None:
         result.logits.append(logits.float().cpu())
-    if stop_ids.numel() and bool((stop_ids == token).any()):
+    if token in stop_ids:
         result.stop_reason = "stop_token"
         return
     result.tokens.append(token)

@@ -93,7 +93,7 @@ def speculative_generate(target, draft, prompt: list[int], params: SamplingParam
     t_cache, d_cache = build_cache(target, 1, capacity), build_cache(draft, 1, capacity)
     gen = None if params.greedy else torch.Generator().manual_seed(params.seed)
     stream = TextStream(tokenizer, params.stop_strings, prompt_ids=prompt) if tokenizer is not None else None
-    stop_ids = torch.tensor(sorted(set(params.stop_tokens)), dtype=torch.long)
+    stop_ids = set(params.stop_tokens)
     seen = seen_tokens(1, target.cfg.vocab_size, device)
     seen[0, torch.tensor(prompt)] = True
 
