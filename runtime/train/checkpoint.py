@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from ..parallel.checkpoint import load_train_state_dict, train_state_dict
 
 from ...compiler.errors import UserError
 from .distributed import DistEnv
@@ -71,10 +71,10 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, data_
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier(env)
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = train_state_dict(model, optimizer)  # parallel runtime: expert shards as DTensors
     with warnings.catch_warnings():  # one process without a process group is a supported case, not news
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(tmp))
+        dcp.save(state, checkpoint_id=str(tmp))
     torch.save({"rng": rng_state(), "data": data_state, "scheduler": scheduler.state_dict()},
                tmp / f"rank{env.rank}.pt")
     _barrier(env)
@@ -98,12 +98,11 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, env: DistEnv) -> tu
     if meta["world_size"] != env.world_size:
         raise UserError(f"{path} was written by {meta['world_size']} processes; resume it with the same number "
                         f"(found {env.world_size})")
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    state = {"model": model_sd, "optimizer": optim_sd}
+    state = train_state_dict(model, optimizer)  # parallel runtime: expert shards as DTensors
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load(state, checkpoint_id=str(path))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    load_train_state_dict(model, optimizer, state)
     extra = torch.load(path / f"rank{env.rank}.pt", weights_only=False)
     scheduler.load_state_dict(extra["scheduler"])
     set_rng_state(extra["rng"])

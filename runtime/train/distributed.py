@@ -70,10 +70,9 @@ def layout_of(plan: dict, env: DistEnv) -> dict:
         mbs = per_rank if mbs == "auto" else min(mbs, per_rank)
         layout = {"world_size": dp, "dp": dp, "tp": 1, "pp": 1, "ep": 1, "zero": 0,
                   "micro_batch_size": mbs, "grad_accum": max(1, per_rank // mbs)}
-    for key in ("tp", "pp"):
-        if layout.get(key, 1) != 1:
-            raise UserError(f"the plan's layout has {key} = {layout[key]}; this training runtime runs data "
-                            "parallelism only (set parallel.{key} = 1)")
+    if layout.get("pp", 1) != 1:
+        raise UserError(f"the plan's layout has pp = {layout['pp']}; the training loop does not drive the "
+                        "pipeline schedule yet (runtime/parallel/pipeline.py has it; set parallel.pp = 1)")
     if layout.get("world_size", env.world_size) != env.world_size:
         raise UserError(f"the plan is laid out for {layout['world_size']} processes but {env.world_size} started")
     if layout["dp"] * layout["micro_batch_size"] * layout["grad_accum"] != train["global_batch_size"]:
@@ -83,8 +82,12 @@ def layout_of(plan: dict, env: DistEnv) -> dict:
 
 
 def parallelize(model: torch.nn.Module, plan: dict, env: DistEnv) -> torch.nn.Module:
-    """Wrap the model for the plan's layout: DDP over the data-parallel ranks when dp > 1."""
+    """Wrap the model for the plan's layout: DDP over the data-parallel ranks when dp > 1;
+    TP / EP / FSDP2 (zero >= 1) through the parallel runtime."""
     layout = layout_of(plan, env)
+    if env.world_size > 1 and (layout.get("tp", 1) > 1 or layout.get("ep", 1) > 1 or layout.get("zero", 0) > 0):
+        from ..parallel.run import wrap_for_plan
+        return wrap_for_plan(model, {**plan, "layout": layout})
     if layout["dp"] > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
         ids = [env.device.index] if env.device.type == "cuda" else None

@@ -22,6 +22,7 @@ from ..data.dataset import TrainData
 from ..data.prepare import prepare, prepared_dir
 from .checkpoint import check_resumable, latest_checkpoint, load_checkpoint, save_checkpoint
 from .distributed import DistEnv, all_reduce_sum, layout_of, parallelize, unwrap
+from ..parallel.run import clip_grad_norm, data_rank, full_state_dict, model_states  # parallel-runtime hooks
 from .metrics import MetricsLog, ProgressDisplay, truncate_metrics
 from .objectives import StepShare, build_objective
 from .optim import build_optimizer, build_scheduler
@@ -103,7 +104,7 @@ class Trainer:
             torch.distributed.barrier()
         self.prepared = prepared_dir(spec)
         self.data = TrainData(self.prepared, [s.weight for s in spec.data.sources], self.t.seq_len, self.t.seed,
-                              self.t.global_batch_size, layout["micro_batch_size"], env.rank, layout["dp"])
+                              self.t.global_batch_size, layout["micro_batch_size"], data_rank(layout, env.rank), layout["dp"])
 
         self.raw_model = build_model(spec, env.device, self.t.seed)
         apply_recompute(self.raw_model, self.t.recompute)
@@ -154,7 +155,7 @@ class Trainer:
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         clip = self.t.grad_clip if self.t.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item()
+        grad_norm = clip_grad_norm(model, clip)  # over every parallel dim (TP, EP, PP shards)
         lr = self.optimizer.param_groups[0]["lr"]
         if self.scaler:
             self.scaler.step(self.optimizer)
@@ -162,6 +163,8 @@ class Trainer:
         else:
             self.optimizer.step()
         self.scheduler.step()
+        if not hasattr(self, "model_states"):  # parallel runtime: measured shard bytes for the report
+            self.model_states = model_states(model, self.optimizer)  # (collective; grads still held)
         self.optimizer.zero_grad(set_to_none=True)
 
         sums = all_reduce_sum(sums.to(env.device), env).cpu()
@@ -212,17 +215,23 @@ class Trainer:
         finally:
             progress.close()
             log.close()
+        final_state = full_state_dict(self.model)  # gathered from shards: every rank takes part
         if env.is_main:
-            self.save_final_model()
-            return write_report(self.run_dir, self.plan, self.clock, last_eval, env, last_saved)
+            self.save_final_model(final_state)
+            report = write_report(self.run_dir, self.plan, self.clock, last_eval, env, last_saved)
+            if getattr(self, "model_states", None):  # parallel runtime: measured vs planned bytes
+                report["model_states"] = self.model_states
+                (self.run_dir / "report.json").write_text(json.dumps(report, indent=2))
+            return report
         return {}
 
-    def save_final_model(self) -> Path:
+    def save_final_model(self, full_state: dict | None = None) -> Path:
         """RUN_DIR/model/: plan.json, model.safetensors, tokenizer.json (the model folder contract)."""
         from ..model.io import save_model
         model = unwrap(self.model)
+        full_state = model.state_dict() if full_state is None else full_state
         state = {k.replace("._checkpoint_wrapped_module", "").replace("._orig_mod", ""): v
-                 for k, v in model.state_dict().items()}
+                 for k, v in full_state.items()}
         clean = build_model(self.spec, torch.device("cpu"), self.t.seed)
         clean.load_state_dict(state)
         return save_model(clean, self.plan, self.run_dir / "model", tokenizer=self.prepared / "tokenizer.json")

@@ -23,6 +23,10 @@ def build_optimizer(model: torch.nn.Module, opt) -> torch.optim.Optimizer:
     if opt.name == "sgd":
         return torch.optim.SGD(groups, lr=opt.lr, momentum=opt.betas[0])
     kwargs = dict(lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps)
+    # parallel runtime: TP / EP layouts mix DTensor and plain parameters, which the fused and
+    # foreach kernels refuse; the per-parameter loop handles both
+    if len({type(p).__name__ == "DTensor" for p in model.parameters()}) > 1:
+        return torch.optim.AdamW(groups, foreach=False, **kwargs)
     try:
         return torch.optim.AdamW(groups, fused=True, **kwargs)
     except (RuntimeError, TypeError):  # no fused kernel for this device / dtype
