@@ -91,7 +91,7 @@ def main() -> int:
     ap.add_argument("--draft", help="a draft checkpoint sharing the target's tokenizer")
     ap.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "llmc-bench-generate"))
     ap.add_argument("--draft-steps", type=int, default=300)
-    ap.add_argument("--target-steps", type=int, default=60)
+    ap.add_argument("--target-steps", type=int, default=40)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--prompts", type=int, default=2)

@@ -111,12 +111,14 @@ def _generate(p):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--draft", help="a smaller checkpoint for speculative decoding")
     p.add_argument("--json", action="store_true", help="print {text, tokens, tokens_per_s} per prompt")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], help="compute dtype (default: as stored)")
 
 
 def _chat(p):
     p.add_argument("checkpoint", help="a run directory or checkpoint folder")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--dtype", choices=["fp32", "bf16"], help="compute dtype (default: as stored)")
 
 
 def _quantize(p):

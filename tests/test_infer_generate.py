@@ -122,3 +122,10 @@ def test_chat_verb_answers_each_line_and_ends_at_eof(tmp_path):
                          timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.count("\n") >= 2 and "Traceback" not in out.stderr
+
+
+def test_generate_verb_in_bf16(tmp_path, capsys):
+    ckpt = checkpoint(tmp_path)
+    assert llmc(["generate", str(ckpt), "--prompt", "class", "--max-new-tokens", "5", "--json", "--dtype", "bf16"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["tokens"] <= 5 and out["tokens_per_s"] > 0
