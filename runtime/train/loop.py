@@ -132,7 +132,9 @@ class Trainer:
         micro = self.data.next_step()
         counts = [int((labels != -100).sum()) for _, labels in micro]
         n_local = torch.tensor(float(sum(counts)), dtype=torch.float64, device=env.device)
-        n_global = all_reduce_sum(n_local, env).item()  # target tokens of the whole global batch
+        # target tokens of the whole global batch; the ranks of one TP group read the same data
+        replicas = env.world_size // self.layout["dp"]
+        n_global = all_reduce_sum(n_local, env).item() / replicas
         dp = self.layout["dp"]
         sums = torch.zeros(3, dtype=torch.float64)  # lm loss x targets, aux, mtp
         expert_counts = None
@@ -167,7 +169,7 @@ class Trainer:
             self.model_states = model_states(model, self.optimizer)  # (collective; grads still held)
         self.optimizer.zero_grad(set_to_none=True)
 
-        sums = all_reduce_sum(sums.to(env.device), env).cpu()
+        sums = all_reduce_sum(sums.to(env.device), env).cpu() / replicas
         record = {"loss": sums[0].item() / max(n_global, 1.0), "lr": lr, "grad_norm": grad_norm,
                   "tokens": int(n_global)}
         if self.spec.model.moe is not None:
