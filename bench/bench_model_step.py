@@ -92,6 +92,8 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    # transformers' decoder layers specialise on their layer_idx: one graph per layer, not per model
+    torch._dynamo.config.recompile_limit = 64
 
     cfg = ModelSpec(**CONFIG)
     tokens = torch.randint(0, cfg.vocab_size, (args.batch, args.seq))
@@ -116,6 +118,7 @@ def main():
     for precision in precisions:
         for compiled in variants:
             steps = {}
+            torch._dynamo.reset()
             for kind in ("llmc", "hf"):
                 torch.manual_seed(0)
                 model = Transformer(cfg) if kind == "llmc" else hf_llama(cfg)
