@@ -98,7 +98,7 @@ def main():
             tokens = batch[..., :-1].reshape(-1, args.seq)
             labels = batch[..., 1:].reshape(-1, args.seq)
             # mean over this column's micro-batches, the same on every stage: count it once
-            local = pipe.step(tokens, labels).detach() * accum / layout.pp
+            local = pipe.step(tokens, labels)["loss"].detach() * accum / layout.pp
             counts = pipe.expert_counts()
         else:
             for mb in batch:

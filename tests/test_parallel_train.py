@@ -42,6 +42,7 @@ def one_process(tmp_path_factory):
 @pytest.mark.parametrize("name, sets, exact_states", [
     ("ep2_fsdp", ["parallel.dp=2", "parallel.ep=2", "parallel.zero=3"], True),
     ("tp2", ["parallel.dp=1", "parallel.tp=2", "parallel.sequence_parallel=true"], False),
+    ("pp2", ["parallel.dp=1", "parallel.pp=2"], False),
 ])
 def test_llmc_train_runs_layout(name, sets, exact_states, one_process):
     tmp, reference = one_process
@@ -50,10 +51,12 @@ def test_llmc_train_runs_layout(name, sets, exact_states, one_process):
     for got, want in zip(metrics, reference):
         assert abs(got["loss"] - want["loss"]) <= 1e-5 * want["loss"], (got["loss"], want["loss"])
         assert len(got["expert_load"]) == len(want["expert_load"])
+    assert (tmp / name / "model" / "model.safetensors").is_file()  # the whole model, gathered from shards
     states = report["model_states"]
     assert len(states["per_rank"]) == 2
     most_loaded = {k: max(r[k] for r in states["per_rank"]) for k in ("weights", "gradients", "optimizer")}
     if exact_states:
         assert most_loaded == states["plan"]
-    else:  # TP keeps norms, MoE layers and MLA's down-projections replicated; the plan divides whole blocks
+    else:  # TP keeps norms, MoE layers and MLA's down-projections replicated, the plan divides whole
+        # blocks; PP keeps an embedding copy for MTP on the last stage, which the plan does not count
         assert all(most_loaded[k] >= states["plan"][k] for k in most_loaded)

@@ -64,7 +64,7 @@ def _moe_aux_and_counts(stage: nn.Module, blocks, counts: torch.Tensor):
 def _stage_forward(self, x, tokens=None, labels=None):
     """The forward of one pipeline stage (bound to the stage's pruned Transformer).
 
-    Appends (loss without balance terms, balance loss, expert counts) of the micro-batch to
+    Appends (lm loss, mtp loss, balance loss, expert counts) of the micro-batch to
     self._llmc_stats; Pipeline.step keeps the entries of the real micro-batches (the schedule
     also runs one forward on placeholder tensors to infer shapes)."""
     from llmc.runtime.model.transformer import cross_entropy
@@ -82,16 +82,18 @@ def _stage_forward(self, x, tokens=None, labels=None):
         h = layer(h, cos, sin)
     counts = torch.zeros(len(self.moe_layer_ids), self._llmc_n_experts, dtype=torch.long)
     aux = _moe_aux_and_counts(self, self.layers.values(), counts)
+    zero = torch.zeros(())
     if not self._llmc_last:
-        self._llmc_stats.append((torch.zeros(()), aux.detach() if aux is not None else torch.zeros(()), counts))
+        self._llmc_stats.append((zero, zero, aux.detach() if aux is not None else zero, counts))
         return _AttachAux.apply(h, aux) if aux is not None else h
-    loss = cross_entropy(self.output(h), labels)
+    lm = loss = cross_entropy(self.output(h), labels)
+    mtp = zero
     if len(self.mtp):
-        loss = loss + self.cfg.mtp.loss_weight * self._mtp_loss(h, tokens, labels, cos, sin)
+        mtp = self._mtp_loss(h, tokens, labels, cos, sin)
+        loss = loss + self.cfg.mtp.loss_weight * mtp
         mtp_aux = _moe_aux_and_counts(self, [m.block for m in self.mtp], counts)
         aux = mtp_aux if aux is None else (aux if mtp_aux is None else aux + mtp_aux)
-    aux_value = aux.detach() if aux is not None else torch.zeros(())
-    self._llmc_stats.append((loss.detach(), aux_value, counts))
+    self._llmc_stats.append((lm.detach(), mtp.detach(), aux.detach() if aux is not None else zero, counts))
     return loss + aux if aux is not None else loss
 
 
@@ -131,11 +133,11 @@ class Pipeline:
     def has_first(self) -> bool:
         return 0 in self.stage_ids
 
-    def step(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def step(self, tokens: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """Forward and backward of this rank's micro-batches (tokens, labels [accum x mb, T]).
 
-        Returns the mean loss over the micro-batches (lm + mtp + every stage's balance loss),
-        the same on every rank of the pipeline group."""
+        Returns means over the micro-batches, the same on every rank of the pipeline group:
+        "loss" (lm + weighted mtp + every stage's balance loss), "lm_loss", "mtp_loss", "aux_loss"."""
         for m in self.modules:
             m._llmc_stats.clear()
         args = (tokens,) if self.has_first else ()
@@ -143,10 +145,13 @@ class Pipeline:
                            return_outputs=False)
         self._sync_shared_embedding()
         n = self.schedule._n_microbatches
-        total = sum(lm + aux for m in self.modules for lm, aux, _ in m._llmc_stats[-n:]).reshape(())
-        self._counts = sum(c for m in self.modules for _, _, c in m._llmc_stats[-n:])
-        dist.all_reduce(total, group=self.pdims.group("pp"))
-        return total / n
+        parts = torch.stack([torch.stack([lm, mtp, aux]) for m in self.modules for lm, mtp, aux, _ in m._llmc_stats[-n:]])
+        self._counts = sum(c for m in self.modules for *_, c in m._llmc_stats[-n:])
+        parts = parts.sum(0)
+        dist.all_reduce(parts, group=self.pdims.group("pp"))
+        lm, mtp, aux = (parts / n).unbind()
+        weight = self.modules[0].cfg.mtp.loss_weight
+        return {"loss": lm + weight * mtp + aux, "lm_loss": lm, "mtp_loss": mtp, "aux_loss": aux}
 
     def expert_counts(self) -> torch.Tensor | None:
         """Tokens routed per expert in this step, [n_moe_layers, E], summed over the stages."""

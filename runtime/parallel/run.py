@@ -100,6 +100,16 @@ def wrap_for_plan(model: nn.Module, plan: dict) -> nn.Module:
     return _CURRENT.wrap(model)
 
 
+def pipeline_for_plan(model: nn.Module, plan: dict, micro_batch_size: int, seq_len: int):
+    """This rank's pipeline stage of the plan (pp > 1), wrapped for the rest of the layout."""
+    global _CURRENT
+    _CURRENT = ParallelRun(plan)
+    if _CURRENT.layout.pp_schedule == "interleaved":
+        raise ValueError("the training loop runs one stage per rank; the interleaved schedule is available "
+                         "through runtime.parallel.pipeline.build_pipeline")
+    return _CURRENT.pipeline(model, micro_batch_size, seq_len)
+
+
 def data_rank(layout: dict, rank: int) -> int:
     """The data-parallel index of global `rank` (TP innermost, then dp, then pp)."""
     return (rank // layout.get("tp", 1)) % layout["dp"]
@@ -118,7 +128,12 @@ def full_state_dict(model: nn.Module) -> dict:
 
     if _CURRENT is None:
         return getattr(model, "module", model).state_dict()
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    if _CURRENT.layout.pp > 1:  # each stage holds its own layers: gather them
+        stages = [None] * _CURRENT.layout.pp
+        dist.all_gather_object(stages, state, group=_CURRENT.pdims.group("pp"))
+        state = {k: v for s in stages for k, v in s.items()}
+    return state
 
 
 def model_states(model: nn.Module, optimizer) -> dict | None:

@@ -70,9 +70,6 @@ def layout_of(plan: dict, env: DistEnv) -> dict:
         mbs = per_rank if mbs == "auto" else min(mbs, per_rank)
         layout = {"world_size": dp, "dp": dp, "tp": 1, "pp": 1, "ep": 1, "zero": 0,
                   "micro_batch_size": mbs, "grad_accum": max(1, per_rank // mbs)}
-    if layout.get("pp", 1) != 1:
-        raise UserError(f"the plan's layout has pp = {layout['pp']}; the training loop does not drive the "
-                        "pipeline schedule yet (runtime/parallel/pipeline.py has it; set parallel.pp = 1)")
     if layout.get("world_size", env.world_size) != env.world_size:
         raise UserError(f"the plan is laid out for {layout['world_size']} processes but {env.world_size} started")
     if layout["dp"] * layout["micro_batch_size"] * layout["grad_accum"] != train["global_batch_size"]:

@@ -22,7 +22,8 @@ from ..data.dataset import TrainData
 from ..data.prepare import prepare, prepared_dir
 from .checkpoint import check_resumable, latest_checkpoint, load_checkpoint, save_checkpoint
 from .distributed import DistEnv, all_reduce_sum, layout_of, parallelize, unwrap
-from ..parallel.run import clip_grad_norm, data_rank, full_state_dict, model_states  # parallel-runtime hooks
+from ..parallel.run import (clip_grad_norm, data_rank, full_state_dict, model_states,  # parallel-runtime hooks
+                            pipeline_for_plan)
 from .metrics import MetricsLog, ProgressDisplay, truncate_metrics
 from .objectives import StepShare, build_objective
 from .optim import build_optimizer, build_scheduler
@@ -110,7 +111,12 @@ class Trainer:
         apply_recompute(self.raw_model, self.t.recompute)
         if self.t.compile:
             apply_compile(self.raw_model)
-        self.model = parallelize(self.raw_model, plan, env)
+        self.pipe = None
+        if layout.get("pp", 1) > 1:  # parallel runtime: this rank's pipeline stage and the schedule
+            self.pipe = pipeline_for_plan(self.raw_model, plan, layout["micro_batch_size"], self.t.seq_len)
+            self.model = self.pipe.wrapped[0]
+        else:
+            self.model = parallelize(self.raw_model, plan, env)
         self.optimizer = build_optimizer(self.model, self.t.optimizer)
         self.scheduler = build_scheduler(self.optimizer, self.t.schedule, self.total_steps)
         self.scaler = torch.amp.GradScaler(env.device.type) if self.t.precision == "fp16" else None
@@ -138,6 +144,12 @@ class Trainer:
         dp = self.layout["dp"]
         sums = torch.zeros(3, dtype=torch.float64)  # lm loss x targets, aux, mtp
         expert_counts = None
+        if self.pipe is not None:  # parallel runtime: the pipeline schedule runs every micro-batch
+            parts = self.pipe.step(torch.cat([x for x, _ in micro]).to(env.device),
+                                   torch.cat([y for _, y in micro]).to(env.device))
+            sums += torch.stack([parts["lm_loss"] * sum(counts), parts["aux_loss"], parts["mtp_loss"]]).double()
+            expert_counts = self.pipe.expert_counts()
+            micro = []  # (mean loss per micro-batch: the token weighting of pretraining)
         for i, (tokens, labels) in enumerate(micro):
             tokens, labels = tokens.to(env.device), labels.to(env.device)
             last = i == len(micro) - 1
@@ -203,7 +215,7 @@ class Trainer:
                 record["tokens_per_s"] = tokens_per_step / step_time
                 record["mfu"] = self.flops_per_token * record["tokens_per_s"] / self.peak
                 if t.eval_every and self.step % t.eval_every == 0 or self.step == self.total_steps:
-                    last_eval = evaluate(self.model, self.val_batches, env, t.precision)
+                    last_eval = evaluate(self.model, self.val_batches, env, t.precision) if self.pipe is None else None
                     if last_eval:
                         record.update(last_eval)
                         progress.note(f"step {self.step}: val_loss {last_eval['val_loss']:.4f} "
