@@ -5,9 +5,11 @@ record (a line of a `jsonl` file, a row of a `csv` file) otherwise. For SFT a js
 conversation (`messages`: a list of {"role", "content"}).
 
 `builtin:stdlib` is the Python standard library's own `.py` sources (the interpreter's
-`sysconfig` stdlib folder, without site-packages and without the test suites, whose files include
-deliberately broken encodings), read in sorted path order so every machine with the same Python
-sees the same corpus. `data.max_bytes` caps the bytes read per source.
+`sysconfig` stdlib folder), read in sorted path order so every machine with the same Python sees
+the same corpus: about 13 MB of code and docstrings on CPython 3.11. Left out: site-packages, the
+test suites (their files include deliberately broken encodings), and two folders of generated data
+rather than code, `encodings/` (codec tables) and `pydoc_data/` (the manual's topics as one string).
+`data.max_bytes` caps the bytes read per source.
 
 Bad data (an empty file, invalid UTF-8, a line that is not JSON, a missing or mistyped field) raises
 `DataError` naming the file and line, or is skipped and counted when `data.on_bad_record = "skip"`.
@@ -26,7 +28,8 @@ from typing import Iterator
 from ...compiler.errors import UserError
 
 CHAT_ROLES = ("system", "user", "assistant", "tool")
-_STDLIB_EXCLUDE = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+_STDLIB_EXCLUDE = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__",
+                   "encodings", "pydoc_data"}
 
 
 class DataError(UserError):
