@@ -5,8 +5,9 @@
 Without --target, a pair is trained here in a few minutes on Python's standard library source
 (cached in --workdir): a one-layer draft (d_model 256), then a 12-layer target grown from it
 (progressive stacking: the draft's layer and embeddings, 11 new layers whose output projections
-start at zero, so the target starts as the draft) and trained further. The target is ~8x the
-draft's compute, and close to it in what it predicts: a well-matched draft. The target is exported
+start at zero, so the target starts as the draft) and trained further; finally the draft is
+distilled from the target. The target is ~8x the draft's compute, and close to it in what it
+predicts: a well-matched draft. The target is exported
 to transformers with `llmc export hf`'s code, so both libraries run the same weights. Both decode
 greedily the same held-out prompts with a KV cache (and, as a reference, without one); llmc also
 decodes with speculative decoding and with int8 / int4 weights.
@@ -41,25 +42,51 @@ def corpus() -> str:
     return "\n".join((lib / name).read_text(encoding="utf-8") for name in CORPUS)
 
 
-def train_pair(workdir: Path, draft_steps: int, target_steps: int) -> tuple[Path, Path]:
-    """Train the draft, grow the target from it and train that; both saved as llmc checkpoints."""
+def distill(draft, target, ids: list[int], steps: int, seq: int = 128, batch: int = 16, lr: float = 1e-3):
+    """Fit the draft to the target's next-token distributions (KL(target || draft)), the usual
+    way a draft is matched to its target."""
+    g = torch.Generator().manual_seed(2)
+    data = torch.tensor(ids)
+    opt = torch.optim.AdamW(draft.parameters(), lr=lr)
+    draft.train()
+    target.eval()
+    for _ in range(steps):
+        starts = torch.randint(0, len(data) - seq - 1, (batch,), generator=g)
+        x = torch.stack([data[s:s + seq] for s in starts])
+        with torch.no_grad():
+            teacher = target(x).logits.log_softmax(-1)
+        student = draft(x).logits.log_softmax(-1)
+        loss = torch.nn.functional.kl_div(student, teacher, log_target=True, reduction="batchmean") / seq
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return draft.eval()
+
+
+def train_pair(workdir: Path, draft_steps: int, target_steps: int, distill_steps: int) -> tuple[Path, Path]:
+    """Train a draft, grow the target from it and train that, then distill the draft from the
+    target; saved as llmc checkpoints (workdir/draft0, workdir/target, workdir/draft) and reused."""
     from test_infer_checkpoints import fit
 
     from llmc.compiler.plan import build_plan
     from llmc.compiler.spec import load_spec
     from llmc.runtime.data.tokenizer import train_tokenizer
+    from llmc.runtime.infer.checkpoint import load_for_inference
     from llmc.runtime.model import Transformer
     from llmc.runtime.model.io import save_model
-    from llmc.runtime.infer.checkpoint import load_for_inference
-    if (workdir / "target" / "model.safetensors").is_file():
+
+    def saved(name):
+        return (workdir / name / "model.safetensors").is_file()
+
+    if saved("target") and saved("draft"):
         return workdir / "target", workdir / "draft"
     text = corpus()
     train_text = text[:int(0.9 * len(text))]
     target_spec = load_spec(REPO / "specs" / "tiny.toml", TARGET)
     draft_spec = load_spec(REPO / "specs" / "tiny.toml", TARGET + [f"model.n_layers={DRAFT_LAYERS}"])
-    if (workdir / "draft" / "model.safetensors").is_file():
-        draft, _, tok = load_for_inference(workdir / "draft")
-        draft.train()
+    draft_plan = build_plan(draft_spec).model_dump(mode="json")
+    if saved("draft0"):
+        draft, _, tok = load_for_inference(workdir / "draft0")
     else:
         tok = train_tokenizer([train_text], 2048)
         torch.manual_seed(0)
@@ -68,20 +95,27 @@ def train_pair(workdir: Path, draft_steps: int, target_steps: int) -> tuple[Path
         t0 = time.perf_counter()
         fit(draft, tok.encode(train_text).ids, draft_steps, seq=128, batch=16, lr=3e-3)
         print(f"draft trained: {draft_steps} steps in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
-        save_model(draft, build_plan(draft_spec).model_dump(mode="json"), workdir / "draft", tok)
+        save_model(draft, draft_plan, workdir / "draft0", tok)
     ids = tok.encode(train_text).ids
-    torch.manual_seed(0)
-    target = Transformer(target_spec.model)
-    target.init_weights()
-    with torch.no_grad():
-        for name, module in target.named_modules():
-            if name.endswith(("attn.wo", "ffn.w2")):
-                module.weight.zero_()           # new layers start as the identity
-    target.load_state_dict(draft.state_dict(), strict=False)
+    if saved("target"):
+        target = load_for_inference(workdir / "target")[0]
+    else:
+        torch.manual_seed(0)
+        target = Transformer(target_spec.model)
+        target.init_weights()
+        with torch.no_grad():
+            for name, module in target.named_modules():
+                if name.endswith(("attn.wo", "ffn.w2")):
+                    module.weight.zero_()           # new layers start as the identity
+        target.load_state_dict(draft.state_dict(), strict=False)
+        t0 = time.perf_counter()
+        fit(target, ids, target_steps, seq=128, batch=16, lr=3e-4, seed=1)
+        print(f"target trained: {target_steps} steps in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
+        save_model(target, build_plan(target_spec).model_dump(mode="json"), workdir / "target", tok)
     t0 = time.perf_counter()
-    fit(target, ids, target_steps, seq=128, batch=16, lr=3e-4, seed=1)
-    print(f"target trained: {target_steps} steps in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
-    save_model(target, build_plan(target_spec).model_dump(mode="json"), workdir / "target", tok)
+    distill(draft, target, ids, distill_steps)
+    print(f"draft distilled: {distill_steps} steps in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
+    save_model(draft, draft_plan, workdir / "draft", tok)
     return workdir / "target", workdir / "draft"
 
 
@@ -92,6 +126,7 @@ def main() -> int:
     ap.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "llmc-bench-generate"))
     ap.add_argument("--draft-steps", type=int, default=300)
     ap.add_argument("--target-steps", type=int, default=40)
+    ap.add_argument("--distill-steps", type=int, default=60)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--prompts", type=int, default=2)
@@ -120,7 +155,7 @@ def main() -> int:
             ap.error("--target needs --draft")
         target_path, draft_path = Path(args.target), Path(args.draft)
     else:
-        target_path, draft_path = train_pair(workdir, args.draft_steps, args.target_steps)
+        target_path, draft_path = train_pair(workdir, args.draft_steps, args.target_steps, args.distill_steps)
     target, _, tok = load_for_inference(target_path, dtype=torch.float32)
     draft = load_for_inference(draft_path, dtype=torch.float32)[0]
     export_checkpoint(target_path, workdir / "hf")
