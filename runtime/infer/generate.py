@@ -68,7 +68,7 @@ def check_prompts(prompts: list[list[int]], model, max_new_tokens: int) -> int:
     return min(max_new_tokens, limit - longest)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate(model, prompts: list[list[int]], params: SamplingParams, tokenizer=None, *,
              on_text: Callable[[int, str], None] | None = None, pad_id: int = 0,
              cache_dtype: torch.dtype | None = None, index_fp8: bool = True,
@@ -151,7 +151,7 @@ def _accept(result: Generation, token: int, logits, stream, stop_ids: set[int], 
             result.stop_reason = "stop_string"
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate_without_cache(model, prompt: list[int], params: SamplingParams) -> list[int]:
     """The reference loop: recompute the whole sequence every step (no KV cache). For benchmarks
     and tests; one prompt, greedy or sampled alike."""

@@ -75,7 +75,7 @@ def accept_prefix(proposals: list[int], q: list[torch.Tensor], p: list[torch.Ten
     return out
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def speculative_generate(target, draft, prompt: list[int], params: SamplingParams, tokenizer=None, *,
                          k: int = 4, on_text=None, keep_logits: bool = False) -> SpeculativeGeneration:
     """Generate from one prompt with `draft` proposing k tokens per round and `target` verifying."""
