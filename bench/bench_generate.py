@@ -206,8 +206,10 @@ def main() -> int:
     speed = {m: len(prompts) * n / sum(best[m, i] for i in range(len(prompts))) for m in methods}
     reference = outs["transformers generate, KV cache"]
     hf_speed, plain = speed["transformers generate, KV cache"], speed["llmc generate, KV cache"]
-    notes = {f"llmc speculative, k={k}": f"acceptance {sum(a) / len(a):.0%}, {speed[f'llmc speculative, k={k}'] / plain:.2f}x llmc"
-             for k, a in acceptance.items()}
+    notes = {}
+    for k, rates in acceptance.items():
+        name = f"llmc speculative, k={k}"
+        notes[name] = f"acceptance {sum(rates) / len(rates):.0%}, {speed[name] / plain:.2f}x llmc"
     for bits in quantized:
         o = outs[f"llmc int{bits} weights"]
         prefix = [next((i for i, (a, b) in enumerate(zip(x, r)) if a != b), n) for x, r in zip(o, reference)]

@@ -12,7 +12,8 @@ from llmc.compiler.cli import main as llmc
 from llmc.runtime.infer.cache import build_cache
 from llmc.runtime.infer.generate import generate, generate_without_cache
 from llmc.runtime.infer.sampling import SamplingParams
-from test_infer_checkpoints import one_thread, DENSE, GPT2, MIXTRAL, QWEN, checkpoint, random_model, spec_with  # noqa: F401
+from test_infer_checkpoints import (one_thread, DENSE, GPT2, MIXTRAL, QWEN, checkpoint,  # noqa: F401
+                                    random_model, spec_with)
 
 
 PROMPTS = [[5, 17, 300, 2, 9, 41, 7], [88, 0, 3], [1] * 12 + [250, 251], [400]]   # 0 is also the padding id

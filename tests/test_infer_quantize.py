@@ -13,7 +13,8 @@ from llmc.compiler.cli import main as llmc
 from llmc.compiler.errors import UserError
 from llmc.runtime.infer.checkpoint import load_for_inference
 from llmc.runtime.infer.quantize import QuantConfig, QuantLinear, dequantize_tensor, quantize_model, quantize_tensor
-from test_infer_checkpoints import one_thread, DENSE, REAL_TEXT, checkpoint, fit, random_model, spec_with, tokenizer  # noqa: F401
+from test_infer_checkpoints import (one_thread, DENSE, REAL_TEXT, checkpoint, fit,  # noqa: F401
+                                    random_model, spec_with, tokenizer)
 
 
 @pytest.mark.parametrize("bits", [8, 4])

@@ -9,7 +9,8 @@ from llmc.compiler.cli import main as llmc
 from llmc.runtime.infer.generate import generate
 from llmc.runtime.infer.sampling import SamplingParams
 from llmc.runtime.infer.speculative import accept_prefix, speculative_generate
-from test_infer_checkpoints import one_thread, DENSE, DRAFT, checkpoint, random_model, spec_with, tokenizer  # noqa: F401
+from test_infer_checkpoints import (one_thread, DENSE, DRAFT, checkpoint, random_model,  # noqa: F401
+                                    spec_with, tokenizer)
 
 
 
@@ -88,4 +89,5 @@ def test_greedy_speculative_with_an_mla_moe_target_equals_the_target_alone():
     draft = random_model(spec_with(DRAFT), seed=2)
     params = SamplingParams(max_new_tokens=16)
     prompt = [5, 17, 300, 2, 9]
-    assert speculative_generate(target, draft, prompt, params, k=3).tokens == generate(target, [prompt], params)[0].tokens
+    alone = generate(target, [prompt], params)[0].tokens
+    assert speculative_generate(target, draft, prompt, params, k=3).tokens == alone
