@@ -1,6 +1,7 @@
 """Generation from checkpoints imported from Hugging Face: llmc's greedy tokens with its KV cache
 equal transformers' own `generate` on the same weights (an independent implementation), for a
-Llama-style, a Qwen2-style (q/k/v biases, tied embeddings) and a Mixtral-style (MoE) model."""
+Llama-style, a Qwen2-style (q/k/v biases, tied embeddings), a Mixtral-style (MoE) and a DeepSeek-V3
+model (MLA decoded from the compressed cache with absorbed projections, shared + routed experts)."""
 
 import pytest
 import torch
@@ -24,6 +25,11 @@ CONFIGS = {
                                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                                   num_local_experts=4, num_experts_per_tok=2,
                                                   max_position_embeddings=128),
+    "deepseek_v3": lambda: transformers.DeepseekV3Config(
+        vocab_size=300, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
+        first_k_dense_replace=1, n_group=1, topk_group=1, q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=16,
+        qk_rope_head_dim=8, v_head_dim=16, max_position_embeddings=128, rope_scaling=None),
 }
 
 
