@@ -37,6 +37,8 @@ LAYOUTS = {
     "dp2_x_ep2": (4, degrees(dp=4, ep=2)),   # ep groups {0,1},{2,3}; expert gradients over edp {0,2},{1,3}
     "dp2_x_pp2": (4, degrees(dp=2, pp=2)),
     "dp2_x_pp2_fsdp": (4, degrees(dp=2, pp=2, zero=3)),
+    "dp2_x_tp2": (4, degrees(dp=2, tp=2, zero=0, sequence_parallel=True)),       # FSDP2's replicate over DTensors
+    "dp2_x_tp2_fsdp": (4, degrees(dp=2, tp=2, zero=3, sequence_parallel=True)),  # 2-D: FSDP2 x TP
 }
 
 # Layouts whose measured model states are not the plan's figures, and why (see the report):
@@ -44,7 +46,7 @@ LAYOUTS = {
 #   TP keeps norms, MoE layers and MLA's down-projections replicated, the plan divides whole blocks;
 #   PP with MTP keeps a copy of the embedding on the last stage, which the plan does not count.
 MEMORY_DIFFERS = {"dp2_zero2", "tp2", "tp2_sp", "pp2_1f1b", "pp2_gpipe", "pp2_interleaved", "dp2_x_pp2",
-                  "dp2_x_pp2_fsdp"}
+                  "dp2_x_pp2_fsdp", "dp2_x_tp2", "dp2_x_tp2_fsdp"}
 
 
 @pytest.fixture(scope="module")

@@ -55,7 +55,7 @@ def test_expert_groups_are_carved_from_a_stage():
 @pytest.mark.parametrize("layout, message", [
     (dict(world_size=4, dp=3), "world_size"),
     (dict(world_size=4, dp=4, ep=3), "must divide"),
-    (dict(world_size=4, dp=2, tp=2, zero=0), "zero >= 1"),
+    (dict(world_size=4, dp=2, tp=2, ep=2), "expert parallelism together with tensor"),
     (dict(world_size=2, dp=1, pp=2, stages=[[0, 1, 2, 3]]), "stages"),
 ])
 def test_inconsistent_layouts_are_refused(layout, message):

@@ -58,7 +58,9 @@ def parallelize(model: nn.Module, pdims: ParallelDims, *, param_dtype: torch.dty
     if compile:
         apply_compile(model)
     if layout.dp > 1:
-        from .data_parallel import apply_ddp, apply_fsdp
+        from .data_parallel import apply_ddp, apply_fsdp, apply_replicate
+        if layout.zero == 0 and layout.tp > 1:
+            return apply_replicate(model, pdims.dp_mesh)
         if layout.zero == 0:
             return apply_ddp(model, pdims.dp_mesh)
         return apply_fsdp(model, pdims.dp_mesh, layout.zero, param_dtype)

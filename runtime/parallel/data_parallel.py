@@ -2,6 +2,8 @@
 
 ZeRO stages map onto FSDP2 as follows (an honest mapping, not ZeRO's exact memory profile):
   zero 0  DDP: weights, gradients and optimizer state replicated; gradients all-reduced.
+          With tensor parallelism (DTensor weights, which DDP does not take) FSDP2's `replicate`
+          does the same per block.
   zero 1  FSDP2 with reshard_after_forward=False (same as zero 2 below): FSDP2 always
           reduce-scatters gradients, so there is no "sharded optimizer only" mode.
   zero 2  FSDP2 with reshard_after_forward=False: weights are gathered once per step and kept
@@ -34,6 +36,19 @@ def apply_ddp(model: nn.Module, dp_mesh) -> nn.Module:
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
     return DistributedDataParallel(model, process_group=dp_mesh.get_group(), forward_sync_buffers=False,
                                    init_sync=True)
+
+
+def apply_replicate(model: nn.Module, dp_mesh) -> nn.Module:
+    """zero 0 over tensor-parallel (DTensor) weights, where DDP does not apply: FSDP2's
+    `replicate` keeps full replicas over the dp mesh and all-reduces gradients, per block."""
+    from torch.distributed._composable.replicate_with_fsdp import replicate
+
+    ignored = {p for p in model.parameters() if getattr(p, "_llmc_expert_local", False)} or None
+    blocks = list(model.layers.values()) + [m.block for m in getattr(model, "mtp", [])]
+    for block in blocks:
+        replicate(block, mesh=dp_mesh, ignored_params=ignored)
+    replicate(model, mesh=dp_mesh, ignored_params=ignored)
+    return model
 
 
 def apply_fsdp(model: nn.Module, dp_mesh, zero: int, param_dtype: torch.dtype | None = None) -> nn.Module:

@@ -64,9 +64,6 @@ class Layout:
             raise ValueError(f"ep = {self.ep} must divide dp x tp = {self.dp * self.tp}")
         if self.ep > 1 and self.tp > 1:
             raise ValueError("expert parallelism together with tensor parallelism is not supported by the runtime")
-        if self.tp > 1 and self.dp > 1 and self.zero == 0:
-            raise ValueError("tensor parallelism with data parallelism needs zero >= 1 (FSDP2 over the dp dim); "
-                             "DDP does not take tensor-parallel (DTensor) weights")
         if self.pp > 1 and len(self.stages) != self.pp * self.pp_virtual_stages:
             raise ValueError(f"layout.stages has {len(self.stages)} stages, expected pp x virtual = "
                              f"{self.pp * self.pp_virtual_stages}")
