@@ -6,7 +6,7 @@ the achieved FLOP/s as a fraction of this machine's matmul peak, measured here w
 torch.mm in the same dtype. FLOPs per token follow the PaLM convention: 6 x non-embedding
 parameters + 12 x n_layers x d_model x seq_len (attention scores and values, forward+backward).
 
-    python bench/bench_model_step.py [--threads 2] [--steps 5] [--compile]
+    python bench/bench_model_step.py [--threads 2] [--steps 5] [--compile [--compile-scope blocks]]
 """
 
 import argparse
@@ -88,7 +88,9 @@ def main():
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--precision", choices=["fp32", "bf16", "both"], default="both")
     ap.add_argument("--compile", action="store_true",
-                    help="also time both models with each block torch.compile'd (slow to compile on 2 cores)")
+                    help="also time both models under torch.compile (slow to compile on 2 cores)")
+    ap.add_argument("--compile-scope", choices=["model", "blocks"], default="model",
+                    help="compile the whole model, or each block on its own (llmc's trainer does blocks)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -126,10 +128,13 @@ def main():
                     model.init_weights()
                 model.train()
                 opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-                if compiled:  # block by block, as llmc's trainer does (parallel.apply_compile)
+                run = model
+                if compiled and args.compile_scope == "blocks":  # as llmc's trainer does (apply_compile)
                     for block in (model.layers.values() if kind == "llmc" else model.model.layers):
                         block.compile()
-                steps[kind] = step_fn(model, kind, tokens, labels, opt, precision)
+                elif compiled:  # the whole forward: embedding, blocks, head and loss in one graph
+                    run = torch.compile(model)
+                steps[kind] = step_fn(run, kind, tokens, labels, opt, precision)
             seconds = time_interleaved(steps, args.steps, args.warmup + (2 if compiled else 0))
             rates = {k: n_tokens / t for k, t in seconds.items()}
             del steps
