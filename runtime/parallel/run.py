@@ -44,7 +44,8 @@ class ParallelRun:
     @property
     def param_dtype(self) -> torch.dtype | None:
         """FSDP2 computes in bf16 with fp32 master weights under bf16 / fp8 training."""
-        return torch.bfloat16 if self.precision in ("bf16", "fp8") and self.layout.zero > 0 else None
+        fsdp = self.layout.zero > 0 and self.layout.dp > 1
+        return torch.bfloat16 if self.precision in ("bf16", "fp8") and fsdp else None
 
     def wrap(self, model: nn.Module, recompute: str = "none", compile: bool = False) -> nn.Module:
         """Apply the layout (pp = 1) to an initialised model; returns the module to train."""
