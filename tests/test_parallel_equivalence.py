@@ -39,6 +39,7 @@ LAYOUTS = {
     "dp2_x_pp2_fsdp": (4, degrees(dp=2, pp=2, zero=3)),
     "dp2_x_tp2": (4, degrees(dp=2, tp=2, zero=0, sequence_parallel=True)),       # FSDP2's replicate over DTensors
     "dp2_x_tp2_fsdp": (4, degrees(dp=2, tp=2, zero=3, sequence_parallel=True)),  # 2-D: FSDP2 x TP
+    "pp2_x_tp2_sp": (4, degrees(pp=2, tp=2, sequence_parallel=True)),  # stages pass sequence slices
 }
 
 # Layouts whose measured model states are not the plan's figures, and why (see the report):
@@ -46,7 +47,7 @@ LAYOUTS = {
 #   TP keeps norms, MoE layers and MLA's down-projections replicated, the plan divides whole blocks;
 #   PP with MTP keeps a copy of the embedding on the last stage, which the plan does not count.
 MEMORY_DIFFERS = {"dp2_zero2", "tp2", "tp2_sp", "pp2_1f1b", "pp2_gpipe", "pp2_interleaved", "dp2_x_pp2",
-                  "dp2_x_pp2_fsdp", "dp2_x_tp2", "dp2_x_tp2_fsdp"}
+                  "dp2_x_pp2_fsdp", "dp2_x_tp2", "dp2_x_tp2_fsdp", "pp2_x_tp2_sp"}
 
 
 @pytest.fixture(scope="module")

@@ -29,8 +29,6 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
-from .expert import moe_modules
-
 SCHEDULES = {"1f1b": Schedule1F1B, "gpipe": ScheduleGPipe, "interleaved": ScheduleInterleaved1F1B}
 
 
@@ -198,8 +196,8 @@ def build_pipeline(model: nn.Module, pdims, n_microbatches: int, micro_batch_siz
     PipelineStage is made (FSDP/DDP of the stage).
 
     The stages' input and output shapes are given statically (tokens [mb, T] into the first
-    stage, hidden [mb, T, D] of `activation_dtype` between stages, a scalar loss out of the
-    last), so the schedule runs no placeholder forward/backward to infer them (that pass
+    stage, hidden [mb, T, D] of `activation_dtype` between stages (this rank's T / tp slice
+    under sequence parallelism), a scalar loss out of the last), so the schedule runs no placeholder forward/backward to infer them (that pass
     corrupts DDP's bucket bookkeeping)."""
     lay = pdims.layout
     stages = lay.stages
@@ -216,7 +214,8 @@ def build_pipeline(model: nn.Module, pdims, n_microbatches: int, micro_batch_siz
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     group = pdims.group("pp")
     tokens = torch.zeros(micro_batch_size, seq_len, dtype=torch.long, device=device)
-    hidden = torch.zeros(micro_batch_size, seq_len, model.cfg.d_model, dtype=activation_dtype, device=device,
+    hidden_len = seq_len // lay.tp if lay.tp > 1 and lay.sequence_parallel else seq_len
+    hidden = torch.zeros(micro_batch_size, hidden_len, model.cfg.d_model, dtype=activation_dtype, device=device,
                          requires_grad=True)  # so that stages exchange its gradient
     loss = torch.zeros((), dtype=torch.float32, device=device)
     pipe_stages = [PipelineStage(w, s, n_stages, device, group=group,

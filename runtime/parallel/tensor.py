@@ -123,7 +123,7 @@ def _MoESequenceParallel():
 def apply_tp(model: nn.Module, tp_mesh, sequence_parallel: bool = False) -> nn.Module:
     """Shard `model`'s attention, dense FFNs, embedding and head over the tp mesh (in place)."""
     tp, sp = tp_mesh.size(), sequence_parallel
-    if model.head is None:
+    if model.cfg.tie_embeddings:
         raise NotImplementedError("tensor parallelism with tied embeddings is not supported")
     if sp and getattr(model, "pos_embed", None) is not None:
         raise NotImplementedError("sequence parallelism with learned absolute positions is not supported")
