@@ -32,6 +32,8 @@ from .rope import apply_rope, softmax_scale_factor
 
 
 class MLA(nn.Module):
+    """Multi-head latent attention; q/k/v biases are not part of MLA (qkv_bias is ignored here)."""
+
     def __init__(self, cfg):
         super().__init__()
         a = cfg.attention
