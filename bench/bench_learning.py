@@ -100,8 +100,9 @@ def main() -> int:
 
     model, plan, tokenizer = load_model(out, "cpu", "fp32")
     context = plan["spec"]["model"]["max_seq_len"]
+    prompt = "import os\n\n\ndef"  # no trailing space: byte-level BPE attaches a space to the next word
     for temperature in (0.0, 0.8):
-        text = sample(model, tokenizer, "def ", 120, temperature, context)
+        text = sample(model, tokenizer, prompt, 120, temperature, context)
         print(f"\n--- sample, temperature {temperature} ---\n{text}")
     return 0
 
