@@ -11,7 +11,6 @@ parameters + 12 x n_layers x d_model x seq_len (attention scores and values, for
 
 import argparse
 import contextlib
-import statistics
 import time
 
 import torch
@@ -65,8 +64,8 @@ def step_fn(model, kind: str, tokens, labels, opt, precision: str):
 
 
 def time_interleaved(steps: dict, n: int, warmup: int) -> dict:
-    """Median seconds per step of each step function, alternating between them step by step so a
-    shared, fluctuating CPU load hits both alike."""
+    """Best (least loaded) seconds per step of each step function, alternating between them step
+    by step so a shared, fluctuating CPU load hits both alike; the best of n, like the mm peak."""
     for step in steps.values():
         for _ in range(warmup):
             step()
@@ -76,7 +75,7 @@ def time_interleaved(steps: dict, n: int, warmup: int) -> dict:
             t = time.perf_counter()
             step()
             times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return {k: min(v) for k, v in times.items()}
 
 
 def main():
