@@ -7,6 +7,7 @@ pydantic finds is reported as `FILE:LINE: key.path: message`, all at once.
 import difflib
 import re
 import tomllib
+import types
 import typing
 from dataclasses import dataclass
 from importlib import resources
@@ -229,7 +230,7 @@ def _key_path(loc: tuple) -> Key:
 def _unwrap(annotation):
     """`X | None` -> X where one model or container is inside a union."""
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    if typing.get_origin(annotation) in (typing.Union, getattr(__import__("types"), "UnionType")):
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         structured = [a for a in args if (isinstance(a, type) and issubclass(a, BaseModel))
                       or typing.get_origin(a) in (list, dict)]
         if len(structured) == 1:
