@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from llmc.compiler.spec import ModelSpec
+from llmc.runtime.allocator import keep_freed_memory
 from llmc.runtime.model import Transformer
 
 CONFIG = dict(vocab_size=32000, d_model=512, n_layers=8, n_heads=8, n_kv_heads=4, ffn_hidden=1536,
@@ -90,7 +91,12 @@ def main():
                     help="also time both models under torch.compile (slow to compile on 2 cores)")
     ap.add_argument("--compile-scope", choices=["model", "blocks"], default="model",
                     help="compile the whole model, or each block on its own (llmc's trainer does blocks)")
+    ap.add_argument("--malloc", choices=["keep", "default"], default="keep",
+                    help="keep freed memory in the process, as llmc's trainer does (runtime/allocator.py), "
+                         "or glibc's default; applies to both models alike")
     args = ap.parse_args()
+    if args.malloc == "keep":
+        keep_freed_memory()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     # transformers' decoder layers specialise on their layer_idx: one graph per layer, not per model

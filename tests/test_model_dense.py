@@ -51,6 +51,25 @@ def test_sdpa_attention_equals_naive_softmax(kv_heads):
     torch.testing.assert_close(out, naive_attention(q, k, v, 8 ** -0.5), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])
+def test_bf16_matmul_attention_equals_fp32_reference_with_gradients(kv_heads):
+    """The CPU bf16 path (two matmuls, fp32 softmax) against the naive fp32 formula, forward and
+    backward, with a non-contiguous q as the model passes it."""
+    torch.manual_seed(3)
+    q = torch.randn(2, 9, 4, 16).transpose(1, 2)
+    k, v = torch.randn(2, kv_heads, 9, 16), torch.randn(2, kv_heads, 9, 16)
+    ref_in = [t.clone().requires_grad_() for t in (q, k, v)]
+    low_in = [t.to(torch.bfloat16).requires_grad_() for t in (q, k, v)]
+    ref = naive_attention(*ref_in, 0.25)
+    low = causal_attention(*low_in, scale=0.25)
+    torch.testing.assert_close(low.float(), ref, atol=3e-2, rtol=3e-2)
+    grad = torch.randn_like(ref)
+    ref.backward(grad)
+    low.backward(grad.to(torch.bfloat16))
+    for a, b in zip(low_in, ref_in):
+        torch.testing.assert_close(a.grad.float(), b.grad, atol=5e-2, rtol=5e-2)
+
+
 def test_attention_with_cache_offset_equals_naive():
     torch.manual_seed(2)
     q = torch.randn(1, 2, 3, 8)            # 3 new queries after 5 cached keys

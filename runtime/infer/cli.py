@@ -8,6 +8,7 @@ import torch
 
 from llmc.compiler.errors import UserError
 
+from ..allocator import keep_freed_memory
 from .checkpoint import load_for_inference, quantize_checkpoint
 from .generate import generate
 from .sampling import SamplingParams
@@ -23,6 +24,7 @@ def _threads(model) -> None:
 
 
 def _load(path, dtype=None):
+    keep_freed_memory()
     model, plan, tokenizer = load_for_inference(path, "cpu", dtype)
     _threads(model)
     if tokenizer is None:

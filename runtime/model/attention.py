@@ -23,6 +23,33 @@ from .norm import RMSNorm
 from .rope import apply_rope
 
 
+# On CPU in bf16, torch's flash-attention kernel takes about twice as long (forward + backward) as
+# two batched matmuls around an fp32 softmax while the scores are short: 128-512 keys, measured on
+# the 2-core AVX-512 machine this was tuned on (bench/bench_model_step.py). Past ~768 keys, or when
+# the [B, H, T, S] scores it keeps for backward would be large, flash attention wins.
+MATMUL_ATTENTION_MAX_KEYS = 512
+MATMUL_ATTENTION_MAX_SCORES = 1 << 22
+
+
+def _use_matmul_attention(q, k) -> bool:
+    B, H, T, _ = q.shape
+    S = k.shape[2]
+    return (q.device.type == "cpu" and q.dtype == torch.bfloat16 and S <= MATMUL_ATTENTION_MAX_KEYS
+            and B * H * T * S <= MATMUL_ATTENTION_MAX_SCORES)
+
+
+def matmul_causal_attention(q, k, v, scale: float):
+    """Causal attention (T == S) as q k^T, an fp32 softmax and p v; each kv head serves its group
+    of query heads as one taller matmul (heads h = kv * rep + r, as SDPA's enable_gqa)."""
+    B, H, T, D = q.shape
+    Hk = k.shape[1]
+    rep = H // Hk
+    scores = (q.reshape(B, Hk, rep * T, D) @ k.transpose(-1, -2)).view(B, Hk, rep, T, T)
+    future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
+    probs = scores.float().mul_(scale).masked_fill_(future, float("-inf")).softmax(-1).to(q.dtype)
+    return (probs.view(B, Hk, rep * T, T) @ v).view(B, H, T, v.shape[-1])
+
+
 def causal_attention(q, k, v, scale: float, start_pos: int = 0, mask=None):
     """softmax(q k^T * scale + causal mask) v, SDPA layout [B, H, T, D]; kv may have fewer heads.
 
@@ -32,6 +59,8 @@ def causal_attention(q, k, v, scale: float, start_pos: int = 0, mask=None):
     gqa = q.shape[1] != k.shape[1]  # SDPA shares each kv head over its query heads, no copies
     t_q, t_k = q.shape[2], k.shape[2]
     if mask is None and t_q == t_k:
+        if _use_matmul_attention(q, k):
+            return matmul_causal_attention(q, k, v, scale)
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
     if mask is None and t_q == 1:  # one new query sees every cached key
         return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import causal_keep
+from .attention import causal_attention, causal_keep
 from .indexer import Indexer, alignment_loss
 from .norm import build_norm
 from .rope import apply_rope, softmax_scale_factor
@@ -87,7 +87,7 @@ class MLA(nn.Module):
         q = torch.cat((q_nope, q_rope), dim=-1)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if keep is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+            out = causal_attention(q, k, v, self.scale)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None], scale=self.scale)
             if torch.is_grad_enabled():  # train the indexer towards this attention

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ...compiler.spec import Spec
+from ..allocator import keep_freed_memory
 from ..data.dataset import TrainData
 from ..data.prepare import prepare, prepared_dir
 from .checkpoint import check_resumable, latest_checkpoint, load_checkpoint, save_checkpoint
@@ -253,6 +254,8 @@ class Trainer:
 
 def train(plan: dict, run_dir: Path, env: DistEnv, resume: bool = False) -> dict:
     """Train a plan into `run_dir` on this rank; return the report (rank 0) or {}."""
+    if env.device.type == "cpu":
+        keep_freed_memory()
     return Trainer(plan, run_dir, env, resume).run()
 
 
