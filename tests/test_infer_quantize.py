@@ -129,16 +129,30 @@ def test_quantized_checkpoint_size_and_round_trip(tmp_path, bits, symmetric, gro
     assert llmc(["quantize", str(out), "--bits", "8", "-o", str(tmp_path / "again")]) == 1
 
 
-@pytest.mark.parametrize("symmetric,in_features", [(True, 256), (False, 256), (True, 704), (False, 96)])
-def test_fused_int4_kernel_matches_the_dequantised_weight(symmetric, in_features):
-    # 704 = 5.5 groups of 128 per row (groups straddle rows): the kernel runs with groups of 64
+@pytest.mark.parametrize("bits,symmetric,in_features", [(4, True, 256), (4, False, 256), (4, True, 704),
+                                                       (4, False, 96), (8, True, 256), (8, True, 704)])
+def test_fused_int4_kernel_matches_the_dequantised_weight(bits, symmetric, in_features):
+    # 704 = 5.5 groups of 128 per row (groups straddle rows): the kernel runs with groups of 64;
+    # int8 runs as two int4 planes (high and low nibbles)
+    torch.manual_seed(0)
     lin = torch.nn.Linear(in_features, 96, bias=True)
-    cfg = QuantConfig(4, 128, symmetric=symmetric)
+    cfg = QuantConfig(bits, 128, symmetric=symmetric)
     ql = QuantLinear.from_linear(lin, cfg)
-    assert ql._int4_kernel() is not None
+    assert ql._int4_planes() is not None and len(ql._int4_planes()[0]) == bits // 4
     x = torch.randn(2, 3, in_features)
     q = quantize_tensor(lin.weight, cfg)
     w = dequantize_tensor(q["codes"], q["scales"], q.get("zeros"), (96, in_features), cfg)
     expected = x @ w.T + lin.bias
     # bf16 activations and bf16 zero points: about 2^-8 relative error on each product
     assert torch.allclose(ql(x), expected, atol=0.02 * expected.abs().max().item())
+
+
+def test_asymmetric_int8_dequantises_exactly():
+    lin = torch.nn.Linear(256, 64, bias=False)
+    cfg = QuantConfig(8, 128, symmetric=False)
+    ql = QuantLinear.from_linear(lin, cfg)
+    assert ql._int4_planes() is None
+    x = torch.randn(3, 256)
+    q = quantize_tensor(lin.weight, cfg)
+    w = dequantize_tensor(q["codes"], q["scales"], q["zeros"], (64, 256), cfg)
+    torch.testing.assert_close(ql(x), x @ w.T, atol=1e-5, rtol=1e-5)

@@ -127,10 +127,14 @@ class QuantWeight(nn.Module):
 class QuantLinear(nn.Module):
     """nn.Linear with a quantized weight, dequantised at each call (`.weight` gives it too).
 
-    Int4 on CPU uses torch's fused int4 kernel (tinygemm layout, bf16
-    activations) instead: symmetric codes are already its `(q - 8) * scale + zero` with zero 0, an
-    asymmetric zero point z becomes zero = (8 - z) * scale. Its packed copy of the weight is built
-    on first use (so an int4 model holds ~1 byte per weight in memory; 0.5 on disk)."""
+    On CPU, torch's fused int4 matmul (tinygemm layout, bf16 activations, per-group scale and
+    zero) runs instead, reading half a byte per weight: its value is `(q - 8) * scale + zero`.
+    Int4 codes map onto it directly (zero = (8 - z) * scale; 0 when symmetric). A symmetric int8
+    code u = 16 h + l (z = 128) is two int4 planes: h with scale 16 s and zero 0, l with scale s
+    and zero 8 s, whose sum is (u - 128) s exactly (powers of two times a bf16 scale stay exact);
+    each plane's bf16 product is summed in fp32. Asymmetric int8 dequantises (its zero point would
+    not be exact in bf16). The packed planes are built on first use, so a model holds them beside
+    its codes (int4: 1 byte per weight in memory, 0.5 on disk; int8: 2 and 1)."""
 
     KERNEL_GROUPS = (32, 64, 128, 256)
 
@@ -155,35 +159,40 @@ class QuantLinear(nn.Module):
         return self.qweight()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kernel = self._int4_kernel()
+        kernel = self._int4_planes()
         if kernel is None:
             return F.linear(x, self.qweight().to(x.dtype), self.bias)
-        packed, scale_zero, group = kernel
-        y = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features).to(torch.bfloat16), packed,
-                                              group, scale_zero)
+        planes, group = kernel
+        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        parts = [torch._weight_int4pack_mm_for_cpu(x2, packed, group, scale_zero) for packed, scale_zero in planes]
+        y = parts[0] if len(parts) == 1 else parts[0].float() + parts[1].float()
         y = y.view(*x.shape[:-1], self.out_features).to(x.dtype)
         return y + self.bias if self.bias is not None else y
 
-    def _int4_kernel(self):
-        """(packed weight, scales-and-zeros, group) for torch's CPU int4 matmul, or None where it
-        does not apply. The kernel's groups lie within rows; ours run over the flattened weight,
-        so the kernel uses the largest group that divides both a row and ours (each of its
-        groups then sits inside one of ours and takes that group's scale)."""
+    def _int4_planes(self):
+        """([(packed codes, scales-and-zeros)] per int4 plane, kernel group) for torch's CPU int4
+        matmul, or None where it does not apply. The kernel's groups lie within rows; ours run
+        over the flattened weight, so the kernel uses the largest group that divides both a row
+        and ours (each of its groups then sits inside one of ours and takes that group's scale).
+        The kernel packs output rows in blocks of 16."""
         cfg, qw = self.qweight.cfg, self.qweight
         n, k, g = self.out_features, self.in_features, cfg.group_size
         kernel_group = next((c for c in self.KERNEL_GROUPS[::-1] if k % c == 0 and g % c == 0), None)
-        if (cfg.bits != 4 or kernel_group is None or qw.codes.device.type != "cpu"
+        if (kernel_group is None or n % 16 or (cfg.bits == 8 and not cfg.symmetric) or qw.codes.device.type != "cpu"
                 or not hasattr(torch, "_weight_int4pack_mm_for_cpu")):
             return None
         if self._kernel is None:
-            codes = torch.stack((qw.codes & 0xF, qw.codes >> 4), dim=-1).flatten()[:n * k].view(n, k)
             chunk_start = torch.arange(n)[:, None] * k + torch.arange(k // kernel_group)[None, :] * kernel_group
-            ours = chunk_start // g                                       # [n, k / kernel_group]
-            scale = qw.scales.float()[ours]
-            zero = torch.zeros_like(scale) if qw.zeros is None else (8 - qw.zeros.float()[ours]) * scale
-            scale_zero = torch.stack((scale.t(), zero.t()), dim=-1).to(torch.bfloat16).contiguous()
-            self._kernel = (torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1), scale_zero,
-                            kernel_group)
+            scale = qw.scales.float()[chunk_start // g]                       # [n, k / kernel_group]
+            if cfg.bits == 4:
+                codes = torch.stack((qw.codes & 0xF, qw.codes >> 4), dim=-1).flatten()
+                zero = torch.zeros_like(scale) if qw.zeros is None else (8 - qw.zeros.float()[chunk_start // g]) * scale
+                planes = [(codes, scale, zero)]
+            else:
+                planes = [(qw.codes >> 4, 16 * scale, torch.zeros_like(scale)), (qw.codes & 0xF, scale, 8 * scale)]
+            self._kernel = ([(torch._convert_weight_to_int4pack_for_cpu(c[:n * k].view(n, k).to(torch.int32), 1),
+                              torch.stack((s.t(), z.t()), dim=-1).to(torch.bfloat16).contiguous())
+                             for c, s, z in planes], kernel_group)
         return self._kernel
 
     def extra_repr(self) -> str:

@@ -74,28 +74,21 @@ def softmax_scale_factor(rope) -> float:
 
 def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, attention_factor: float = 1.0,
                  dtype: torch.dtype = torch.float32):
-    """cos, sin of shape [*positions.shape, 2 * len(inv_freq)] in the rotate-half layout."""
+    """The rotation tables apply_rope takes: cos and a signed sin, each [*positions.shape, 1, D]
+    with D = 2 * len(inv_freq) and the 1 broadcasting over heads.
+
+    Rotate-half layout: x' = x cos + rotate_half(x) sin with rotate_half(x) = [-x2 | x1]. That
+    equals x cos + swap_halves(x) [-sin | sin], so the tables carry rotate_half's sign and every
+    layer's rotation is one copy and one fused multiply-add; the model builds them once per forward.
+    """
     angles = positions.to(torch.float32).unsqueeze(-1) * inv_freq.to(positions.device, torch.float32)
-    angles = torch.cat((angles, angles), dim=-1)
-    return (angles.cos() * attention_factor).to(dtype), (angles.sin() * attention_factor).to(dtype)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+    cos, sin = angles.cos() * attention_factor, angles.sin() * attention_factor
+    cos, sin = torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
+    return cos.unsqueeze(-2).to(dtype), sin.unsqueeze(-2).to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [B, T, H, D] by cos/sin of shape [T, D] or [B, T, D]: x cos + rotate_half(x) sin.
-
-    Computed as x cos + roll(x, D/2) sin' with sin' = [-sin | sin] (the sign of rotate_half
-    moved onto sin), one copy and one fused multiply-add instead of chunk/neg/cat.
-    """
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    half = x.shape[-1] // 2
-    sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
-    if cos.dim() == 2:
-        cos, sin = cos[None, :, None, :], sin[None, :, None, :]
-    else:
-        cos, sin = cos[:, :, None, :], sin[:, :, None, :]
-    return torch.addcmul(x * cos, x.roll(half, dims=-1), sin)
+    """Rotate x [B, T, H, D] by rope_cos_sin's tables ([T, 1, D] or [B, T, 1, D])."""
+    if cos.dtype != x.dtype:
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin)
