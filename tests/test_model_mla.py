@@ -80,10 +80,10 @@ class ListCache:
     def __init__(self):
         self.parts, self.index = [], []
 
-    def update(self, a, b, start_pos):
-        assert start_pos == sum(p[0].shape[1] for p in self.parts)
+    def update(self, a, b, start_pos):  # tokens on dim -2: [B, T, C] (MLA), [B, H, T, D] (GQA)
+        assert start_pos == sum(p[0].shape[-2] for p in self.parts)
         self.parts.append((a, b))
-        return torch.cat([p[0] for p in self.parts], 1), torch.cat([p[1] for p in self.parts], 1)
+        return torch.cat([p[0] for p in self.parts], -2), torch.cat([p[1] for p in self.parts], -2)
 
     def update_index(self, k, start_pos):
         self.index.append(k)

@@ -95,7 +95,7 @@ class LayerCache:
             buf = self.buffers[name]
             if t.shape[1] != s1 - s0:
                 raise ValueError(f"cache.begin({s1 - s0}) was called but {t.shape[1]} tokens arrived")
-            buf[:, s0:s1] = t.to(buf.dtype)
+            buf[:, s0:s1] = t            # copy_ converts to the cache's dtype
             out.append(buf[:, :s1])
         return out
 
@@ -104,10 +104,10 @@ class LayerCache:
 
 
 class KVLayerCache(LayerCache):
-    """Keys and values of MHA / GQA / MQA: update(k, v, start_pos) -> (k_all, v_all), [B, T, H_kv, D].
+    """Keys and values of MHA / GQA / MQA: update(k, v, start_pos) -> (k_all, v_all), [B, H_kv, T, D].
 
-    Stored head-major [B, H_kv, max_len, D], so the attention's transpose back to [B, H, S, D]
-    hands SDPA each head's keys as one contiguous block (no copy per step)."""
+    Stored head-major [B, H_kv, max_len, D], SDPA's layout: each head's keys are one contiguous
+    block, handed to the attention as a view (no copy, no transpose per step)."""
 
     def __init__(self, owner: WholeCache, shapes: dict[str, tuple[int, ...]], dtype, device):
         self.owner = owner
@@ -118,14 +118,12 @@ class KVLayerCache(LayerCache):
         del start_pos  # the owner's slot counter decides where the chunk goes (see module docstring)
         s0 = self.owner.length
         s1 = s0 + self.owner.chunk
-        if k.shape[1] != s1 - s0:
-            raise ValueError(f"cache.begin({s1 - s0}) was called but {k.shape[1]} tokens arrived")
-        out = []
-        for name, t in (("k", k), ("v", v)):
-            buf = self.buffers[name]
-            buf[:, :, s0:s1] = t.transpose(1, 2).to(buf.dtype)
-            out.append(buf[:, :, :s1].transpose(1, 2))
-        return tuple(out)
+        if k.shape[2] != s1 - s0:
+            raise ValueError(f"cache.begin({s1 - s0}) was called but {k.shape[2]} tokens arrived")
+        k_buf, v_buf = self.buffers["k"], self.buffers["v"]
+        k_buf[:, :, s0:s1] = k           # copy_ converts to the cache's dtype
+        v_buf[:, :, s0:s1] = v
+        return k_buf[:, :, :s1], v_buf[:, :, :s1]
 
 
 FP8 = torch.float8_e4m3fn

@@ -8,8 +8,8 @@ When `cache` is given it is this layer's cache object with one method
 
     cache.update(k, v, start_pos) -> (k_all, v_all)
 
-k, v are the new keys/values [B, T, n_kv_heads, head_dim] (RoPE already applied) for
-positions start_pos .. start_pos+T-1; it stores them and returns every cached key/value for
+k, v are the new keys/values [B, n_kv_heads, T, head_dim] (SDPA's layout, RoPE already applied)
+for positions start_pos .. start_pos+T-1; it stores them and returns every cached key/value for
 positions 0 .. start_pos+T-1, same layout. Queries then attend causally with that offset,
 unless the cache carries `cache.mask` (bool [B, 1, T, S], True = may attend): batched generation
 left-pads prompts of different lengths and that mask hides the padding (llmc.runtime.infer.cache).
@@ -105,9 +105,10 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if self.use_rope:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         mask = None
         if cache is not None:
             k, v = cache.update(k, v, start_pos)
             mask = getattr(cache, "mask", None)
-        out = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.scale, start_pos, mask)
+        out = causal_attention(q, k, v, self.scale, start_pos, mask)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
