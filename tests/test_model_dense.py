@@ -306,3 +306,13 @@ def test_save_model_strips_wrapper_prefixes(tmp_path):
     m2, _, tok = load_model(tmp_path)
     assert tok is None
     assert torch.equal(m2.embed.weight, m.embed.weight)
+
+
+def test_last_only_logits_are_the_last_position_of_the_full_forward():
+    m = build()
+    tokens = torch.randint(0, 97, (2, 9))
+    last = m(tokens, last_only=True).logits
+    assert last.shape == (2, 1, 97)
+    torch.testing.assert_close(last, m(tokens).logits[:, -1:])
+    with pytest.raises(ValueError, match="last_only"):
+        m(tokens, tokens, last_only=True)

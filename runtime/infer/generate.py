@@ -99,7 +99,7 @@ def generate(model, prompts: list[list[int]], params: SamplingParams, tokenizer=
 
     t0 = time.perf_counter()
     cache.begin(tokens.shape[1], real)
-    logits = model(tokens, positions=positions, cache=cache).logits[:, -1]
+    logits = model(tokens, positions=positions, cache=cache, last_only=True).logits[:, -1]
     cache.commit()
     t_prefill = time.perf_counter() - t0
 
@@ -163,7 +163,7 @@ def generate_without_cache(model, prompt: list[int], params: SamplingParams) -> 
     generators = None if params.greedy else make_generators(1, params.seed)
     out = []
     for _ in range(max_new):
-        probs = next_token_probs(model(ids).logits[:, -1], params, seen)
+        probs = next_token_probs(model(ids, last_only=True).logits[:, -1], params, seen)
         token = probs.argmax(-1) if params.greedy else draw(probs, generators)
         if int(token) in params.stop_tokens:
             break

@@ -121,14 +121,17 @@ class Transformer(nn.Module):
             return None, None
         return rope_cos_sin(positions, self.inv_freq, self.rope_attention_factor, dtype)
 
-    def forward(self, tokens, labels=None, *, positions=None, cache=None) -> ModelOutput:
+    def forward(self, tokens, labels=None, *, positions=None, cache=None, last_only: bool = False) -> ModelOutput:
         """tokens [B, T] int64 -> ModelOutput. labels[:, t] is the token after tokens[:, t] (-100 = ignore).
 
         positions: [T] or [B, T] absolute positions (default 0..T-1). cache: per-layer KV caches,
         indexed `cache[layer_id]` (int); start_pos, the first new position, is positions[..., 0]
         of the first row; rows with other offsets need a cache carrying `mask` (see attention.py
-        and mla.py for the per-layer hook).
+        and mla.py for the per-layer hook). last_only: logits [B, 1, V] of the last position only
+        (a prefill needs no more; a long prompt's full logits would be T x V floats).
         """
+        if last_only and labels is not None:
+            raise ValueError("last_only computes no logits to take a loss over: pass labels or last_only, not both")
         B, T = tokens.shape
         if positions is None:
             positions = torch.arange(T, device=tokens.device)
@@ -140,7 +143,7 @@ class Transformer(nn.Module):
         for layer_id, layer in self.layers.items():
             layer_cache = cache[int(layer_id)] if cache is not None else None
             h = layer(h, cos, sin, cache=layer_cache, start_pos=start_pos)
-        logits = self.output(h)
+        logits = self.output(h[:, -1:] if last_only else h)
 
         out = ModelOutput(logits=logits)
         aux, counts = self._collect_moe_stats(h.device)
