@@ -162,6 +162,26 @@ def test_aux_free_bias_update_rule():
     assert out.aux_loss is None
 
 
+def test_mtp_moe_block_counts_and_bias_update():
+    """DeepSeek-V3's MTP block is an MoE layer too: its routing counts follow the main layers'
+    rows and aux-free balancing updates its correction bias by the same rule."""
+    torch.manual_seed(4)
+    base = spec(balance="aux_free", bias_update_speed=0.01, aux_loss_coef=0.0).model_dump()
+    cfg = ModelSpec(**{**base, "mtp": {"depth": 1}})
+    model = Transformer(cfg)
+    model.init_weights()
+    assert model.mtp[0].block.is_moe
+    tokens = torch.randint(0, 50, (2, 6))
+    out = model(tokens, tokens.roll(-1, 1))
+    assert out.expert_counts.shape == (3, 4)            # two layers, then the MTP block
+    assert out.expert_counts.sum(1).tolist() == [2 * 6 * 2] * 3   # every position routes top_k = 2
+    assert model(tokens).expert_counts.shape == (2, 4)  # no labels: MTP does not run
+    model.update_router_bias(torch.tensor([[3, 3, 3, 3], [3, 3, 3, 3], [9, 1, 1, 1]]))
+    torch.testing.assert_close(model.mtp[0].block.ffn.router.e_score_correction_bias,
+                               torch.tensor([-0.01, 0.01, 0.01, 0.01]))
+    torch.testing.assert_close(model.layers["0"].ffn.router.e_score_correction_bias, torch.zeros(4))
+
+
 def test_experts_with_bias_and_plain_activation():
     torch.manual_seed(4)
     cfg = ModelSpec(vocab_size=50, d_model=8, n_layers=1, n_heads=2, ffn_hidden=24, max_seq_len=32,

@@ -119,8 +119,10 @@ def test_moe_run_logs_expert_load_and_moves_the_routing_bias(tmp_path):
     for r in records:
         assert math.isfinite(r["loss"]) and r["aux_loss"] >= 0 and r["mtp_loss"] > 0
         load = r["expert_load"]
-        assert len(load) == spec.model.n_moe_layers and all(len(row) == 4 for row in load)
+        # a row per MoE layer, then one for the MTP block (an MoE layer too)
+        assert len(load) == spec.model.n_moe_layers + 1 and all(len(row) == 4 for row in load)
         assert all(sum(row) == pytest.approx(1.0, abs=1e-3) for row in load)
     moved = [n for n, b in trainer.raw_model.named_buffers() if n in biases and not torch.equal(b, biases[n])]
     assert moved, "aux-free balancing should update the routing bias after each step"
+    assert "mtp.0.block.ffn.router.e_score_correction_bias" in moved
     assert report["validation"]["val_loss"] > 0

@@ -31,7 +31,8 @@ class ModelOutput:
     lm_loss: torch.Tensor | None = None           # mean next-token cross entropy over labels != -100
     aux_loss: torch.Tensor | None = None          # MoE balance loss, already weighted by aux_loss_coef
     mtp_loss: torch.Tensor | None = None          # mean over MTP depths of their cross entropy
-    expert_counts: torch.Tensor | None = None     # [n_moe_layers, n_experts] tokens routed per expert
+    expert_counts: torch.Tensor | None = None     # [n_moe_layers, n_experts] tokens routed per expert,
+                                                  #   then a row per MoE MTP block (with labels)
     indexer_loss: torch.Tensor | None = None      # DSA indexers' alignment KL, summed over layers
 
 
@@ -88,6 +89,7 @@ class Transformer(nn.Module):
         else:
             self.mtp = nn.ModuleList()
         self.moe_layer_ids = [i for i in range(cfg.n_layers) if cfg.is_moe_layer(i)]
+        self.mtp_moe_depths = [k for k, m in enumerate(self.mtp) if m.block.is_moe]  # 0-based
         self.rope_attention_factor = rope_attention_factor(cfg.rope)
         self.register_buffer("inv_freq", rope_inv_freq(rope_dim(cfg), cfg.rope), persistent=False)
 
@@ -153,9 +155,12 @@ class Transformer(nn.Module):
             out.loss = out.lm_loss
             if self.mtp:
                 out.mtp_loss = self._mtp_loss(h, tokens, labels, cos, sin)
-                mtp_aux, _ = self._collect_moe_stats(h.device, mtp=True)
+                mtp_aux, mtp_counts = self._collect_moe_stats(h.device, mtp=True)
                 if mtp_aux is not None:
                     out.aux_loss = mtp_aux if out.aux_loss is None else out.aux_loss + mtp_aux
+                if self.mtp_moe_depths:
+                    rows = mtp_counts[self.mtp_moe_depths]
+                    out.expert_counts = rows if out.expert_counts is None else torch.cat((out.expert_counts, rows))
                 out.loss = out.loss + self.cfg.mtp.loss_weight * out.mtp_loss
             if out.aux_loss is not None:
                 out.loss = out.loss + out.aux_loss
@@ -205,8 +210,12 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def update_router_bias(self, expert_counts: torch.Tensor):
-        """Aux-loss-free balancing (DeepSeek-V3): call after each optimizer step with the
-        [n_moe_layers, n_experts] counts of that step (summed over micro-batches and ranks)."""
+        """Aux-loss-free balancing (DeepSeek-V3): call after each optimizer step with the step's
+        expert_counts (summed over micro-batches and ranks): a row per MoE layer, then, when
+        present, a row per MoE MTP block."""
         for row, layer_id in enumerate(self.moe_layer_ids):
             if str(layer_id) in self.layers:
                 self.layers[str(layer_id)].ffn.update_bias(expert_counts[row])
+        mtp_rows = expert_counts[len(self.moe_layer_ids):]
+        for row, depth in zip(mtp_rows, self.mtp_moe_depths):
+            self.mtp[depth].block.ffn.update_bias(row)
