@@ -218,4 +218,5 @@ class Transformer(nn.Module):
                 self.layers[str(layer_id)].ffn.update_bias(expert_counts[row])
         mtp_rows = expert_counts[len(self.moe_layer_ids):]
         for row, depth in zip(mtp_rows, self.mtp_moe_depths):
-            self.mtp[depth].block.ffn.update_bias(row)
+            if depth < len(self.mtp):  # a pipeline stage other than the last holds no MTP modules
+                self.mtp[depth].block.ffn.update_bias(row)

@@ -78,7 +78,9 @@ def _stage_forward(self, x, tokens=None, labels=None):
     cos, sin = self.rope(positions, torch.float32)
     for layer in self.layers.values():
         h = layer(h, cos, sin)
-    counts = torch.zeros(len(self.moe_layer_ids), self._llmc_n_experts, dtype=torch.long)
+    # rows: the model's MoE layers, then its MoE MTP blocks (as Transformer.forward returns them)
+    counts = torch.zeros(len(self.moe_layer_ids) + len(self.mtp_moe_depths), self._llmc_n_experts,
+                         dtype=torch.long)
     aux = _moe_aux_and_counts(self, self.layers.values(), counts)
     zero = torch.zeros(())
     if not self._llmc_last:
@@ -91,6 +93,8 @@ def _stage_forward(self, x, tokens=None, labels=None):
         loss = loss + self.cfg.mtp.loss_weight * mtp
         mtp_aux = _moe_aux_and_counts(self, [m.block for m in self.mtp], counts)
         aux = mtp_aux if aux is None else (aux if mtp_aux is None else aux + mtp_aux)
+        for row, depth in enumerate(self.mtp_moe_depths, start=len(self.moe_layer_ids)):
+            counts[row] += self.mtp[depth].block.ffn.last_counts
     self._llmc_stats.append((lm.detach(), mtp.detach(), aux.detach() if aux is not None else zero, counts))
     return loss + aux if aux is not None else loss
 
@@ -152,7 +156,8 @@ class Pipeline:
         return {"loss": lm + weight * mtp + aux, "lm_loss": lm, "mtp_loss": mtp, "aux_loss": aux}
 
     def expert_counts(self) -> torch.Tensor | None:
-        """Tokens routed per expert in this step, [n_moe_layers, E], summed over the stages."""
+        """Tokens routed per expert in this step, summed over the stages: a row per MoE layer,
+        then one per MoE MTP block."""
         if not self.modules[0].cfg.moe:
             return None
         counts = self._counts.clone()
