@@ -182,6 +182,18 @@ def test_mtp_moe_block_counts_and_bias_update():
     torch.testing.assert_close(model.layers["0"].ffn.router.e_score_correction_bias, torch.zeros(4))
 
 
+def test_correction_bias_stays_fp32_when_the_model_is_cast_to_bf16():
+    model = Transformer(spec(balance="aux_free", bias_update_speed=0.001, aux_loss_coef=0.0)).to(torch.bfloat16)
+    model.init_weights()
+    bias = model.layers["0"].ffn.router.e_score_correction_bias
+    assert bias.dtype == torch.float32 and model.layers["0"].ffn.router.gate.weight.dtype == torch.bfloat16
+    for _ in range(1001):  # 1 + 1000 steps of 0.001: in bf16 the updates would stop near 0.25 .. 1
+        model.update_router_bias(torch.tensor([[1, 3, 3, 3], [3, 3, 3, 3]]))
+    assert model.layers["0"].ffn.router.e_score_correction_bias[0].item() == pytest.approx(1.001, abs=1e-4)
+    out = model(torch.randint(0, 50, (1, 5)))
+    assert out.logits.dtype == torch.bfloat16
+
+
 def test_experts_with_bias_and_plain_activation():
     torch.manual_seed(4)
     cfg = ModelSpec(vocab_size=50, d_model=8, n_layers=1, n_heads=2, ffn_hidden=24, max_seq_len=32,

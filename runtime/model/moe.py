@@ -39,6 +39,15 @@ class Router(nn.Module):
         if self.e_score_correction_bias is not None:
             self.e_score_correction_bias.zero_()
 
+    def _apply(self, fn, recurse=True):
+        """Casting the model (`model.to(torch.bfloat16)`) moves the correction bias but keeps it in
+        fp32: its per-step updates (bias_update_speed, ~1e-3) are below bf16's resolution near 1."""
+        bias = self.e_score_correction_bias
+        super()._apply(fn, recurse)
+        if bias is not None and self.e_score_correction_bias.dtype != torch.float32:
+            self.e_score_correction_bias = bias.to(self.e_score_correction_bias.device)
+        return self
+
     def forward(self, x):
         logits = self.gate(x).float()
         scores = logits.softmax(dim=-1) if self.score == "softmax" else logits.sigmoid()
