@@ -5,6 +5,7 @@ part), `rank{r}.pt` per rank (RNG states, sampler position, scheduler) and `meta
 hash, the spec). It is written as `.tmp-step-...` and renamed once every rank has finished, so a
 folder named `step-*` is always complete; a run killed while writing leaves only a `.tmp-` folder,
 which resume ignores and the next save replaces. The newest `keep` checkpoints are kept.
+A checkpoint resumes under another process count or parallel layout too (load_checkpoint).
 """
 
 import json
@@ -23,10 +24,11 @@ from ..parallel.checkpoint import load_train_state_dict, train_state_dict
 from ...compiler.errors import UserError
 from .distributed import DistEnv
 
-# Keys a resumed run may change: budget, cadence, logging, compilation, launch settings.
+# Keys a resumed run may change: budget, cadence, logging, compilation, launch settings, and the
+# machines and parallel layout (DCP reshards the model and optimizer; the sample order is global).
 RESUMABLE_CHANGES = ("train.max_steps", "train.tokens", "train.checkpoint_every", "train.keep_checkpoints",
                      "train.eval_every", "train.eval_batches", "train.log_every", "train.compile", "job.",
-                     "hardware.mfu")
+                     "hardware.", "parallel.", "train.micro_batch_size")
 
 
 def _barrier(env: DistEnv) -> None:
@@ -95,17 +97,18 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, data_
 def load_checkpoint(path: Path, model, optimizer, scheduler, env: DistEnv) -> tuple[int, dict]:
     """Restore model, optimizer, scheduler and RNG in place; return (step, the sampler state)."""
     meta = json.loads((path / "meta.json").read_text())
-    if meta["world_size"] != env.world_size:
-        raise UserError(f"{path} was written by {meta['world_size']} processes; resume it with the same number "
-                        f"(found {env.world_size})")
     state = train_state_dict(model, optimizer)  # parallel runtime: expert shards as DTensors
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(state, checkpoint_id=str(path))
+        dcp.load(state, checkpoint_id=str(path))  # under this run's layout, whatever wrote it
     load_train_state_dict(model, optimizer, state)
-    extra = torch.load(path / f"rank{env.rank}.pt", weights_only=False)
+    # The sampler and scheduler states are the same on every rank (the sample order is global), so
+    # another process count reads rank 0's; only the per-rank RNG streams cannot carry over then.
+    same_ranks = meta["world_size"] == env.world_size
+    extra = torch.load(path / f"rank{env.rank if same_ranks else 0}.pt", weights_only=False)
     scheduler.load_state_dict(extra["scheduler"])
-    set_rng_state(extra["rng"])
+    if same_ranks:
+        set_rng_state(extra["rng"])
     return int(meta["step"]), extra["data"]
 
 
