@@ -86,6 +86,25 @@ def test_pipeline_model_states_match_plan_without_mtp(tmp_path):
     assert most_loaded == {k: plan[k] for k in most_loaded}
 
 
+# GQA with learned absolute positions (MLA carries RoPE): under sequence parallelism pos_embed's
+# output is sliced over the sequence like the embedding's (on the first stage with pp)
+LEARNED_POSITIONS = ['model.attention.kind="gqa"', "model.n_kv_heads=2", 'model.positions="learned"']
+
+
+@pytest.fixture(scope="module")
+def learned_reference(tmp_path_factory):
+    return run_worker(tmp_path_factory.mktemp("ref_learned"), 1, sets=degrees() + LEARNED_POSITIONS)[0]
+
+
+@pytest.mark.parametrize("nproc, sets", [(2, degrees(tp=2, sequence_parallel=True)),
+                                         (4, degrees(pp=2, tp=2, sequence_parallel=True))], ids=["tp2_sp", "pp2_x_tp2_sp"])
+def test_sequence_parallel_with_learned_positions(nproc, sets, learned_reference, tmp_path):
+    results = run_worker(tmp_path, nproc, sets=sets + LEARNED_POSITIONS)
+    assert results[0]["layout"]["tp"] == 2 and results[0]["layout"]["sequence_parallel"]
+    assert "pos_embed.weight" in learned_reference["state"]
+    assert_same_training(results, learned_reference)
+
+
 def test_reference_trains(reference):
     """The single-process reference itself moves: its loss changes from step to step."""
     losses = reference["losses"]

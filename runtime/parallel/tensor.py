@@ -11,6 +11,8 @@ Per block:
 Model:
   embedding  vocabulary-parallel (row-wise over the vocabulary); head column-wise over the
              vocabulary with the logits gathered (the model's loss takes full logits).
+  positions  learned positions stay replicated; with sequence parallelism each rank keeps the
+             sequence slice of their output that its embedding slice covers.
 With sequence parallelism the residual stream between blocks is split over the sequence:
 norms (block, final, MTP) run on their slice (SequenceParallel), attention and FFN inputs are
 all-gathered, and row-wise outputs are reduce-scattered back to the slice.
@@ -125,11 +127,14 @@ def apply_tp(model: nn.Module, tp_mesh, sequence_parallel: bool = False) -> nn.M
     tp, sp = tp_mesh.size(), sequence_parallel
     if model.cfg.tie_embeddings:
         raise NotImplementedError("tensor parallelism with tied embeddings is not supported")
-    if sp and getattr(model, "pos_embed", None) is not None:
-        raise NotImplementedError("sequence parallelism with learned absolute positions is not supported")
     top = {}
     if model.embed is not None:
         top["embed"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1) if sp else Replicate())
+    if getattr(model, "pos_embed", None) is not None and sp:
+        # replicated learned positions [T, D] (or [B, T, D]) are added to the embedding's sequence
+        # slice: keep the same slice (backward all-gathers their gradient, full on every rank)
+        top["pos_embed"] = PrepareModuleOutput(output_layouts=Replicate(), desired_output_layouts=Shard(-2),
+                                               use_local_output=True)
     if model.norm is not None and sp:
         top["norm"] = SequenceParallel()
     if model.head is not None:
