@@ -136,3 +136,82 @@ def test_plan_needs_neither_torch_nor_sympy():
             "assert 'torch' not in sys.modules and 'sympy' not in sys.modules, 'heavy import'")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
+
+
+# A small dense model on one node of 4 CPU devices: with 4 heads, tp = 1, 2 and 4 follow the
+# other rules. The runtime's TP shards neither tied embeddings nor the DSA indexer.
+SMALL = """\
+[model]
+vocab_size = 512
+d_model = 64
+n_layers = 2
+n_heads = 4
+ffn_hidden = 128
+max_seq_len = 64
+
+[train]
+seq_len = 64
+global_batch_size = 8
+max_steps = 10
+
+[hardware]
+accelerator = "CPU"
+gpus_per_node = 4
+"""
+TIED = ["model.tie_embeddings=true"]
+SPARSE = ['model.attention.kind="mla"', "model.attention.kv_lora_rank=32", "model.attention.qk_nope_head_dim=16",
+          "model.attention.qk_rope_head_dim=8", "model.attention.v_head_dim=16", "model.attention.index_n_heads=2",
+          "model.attention.index_head_dim=16", "model.attention.index_topk=8"]
+UNSHARDED = pytest.mark.parametrize("feature, words", [(TIED, "tied embeddings"), (SPARSE, "sparse indexer")],
+                                    ids=["tied", "sparse"])
+
+
+def rejected_for(search, words):
+    reasons = [r for r in search.rejected if words in r]
+    assert len(reasons) == 1, search.rejected
+    return reasons[0]
+
+
+@UNSHARDED
+def test_auto_tp_is_1_for_what_tp_does_not_shard(feature, words, write_spec):
+    path = write_spec(SMALL)
+    assert build_plan(load_spec(path, ["parallel.tp=2"])).layout.tp == 2  # without the feature tp = 2 plans
+    plan = build_plan(load_spec(path, feature))
+    reason = rejected_for(plan.search, words)
+    assert reason.startswith("tp must be 1")
+    assert plan.search.rejected[reason] == 2 and plan.search.examples[reason].startswith("tp=2")  # tp = 2 and 4
+    assert plan.layout.tp == 1 and all(a.tp == 1 for a in plan.search.alternatives)
+
+
+@UNSHARDED
+def test_no_layout_without_tp_says_why(feature, words, write_spec):
+    # dp = pp = 1 fixed on 4 devices leaves only tp = 4
+    spec = load_spec(write_spec(SMALL), [*feature, "parallel.dp=1", "parallel.pp=1"])
+    with pytest.raises(UserError) as e:
+        build_plan(spec)
+    assert "no parallel layout satisfies the rules for 4 devices" in str(e.value) and words in str(e.value)
+
+
+@UNSHARDED
+def test_fixed_tp_for_what_tp_does_not_shard_is_a_spec_error(feature, words, write_spec):
+    from llmc.compiler.spec import SpecError
+    text = SMALL + "\n[parallel]\ntp = 2\n"
+    with pytest.raises(SpecError) as e:
+        load_spec(write_spec(text), feature)
+    (problem,) = e.value.problems
+    assert problem.key == "parallel.tp" and problem.line == text.splitlines().index("tp = 2") + 1
+    assert words in problem.message and "expected 1" in problem.message and "found 2" in problem.message
+
+
+def test_cli_plan_refuses_fixed_tp_with_tied_embeddings(write_spec):
+    path = write_spec(SMALL)
+    out = subprocess.run([sys.executable, "-m", "llmc.compiler.cli", "plan", str(path), "--set", "parallel.tp=2",
+                          *[a for s in TIED for a in ("--set", s)]], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1
+    assert "parallel.tp" in out.stderr and "tied embeddings" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_sequence_parallel_stays_on_with_learned_positions(write_spec):
+    # the runtime slices pos_embed's output over the sequence (test_parallel_equivalence.py)
+    layout = layout_of(write_spec(SMALL), 'model.positions="learned"', "parallel.tp=2")
+    assert layout.tp == 2 and layout.sequence_parallel

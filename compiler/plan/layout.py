@@ -1,7 +1,8 @@
 """The layout search: enumerate (dp, tp, pp, ep, zero, micro-batch), keep what fits, pick the fastest.
 
 Constraints: dp x tp x pp = world size; tp divides n_heads and the devices of a node (a TP group
-never leaves a node); pp <= n_layers (x virtual stages); ep divides n_experts and dp x tp (ep is
+never leaves a node); tp = 1 with tied embeddings or the DSA indexer (the runtime's TP shards
+neither); pp <= n_layers (x virtual stages); ep divides n_experts and dp x tp (ep is
 carved out of the dp x tp ranks of a stage); dp x micro_batch_size divides global_batch_size;
 the interleaved schedule needs grad_accum divisible by pp. Degrees the spec fixes are kept;
 "auto" ones are searched. Only memory and these rules reject a layout, never its speed.
@@ -155,6 +156,14 @@ class LayoutSearch:
                 continue
             if m.n_heads % tp:
                 self._reject("tp must divide n_heads", f"tp={tp}, n_heads={m.n_heads}")
+                continue
+            if tp > 1 and m.tie_embeddings:
+                self._reject("tp must be 1 with tied embeddings (TP does not shard a tied head)",
+                             f"tp={tp}, tie_embeddings=true")
+                continue
+            if tp > 1 and m.attention.sparse:
+                self._reject("tp must be 1 with the DSA sparse indexer (TP does not shard it)",
+                             f"tp={tp}, index_n_heads={m.attention.index_n_heads}")
                 continue
             for pp in ([par.pp] if par.pp != "auto" else divisors(world // tp)):
                 if (world // tp) % pp:

@@ -57,6 +57,13 @@ class Spec(Table):
             heads = m.n_heads
             if heads % p.tp:
                 raise Invalid("parallel.tp", f"parallel.tp must divide model.n_heads (expected a divisor of {heads}, found {p.tp})")
+            # the runtime's tensor parallelism shards neither (runtime/parallel/tensor.py)
+            if p.tp > 1 and m.tie_embeddings:
+                raise Invalid("parallel.tp", f"tensor parallelism does not shard tied embeddings "
+                                             f"(expected 1 with model.tie_embeddings = true, found {p.tp})")
+            if p.tp > 1 and m.attention.sparse:
+                raise Invalid("parallel.tp", f"tensor parallelism does not shard the DSA sparse indexer "
+                                             f"(expected 1 with model.attention.index_n_heads > 0, found {p.tp})")
         if p.pp != "auto" and p.pp > m.n_layers:
             raise Invalid("parallel.pp", f"more pipeline stages than layers (expected <= {m.n_layers}, found {p.pp})")
         if p.ep != "auto":
