@@ -17,6 +17,10 @@ With sequence parallelism the residual stream between blocks is split over the s
 norms (block, final, MTP) run on their slice (SequenceParallel), attention and FFN inputs are
 all-gathered, and row-wise outputs are reduce-scattered back to the slice.
 
+Not sharded (the planner never chooses tp > 1 for them; apply_tp raises ValueError): tied
+embeddings (the head is the embedding's matrix, used outside any module) and MLA's DSA indexer
+(its training target sums the attention over all heads, which TP splits over ranks).
+
 Attention modules keep their head counts as attributes; they are set to the local counts here.
 """
 
@@ -68,7 +72,9 @@ def _attention_plan(attn: nn.Module, tp: int, sp: bool) -> dict:
         plan = {"wkv_b": col, "wo": row}
         plan["wq_b" if getattr(attn, "q_lora_rank", 0) else "wq"] = col
         if getattr(attn, "indexer", None) is not None:
-            raise NotImplementedError("tensor parallelism of the DSA sparse indexer is not supported")
+            # its training target sums the attention over all heads, which TP splits over ranks
+            raise ValueError("tensor parallelism does not shard the DSA sparse indexer (the planner does not "
+                             "choose tp > 1 for model.attention.index_n_heads > 0)")
     else:
         if attn.n_kv_heads % tp:
             raise ValueError(f"tp = {tp} must divide the key/value heads ({attn.n_kv_heads})")
@@ -126,7 +132,9 @@ def apply_tp(model: nn.Module, tp_mesh, sequence_parallel: bool = False) -> nn.M
     """Shard `model`'s attention, dense FFNs, embedding and head over the tp mesh (in place)."""
     tp, sp = tp_mesh.size(), sequence_parallel
     if model.cfg.tie_embeddings:
-        raise NotImplementedError("tensor parallelism with tied embeddings is not supported")
+        # the head is F.linear over the embedding's weight, which would be a vocabulary-sharded DTensor
+        raise ValueError("tensor parallelism does not shard tied embeddings (the planner does not choose "
+                         "tp > 1 for model.tie_embeddings = true)")
     top = {}
     if model.embed is not None:
         top["embed"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1) if sp else Replicate())
