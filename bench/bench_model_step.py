@@ -6,6 +6,10 @@ the achieved FLOP/s as a fraction of this machine's matmul peak, measured here w
 torch.mm in the same dtype. FLOPs per token follow the PaLM convention: 6 x non-embedding
 parameters + 12 x n_layers x d_model x seq_len (attention scores and values, forward+backward).
 
+It also prints the step's floor: its FLOPs at the measured matmul peak plus the fused AdamW
+update timed alone (memory-bound, the same for both models). No implementation that calls these
+kernels can step faster, so hf / floor bounds what any library could gain over transformers.
+
     python bench/bench_model_step.py [--threads 2] [--steps 5] [--compile [--compile-scope blocks]]
 """
 
@@ -45,6 +49,22 @@ def matmul_peak(dtype, n: int = 2048, reps: int = 6) -> float:
         a @ b
         best = min(best, time.perf_counter() - t)
     return 2 * n ** 3 / best
+
+
+def adamw_seconds(model, reps: int = 6) -> float:
+    """Best time of one fused AdamW update of `model`'s parameters (random gradients)."""
+    params = [p for p in model.parameters()]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
+    best = float("inf")
+    for _ in range(reps + 1):
+        t = time.perf_counter()
+        opt.step()
+        best = min(best, time.perf_counter() - t)
+    for p in params:
+        p.grad = None
+    return best
 
 
 def step_fn(model, kind: str, tokens, labels, opt, precision: str):
@@ -115,12 +135,14 @@ def main():
 
     precisions = ["fp32", "bf16"] if args.precision == "both" else [args.precision]
     peaks = {p: matmul_peak(torch.float32 if p == "fp32" else torch.bfloat16) for p in precisions}
+    update = adamw_seconds(llmc_model)  # master weights and optimizer states are fp32 in both precisions
+    del llmc_model
     variants = [False, True] if args.compile else [False]
 
     table = Table(title=f"Training step, {n_params / 1e6:.1f}M params, batch {args.batch} x {args.seq} tokens, "
                         f"{args.threads} threads")
     for col in ("precision", "compile", "llmc tok/s", "transformers tok/s", "llmc / hf",
-                "llmc GFLOP/s", "% of mm peak", "hf % of peak"):
+                "llmc GFLOP/s", "% of mm peak", "hf % of peak", "floor ms", "llmc / floor", "hf / floor"):
         table.add_column(col, justify="right")
     for precision in precisions:
         for compiled in variants:
@@ -145,12 +167,15 @@ def main():
             del steps
             flops = rates["llmc"] * flops_per_token
             hf_flops = rates["hf"] * flops_per_token
+            floor = n_tokens * flops_per_token / peaks[precision] + update
             table.add_row(precision, "yes" if compiled else "no", f"{rates['llmc']:,.0f}", f"{rates['hf']:,.0f}",
                           f"{rates['llmc'] / rates['hf']:.2f}x", f"{flops / 1e9:,.1f}",
-                          f"{100 * flops / peaks[precision]:.0f}%", f"{100 * hf_flops / peaks[precision]:.0f}%")
-    Console(width=140).print(table)
+                          f"{100 * flops / peaks[precision]:.0f}%", f"{100 * hf_flops / peaks[precision]:.0f}%",
+                          f"{1e3 * floor:,.0f}", f"{seconds['llmc'] / floor:.2f}x", f"{seconds['hf'] / floor:.2f}x")
+    Console(width=180).print(table)
     for p, peak in peaks.items():
         print(f"measured torch.mm peak ({p}, 2048^3): {peak / 1e9:,.1f} GFLOP/s")
+    print(f"fused AdamW update alone: {1e3 * update:.1f} ms; floor = FLOPs / mm peak + that update")
 
 
 if __name__ == "__main__":
