@@ -155,9 +155,10 @@ def _print_layout(console, plan) -> None:
                 where = "inside a node" if g.within_node else "across nodes"
                 first = ", ".join(map(str, g.first)) + (", ..." if g.size > len(g.first) else "")
                 t.add_row(f"{dim} groups", f"{g.count:,} of {g.size}, stride {g.stride}, {where}; first: [{first}]")
+        copy = lay.pp > 1 and (plan.params.mtp > 0 or plan.params.components["head"] == 0)  # MTP or a tied head
         for i, layers in enumerate(lay.stages):
-            mtp = ", MTP" if plan.params.mtp else ""
-            extra = (" + embedding" if i == 0 else "") + (f" + final norm, head{mtp}" if i == len(lay.stages) - 1
+            tail = ", MTP" * (plan.params.mtp > 0) + ", embedding copy" * copy
+            extra = (" + embedding" if i == 0 else "") + (f" + final norm, head{tail}" if i == len(lay.stages) - 1
                                                           else "")
             if len(lay.stages) > 1 or i == 0:
                 t.add_row(f"stage {i}" if len(lay.stages) > 1 else "layers", ranges(layers) + extra)

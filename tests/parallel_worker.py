@@ -3,7 +3,8 @@ or with plain python for the single-process reference).
 
 Trains a tiny model a few steps on a fixed random global batch under the given layout and writes
 `OUT/rank{r}.pt` = {"losses": [per-step global mean loss], "state": this rank's full-size
-weights (gathered from shards), "bytes": measured per-rank model-state bytes}.
+weights (gathered from shards), "bytes": measured per-rank model-state bytes, "plan_bytes": the
+plan's figures for this rank's pipeline stage}.
 
 Every rank reads the same global batch; data-parallel rank d takes micro-batches
 d*accum .. d*accum+accum-1 of it, so one process with accum' = dp*accum sees the same
@@ -35,6 +36,19 @@ def parse():
     return ap.parse_args()
 
 
+def planned_stage_states(spec, plan: dict) -> list[dict]:
+    """The plan's weights / gradients / optimizer bytes of every pipeline rank (the plan itself
+    reports only the most loaded one): what each rank of that stage must measure."""
+    from llmc.compiler.plan import count_params
+    from llmc.compiler.plan.memory import Degrees, TrainMemoryModel
+    lay = plan["layout"]
+    memory = TrainMemoryModel(spec, count_params(spec.model))
+    deg = Degrees(lay["dp"], lay["tp"], lay["pp"], lay["ep"], lay["zero"], lay["micro_batch_size"], lay["grad_accum"],
+                  lay["sequence_parallel"], lay["pp_schedule"], lay["pp_virtual_stages"])
+    return [dict(zip(("weights", "gradients", "optimizer"), map(int, memory.rank_bytes(deg, share)[:3])))
+            for share in memory.ranks(lay["stages"], lay["pp"])]
+
+
 def main():
     args = parse()
     torch.set_num_threads(1)
@@ -45,7 +59,7 @@ def main():
 
     init_distributed(timeout_s=120)
     world = dist.get_world_size() if dist.is_initialized() else 1
-    plan_memory = None
+    plan_memory = plan_stages = None
     if args.layout is None:  # the planner's layout for these degrees, as a job would run it
         from llmc.compiler.plan import build_plan
         sets = [*args.set, f"hardware.gpus_per_node={world}", "train.precision=fp32",
@@ -54,6 +68,7 @@ def main():
         spec = load_spec(args.spec, sets)
         plan = build_plan(spec).model_dump(mode="json")
         layout, plan_memory = Layout.from_plan(plan), plan["memory"]["train"]
+        plan_stages = planned_stage_states(spec, plan)
         lay = plan["layout"]
     else:
         spec = load_spec(args.spec, args.set)
@@ -130,8 +145,9 @@ def main():
         from llmc.runtime.parallel.checkpoint import save_train_state
         save_train_state(args.save_dcp, wrapped[0], opt)
     os.makedirs(args.out, exist_ok=True)
-    torch.save({"losses": losses, "state": state, "bytes": measured, "layout": lay, "plan_memory": plan_memory},
-               os.path.join(args.out, f"rank{rank}.pt"))
+    plan_bytes = plan_stages[pdims.coordinate("pp")] if plan_stages else None
+    torch.save({"losses": losses, "state": state, "bytes": measured, "layout": lay, "plan_memory": plan_memory,
+                "plan_bytes": plan_bytes}, os.path.join(args.out, f"rank{rank}.pt"))
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

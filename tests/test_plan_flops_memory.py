@@ -85,6 +85,37 @@ def test_experts_shard_over_ep_and_replicate_over_expert_data_parallel():
     assert plan.memory.train.optimizer == int(12 * dense / 128 + 12 * experts / 8 / 16)
 
 
+
+# tiny.toml by hand: D 256, 4 heads of 64 (2 KV heads), SwiGLU 704, RMSNorm, V 4096, no biases
+TINY_BLOCK = 256 * 256 + 2 * 256 * 128 + 256 * 256 + 3 * 256 * 704 + 2 * 256   # attention, mlp, 2 norms
+TINY_MTP = TINY_BLOCK + 2 * 256 * 256 + 3 * 256        # block, eh_proj, enorm + hnorm + its final norm
+TINY_EMB = 4096 * 256
+
+
+@pytest.mark.parametrize("sets, first, last", [
+    # MTP reads the embedding on the last stage: one copy there beside the untied head
+    ([], 2 * TINY_BLOCK + TINY_EMB, 2 * TINY_BLOCK + 256 + TINY_EMB + TINY_EMB + TINY_MTP),
+    # a tied head and MTP share that one copy
+    (["model.tie_embeddings=true"], 2 * TINY_BLOCK + TINY_EMB, 2 * TINY_BLOCK + 256 + TINY_EMB + TINY_MTP),
+    # learned positions stay on the first stage (nothing on the last reads them)
+    (['model.positions="learned"'], 2 * TINY_BLOCK + TINY_EMB + 256 * 256,
+     2 * TINY_BLOCK + 256 + TINY_EMB + TINY_EMB + TINY_MTP),
+    # no MTP, untied: the last stage needs no embedding
+    (["model.mtp.depth=0"], 2 * TINY_BLOCK + TINY_EMB, 2 * TINY_BLOCK + 256 + TINY_EMB),
+], ids=["mtp", "mtp_tied", "mtp_learned_positions", "no_mtp"])
+def test_last_pipeline_stage_counts_the_embedding_copy_it_keeps(sets, first, last):
+    """pp = 2 over layers [0, 1] | [2, 3]: the runtime's last stage keeps the embedding matrix
+    when MTP or a tied head reads it (pipeline.py `_cut_to_stage`); the plan counts the same."""
+    from llmc.compiler.plan.memory import TrainMemoryModel
+    s = load_spec("specs/tiny.toml", ["model.mtp.depth=1", *sets])
+    memory = TrainMemoryModel(s, count_params(s.model))
+    shares = memory.ranks([[0, 1], [2, 3]], pp=2)
+    assert [sh.dense for sh in shares] == [first, last]
+    assert [sh.expert for sh in shares] == [0, 0]
+    one = memory.ranks([[0, 1, 2, 3]], pp=1)[0]   # one stage holds the one embedding
+    assert one.dense == count_params(s.model).total
+
+
 # --------------------------------------------------------------------------- activations (Korthikanti et al.)
 
 GPT = dict(vocab_size=51200, d_model=2048, n_layers=4, n_heads=16, ffn_hidden=8192, max_seq_len=2048,

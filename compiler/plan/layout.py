@@ -62,7 +62,8 @@ class Layout(BaseModel):
     pp_virtual_stages: int
     stages: list[list[int]] = Field(description="Layer indices of each model chunk; chunk s runs on "
                                                 "pipeline rank s % pp. Chunk 0 holds the embedding, the last "
-                                                "holds final norm, head and MTP.")
+                                                "holds final norm, head and MTP (and, when pp > 1, a copy of the embedding "
+                                                "that MTP or a tied head reads).")
     mesh: dict = Field(description="Rank order: dims from outermost to innermost and their sizes.")
     groups: dict[str, Group]
     step_time_s: float = Field(description="Cost-model step time (s).")

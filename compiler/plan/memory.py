@@ -5,9 +5,10 @@ Model states follow the ZeRO paper: mixed precision keeps 2 bytes of weights, 2 
 training keeps 4 + 4 + (state - 4). ZeRO-1 shards the optimizer states over the data-parallel
 group, ZeRO-2 also the gradients, ZeRO-3 (FSDP) also the weights. TP divides each block's weights
 (and the vocab-parallel embedding and head) by tp; PP gives each stage its blocks, the embedding
-to the first stage, final norm + head + MTP to the last (a tied head keeps a copy there when
-pp > 1). Expert weights are divided by ep and replicated (and ZeRO-sharded) over the
-expert-data-parallel group of dp*tp/ep ranks (ep is carved out of the dp x tp ranks).
+(and learned positions) to the first stage, final norm + head + MTP to the last, which also keeps
+one copy of the embedding matrix when pp > 1 and MTP or a tied head reads it. Expert weights are
+divided by ep and replicated (and ZeRO-sharded) over the expert-data-parallel group of dp*tp/ep
+ranks (ep is carved out of the dp x tp ranks).
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ class RankShare:
     dense: int                 # non-expert parameters
     expert: int                # routed-expert parameters
     first: bool                # holds the embedding
-    last: bool                 # holds final norm, head and MTP
+    last: bool                 # holds final norm, head, MTP (and the embedding copy they read)
     unit_dense: int            # the biggest piece FSDP gathers at once (a block, the embedding, the head)
     unit_expert: int
 
@@ -161,6 +162,9 @@ class TrainMemoryModel:
         self.embedding = p.components["embedding"] + p.components["positions"]
         self.final_norm = norm(m, m.d_model)
         self.head = p.components["head"]
+        # what the last stage adds when it is not the first: MTP embeds the next tokens and a tied
+        # head projects with the embedding matrix, so that stage keeps one copy of it (not positions)
+        self.embedding_copy = p.components["embedding"] if m.mtp.depth or m.tie_embeddings else 0
         precision = t.precision
         state = t.optimizer.state_bytes_per_param
         self.bytes_w, self.bytes_g, self.bytes_o = (4, 4, state - 4) if precision == "fp32" else (2, 2, state)
@@ -170,7 +174,8 @@ class TrainMemoryModel:
 
     def ranks(self, assignment: list[list[int]], pp: int) -> list[RankShare]:
         """What each pipeline rank holds for a layer assignment of len(assignment) chunks
-        (chunk 0: embedding; last chunk: final norm, head, MTP; chunk s on rank s % pp)."""
+        (chunk 0: embedding; last chunk: final norm, head, MTP and, when pp > 1, the embedding
+        copy MTP or a tied head reads; chunk s on rank s % pp)."""
         n = len(assignment)
         out = []
         for rank in range(pp):
@@ -185,10 +190,10 @@ class TrainMemoryModel:
                     dense += self.embedding
                     unit_d = max(unit_d, self.embedding)
                 if i == n - 1:
-                    head = self.head or (self.V * self.h if pp > 1 else 0)  # a tied head needs its copy
-                    dense += self.final_norm + head + self.mtp_dense
+                    copy = self.embedding_copy if pp > 1 else 0
+                    dense += self.final_norm + self.head + copy + self.mtp_dense
                     expert += self.mtp_expert
-                    unit_d = max(unit_d, head)
+                    unit_d = max(unit_d, self.head + copy)  # both in the stage's root FSDP unit
             out.append(RankShare(rank, tuple(tuple(assignment[i]) for i in range(rank, n, pp)), dense, expert,
                                  rank == 0, (n - 1) % pp == rank, unit_d, unit_e))
         return out
