@@ -140,3 +140,56 @@ def test_relative_source_paths_resolve_against_the_spec(write_spec, tmp_path):
     text = BASE + '[data]\nsources = [{ path = "corpus.txt" }]\n'
     spec = load_spec(write_spec(text))
     assert spec.data.sources[0].path == str((tmp_path / "corpus.txt").resolve())
+
+
+def located(found):
+    """(line, key, message) of each problem, in the order reported."""
+    return [(p.line, p.key, p.message) for p in found]
+
+
+def expect(found, expected):
+    """Every expected (line, key, message fragment) is reported, and nothing else."""
+    got = located(found)
+    assert [(line, key) for line, key, _ in got] == [(line, key) for line, key, _ in expected], got
+    for (_, _, message), (_, _, fragment) in zip(got, expected):
+        assert fragment in message, (message, fragment)
+
+
+def test_every_cross_field_mistake_of_a_table_at_once(write_spec):
+    text = BASE.replace("n_heads = 4", "n_heads = 5\nn_kv_heads = 3") + """\
+[model.rope]
+scaling = "linear"
+original_max_seq_len = 256
+[model.moe]
+n_experts = 4
+top_k = 2
+expert_hidden = 32
+first_dense_layers = 3
+"""
+    text = text.replace("max_steps = 10", "max_steps = 10\ntokens = 5000\nmicro_batch_size = 16")
+    expect(problems(write_spec(text)), [
+        (5, "model.n_heads", "must divide d_model when head_dim is not given (expected a divisor of 64, found 5)"),
+        (6, "model.n_kv_heads", "must divide n_heads (expected a divisor of 5, found 3)"),
+        (14, "train.tokens", "not both"),
+        (15, "train.micro_batch_size", "exceeds global_batch_size (expected <= 8, found 16)"),
+        (18, "model.rope.original_max_seq_len", "exceeds max_seq_len (expected <= 128, found 256)"),
+        (23, "model.moe.first_dense_layers", "exceeds n_layers (expected <= 2, found 3)"),
+    ])
+
+
+def test_every_cross_table_mistake_at_once(write_spec):
+    text = BASE.replace("max_seq_len = 128", "max_seq_len = 128\ntie_embeddings = true")
+    text = text.replace("seq_len = 64", "seq_len = 4096")
+    text += "[parallel]\ndp = 3\ntp = 3\npp = 4\nep = 4\n[hardware]\ngpus_per_node = 2\n"
+    # Follow-ons stay quiet: the fixed degrees not dividing the world size (their product is
+    # already wrong), ep not dividing it (ep must be 1 without [model.moe]).
+    expect(problems(write_spec(text)), [
+        (11, "train.seq_len", "exceeds model.max_seq_len (expected <= 128, found 4096)"),
+        (12, "train.global_batch_size", "divide over dp = 3 (expected a multiple of 3, found 8)"),
+        (15, "parallel.dp", "dp x tp x pp must equal the world size (expected 2, found 3 x 3 x 4 = 36)"),
+        (16, "parallel.tp", "stays within a node (expected <= gpus_per_node = 2, found 3)"),
+        (16, "parallel.tp", "must divide model.n_heads (expected a divisor of 4, found 3)"),
+        (16, "parallel.tp", "does not shard tied embeddings"),
+        (17, "parallel.pp", "more pipeline stages than layers (expected <= 2, found 4)"),
+        (18, "parallel.ep", "needs [model.moe] (expected 1, found 4)"),
+    ])

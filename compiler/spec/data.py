@@ -2,9 +2,9 @@
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
-from .base import Invalid, Table
+from .base import Table
 
 
 class SourceSpec(Table):
@@ -28,6 +28,11 @@ class TokenizerSpec(Table):
     chat_template: str = Field("chatml", description="Chat template for sft: chatml, or a jinja2 string.")
 
 
+def _some_source(sources):
+    if not sources:
+        yield "sources", "data.sources is empty (expected at least one source)"
+
+
 class DataSpec(Table):
     """`[data]`."""
 
@@ -40,8 +45,4 @@ class DataSpec(Table):
                                                                          "prepare with its file and line, or is skipped and counted.")
     cache_dir: str = Field(".llmc/data", description="Where prepared shards live (relative to the working directory).")
 
-    @model_validator(mode="after")
-    def _sources(self):
-        if not self.sources:
-            raise Invalid("sources", "data.sources is empty (expected at least one source)")
-        return self
+    _checks = (_some_source,)

@@ -183,24 +183,32 @@ def validate(data: dict, origins: dict[Key, Origin], display: str) -> Spec:
     try:
         return Spec.model_validate(data)
     except ValidationError as e:
-        raise SpecError(_problems(e, data, origins, display)) from None
+        errors = e.errors()
+    raise SpecError(_problems(errors, [], origins, display)) from None
 
 
-def _problems(error: ValidationError, data: dict, origins: dict[Key, Origin], display: str) -> list[Problem]:
+def _problems(errors: list[dict], mistakes: list[tuple[Key, str]], origins: dict[Key, Origin],
+              display: str) -> list[Problem]:
+    """pydantic's errors (grouped by key) and the cross-field mistakes (each its own), located."""
     grouped: dict[Key, list[dict]] = {}
-    for err in error.errors():
+    mistakes = list(mistakes)
+    for err in errors:
         loc = _key_path(err["loc"])
         exc = (err.get("ctx") or {}).get("error")
         if isinstance(exc, Invalid):
-            loc = loc + tuple(exc.key.split("."))
-        grouped.setdefault(loc, []).append(err)
-    problems = []
-    for loc, errs in grouped.items():
-        origin = _origin(origins, loc)
-        line = origin.line if origin else None
-        problems.append(Problem(origin.file if origin else display, line, _dotted(loc),
-                                _message(loc, errs), origin.via if origin else ""))
+            mistakes += [(loc + tuple(key.split(".")), message) for key, message in exc.problems]
+        else:
+            grouped.setdefault(loc, []).append(err)
+    problems = [_problem(loc, _message(loc, errs), origins, display) for loc, errs in grouped.items()]
+    problems += [_problem(loc, message, origins, display) for loc, message in mistakes]
     return sorted(problems, key=lambda p: (p.file != display, p.line or 0, p.key))
+
+
+def _problem(loc: Key, message: str, origins: dict[Key, Origin], display: str) -> Problem:
+    origin = _origin(origins, loc)
+    if origin is None:
+        return Problem(display, None, _dotted(loc), message)
+    return Problem(origin.file, origin.line, _dotted(loc), message, origin.via)
 
 
 def _key_path(loc: tuple) -> Key:

@@ -2,9 +2,17 @@
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
-from .base import Invalid, Table
+from .base import Table
+
+
+# Each check's parameters name the fields it reads (see base.py); it yields (key, message) pairs.
+
+def _scaling_needs_original_length(scaling, original_max_seq_len):
+    if scaling != "none" and original_max_seq_len is None:
+        yield "original_max_seq_len", (f"rope.scaling = {scaling!r} needs rope.original_max_seq_len "
+                                       "(expected the pre-training context length, found nothing)")
 
 
 class RopeSpec(Table):
@@ -23,12 +31,21 @@ class RopeSpec(Table):
     low_freq_factor: float = Field(1.0, gt=0, description="llama3 scaling: low-frequency factor (unitless).")
     high_freq_factor: float = Field(4.0, gt=0, description="llama3 scaling: high-frequency factor (unitless).")
 
-    @model_validator(mode="after")
-    def _scaling_needs_original_length(self):
-        if self.scaling != "none" and self.original_max_seq_len is None:
-            raise Invalid("original_max_seq_len", f"rope.scaling = {self.scaling!r} needs rope.original_max_seq_len "
-                             "(expected the pre-training context length, found nothing)")
-        return self
+    _checks = (_scaling_needs_original_length,)
+
+
+def _mla_shapes(kind, kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim, v_head_dim):
+    dims = {"kv_lora_rank": kv_lora_rank, "qk_nope_head_dim": qk_nope_head_dim,
+            "qk_rope_head_dim": qk_rope_head_dim, "v_head_dim": v_head_dim}
+    missing = [k for k, v in dims.items() if v == 0]
+    if kind == "mla" and missing:
+        yield missing[0], f"attention.kind = 'mla' needs {', '.join(missing)} (expected positive integers, found 0)"
+
+
+def _indexer_shapes(index_n_heads, index_head_dim, index_topk):
+    if index_n_heads > 0 and (index_head_dim == 0 or index_topk == 0):
+        yield "index_topk", ("the sparse indexer needs index_n_heads, index_head_dim and index_topk all positive "
+                             f"(found index_head_dim = {index_head_dim}, index_topk = {index_topk})")
 
 
 class AttentionSpec(Table):
@@ -50,19 +67,19 @@ class AttentionSpec(Table):
     def sparse(self) -> bool:
         return self.index_n_heads > 0
 
-    @model_validator(mode="after")
-    def _shapes_for_kind(self):
-        if self.kind == "mla":
-            missing = [k for k in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
-                       if getattr(self, k) == 0]
-            if missing:
-                raise Invalid(missing[0], f"attention.kind = 'mla' needs {', '.join(missing)} "
-                                 "(expected positive integers, found 0)")
-        if self.sparse and (self.index_head_dim == 0 or self.index_topk == 0):
-            raise Invalid("index_topk", "the sparse indexer needs index_n_heads, index_head_dim and index_topk all "
-                             "positive (found index_head_dim = %d, index_topk = %d)"
-                             % (self.index_head_dim, self.index_topk))
-        return self
+    _checks = (_mla_shapes, _indexer_shapes)
+
+
+def _top_k_fits(n_experts, top_k):
+    if top_k > n_experts:
+        yield "top_k", f"moe.top_k must not exceed moe.n_experts (expected <= {n_experts}, found {top_k})"
+
+
+def _groups_fit(n_experts, n_groups, topk_groups):
+    if n_experts % n_groups:
+        yield "n_groups", f"moe.n_groups must divide moe.n_experts (expected a divisor of {n_experts}, found {n_groups})"
+    if topk_groups > n_groups:
+        yield "topk_groups", f"moe.topk_groups must not exceed moe.n_groups (expected <= {n_groups}, found {topk_groups})"
 
 
 class MoESpec(Table):
@@ -90,18 +107,7 @@ class MoESpec(Table):
     aux_loss_coef: float = Field(0.01, ge=0, description="Weight of the auxiliary balance loss (unitless).")
     bias_update_speed: float = Field(0.001, ge=0, description="aux_free: step of the routing-bias update per step.")
 
-    @model_validator(mode="after")
-    def _routing_consistent(self):
-        if self.top_k > self.n_experts:
-            raise Invalid("top_k", f"moe.top_k must not exceed moe.n_experts "
-                             f"(expected <= {self.n_experts}, found {self.top_k})")
-        if self.n_experts % self.n_groups:
-            raise Invalid("n_groups", f"moe.n_groups must divide moe.n_experts "
-                             f"(expected a divisor of {self.n_experts}, found {self.n_groups})")
-        if self.topk_groups > self.n_groups:
-            raise Invalid("topk_groups", f"moe.topk_groups must not exceed moe.n_groups "
-                             f"(expected <= {self.n_groups}, found {self.topk_groups})")
-        return self
+    _checks = (_top_k_fits, _groups_fit)
 
     @property
     def shared_hidden(self) -> int:
@@ -115,6 +121,45 @@ class MTPSpec(Table):
 
     depth: int = Field(0, ge=0, description="Extra future tokens predicted, one module each (count).")
     loss_weight: float = Field(0.3, ge=0, description="Weight of the mean MTP loss added to the main loss.")
+
+
+def _heads_split(d_model, n_heads, head_dim, attention):
+    if head_dim is None and attention.kind != "mla" and d_model % n_heads:
+        yield "n_heads", (f"n_heads must divide d_model when head_dim is not given "
+                          f"(expected a divisor of {d_model}, found {n_heads})")
+
+
+def _kv_heads_fit(n_heads, n_kv_heads, attention):
+    kind = attention.kind
+    if kind == "gqa" and n_kv_heads is not None and n_heads % n_kv_heads:
+        yield "n_kv_heads", f"n_kv_heads must divide n_heads (expected a divisor of {n_heads}, found {n_kv_heads})"
+    if kind == "mha" and n_kv_heads not in (None, n_heads):
+        yield "n_kv_heads", (f"attention.kind = 'mha' needs n_kv_heads = n_heads "
+                             f"(expected {n_heads}, found {n_kv_heads}); use kind = 'gqa'")
+    if kind == "mqa" and n_kv_heads not in (None, 1):
+        yield "n_kv_heads", f"attention.kind = 'mqa' needs n_kv_heads = 1 (found {n_kv_heads})"
+
+
+def _rope_in_keys(positions, attention):
+    if positions == "learned" and attention.kind == "mla":
+        yield "positions", "attention.kind = 'mla' carries RoPE in its keys: positions must be 'rope'"
+
+
+def _indexer_on_mla(attention):
+    if attention.sparse and attention.kind != "mla":
+        yield "attention.index_n_heads", "the DSA sparse indexer is defined on MLA attention (attention.kind = 'mla')"
+
+
+def _dense_layers_fit(n_layers, moe):
+    if moe is not None and moe.first_dense_layers > n_layers:
+        yield "moe.first_dense_layers", (f"moe.first_dense_layers exceeds n_layers "
+                                         f"(expected <= {n_layers}, found {moe.first_dense_layers})")
+
+
+def _rope_length_fits(max_seq_len, rope):
+    if rope.original_max_seq_len and rope.original_max_seq_len > max_seq_len:
+        yield "rope.original_max_seq_len", (f"rope.original_max_seq_len exceeds max_seq_len "
+                                            f"(expected <= {max_seq_len}, found {rope.original_max_seq_len})")
 
 
 class ModelSpec(Table):
@@ -171,28 +216,4 @@ class ModelSpec(Table):
     def n_moe_layers(self) -> int:
         return sum(self.is_moe_layer(i) for i in range(self.n_layers))
 
-    @model_validator(mode="after")
-    def _shapes_consistent(self):
-        kind = self.attention.kind
-        if self.head_dim is None and kind != "mla" and self.d_model % self.n_heads:
-            raise Invalid("n_heads", f"n_heads must divide d_model when head_dim is not given "
-                             f"(expected a divisor of {self.d_model}, found {self.n_heads})")
-        if kind == "gqa" and self.n_kv_heads is not None and self.n_heads % self.n_kv_heads:
-            raise Invalid("n_kv_heads", f"n_kv_heads must divide n_heads (expected a divisor of {self.n_heads}, "
-                             f"found {self.n_kv_heads})")
-        if kind == "mha" and self.n_kv_heads not in (None, self.n_heads):
-            raise Invalid("n_kv_heads", f"attention.kind = 'mha' needs n_kv_heads = n_heads "
-                             f"(expected {self.n_heads}, found {self.n_kv_heads}); use kind = 'gqa'")
-        if kind == "mqa" and self.n_kv_heads not in (None, 1):
-            raise Invalid("n_kv_heads", f"attention.kind = 'mqa' needs n_kv_heads = 1 (found {self.n_kv_heads})")
-        if self.positions == "learned" and kind == "mla":
-            raise Invalid("positions", "attention.kind = 'mla' carries RoPE in its keys: positions must be 'rope'")
-        if self.moe is not None and self.moe.first_dense_layers > self.n_layers:
-            raise Invalid("moe.first_dense_layers", f"moe.first_dense_layers exceeds n_layers "
-                             f"(expected <= {self.n_layers}, found {self.moe.first_dense_layers})")
-        if self.attention.sparse and kind != "mla":
-            raise Invalid("attention.index_n_heads", "the DSA sparse indexer is defined on MLA attention (attention.kind = 'mla')")
-        if self.rope.original_max_seq_len and self.rope.original_max_seq_len > self.max_seq_len:
-            raise Invalid("rope.original_max_seq_len", f"rope.original_max_seq_len exceeds max_seq_len "
-                             f"(expected <= {self.max_seq_len}, found {self.rope.original_max_seq_len})")
-        return self
+    _checks = (_heads_split, _kv_heads_fit, _rope_in_keys, _indexer_on_mla, _dense_layers_fit, _rope_length_fits)

@@ -1,8 +1,8 @@
 """The root of a spec: one table per concern, and the checks that span tables."""
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
-from .base import Invalid, Table
+from .base import Table
 from .data import DataSpec
 from .hardware import HardwareSpec
 from .job import JobSpec
@@ -11,6 +11,86 @@ from .parallel import ParallelSpec
 from .train import TrainSpec
 
 SCHEMA_VERSION = 1
+
+# Each check's parameters name the tables it reads (see base.py): when a table fails, the loader
+# still runs the checks over the others. Keys are relative to the spec.
+
+
+def _context_fits(model, train):
+    if train.seq_len > model.max_seq_len:
+        yield "train.seq_len", (f"train.seq_len exceeds model.max_seq_len "
+                                f"(expected <= {model.max_seq_len}, found {train.seq_len})")
+
+
+def _layout_fits_hardware(parallel, hardware):
+    p, hw = parallel, hardware
+    if p.tp != "auto" and p.tp > hw.gpus_per_node:
+        yield "parallel.tp", (f"tensor parallelism stays within a node "
+                              f"(expected <= gpus_per_node = {hw.gpus_per_node}, found {p.tp})")
+    if p.world_size != "auto" and p.world_size != hw.world_size:
+        yield "parallel.world_size", (f"parallel.world_size disagrees with the hardware "
+                                      f"(expected nodes x gpus_per_node = {hw.world_size}, found {p.world_size})")
+        return  # the degrees below divide a world size, and which one is meant is unclear
+    ws = hw.world_size
+    fixed = {k: getattr(p, k) for k in ("dp", "tp", "pp") if getattr(p, k) != "auto"}
+    product = 1
+    for v in fixed.values():
+        product *= v
+    if len(fixed) == 3 and product != ws:
+        yield "parallel.dp", (f"dp x tp x pp must equal the world size "
+                              f"(expected {ws}, found {' x '.join(map(str, fixed.values()))} = {product})")
+    elif ws % product:
+        yield "parallel", (f"the fixed degrees ({' x '.join(f'{k}={v}' for k, v in fixed.items())}) "
+                           f"do not divide the world size {ws}")
+
+
+def _tensor_fits_model(parallel, model):
+    tp, m = parallel.tp, model
+    if tp == "auto":
+        return
+    if m.n_heads % tp:
+        yield "parallel.tp", f"parallel.tp must divide model.n_heads (expected a divisor of {m.n_heads}, found {tp})"
+    # the runtime's tensor parallelism shards neither (runtime/parallel/tensor.py)
+    if tp > 1 and m.tie_embeddings:
+        yield "parallel.tp", (f"tensor parallelism does not shard tied embeddings "
+                              f"(expected 1 with model.tie_embeddings = true, found {tp})")
+    if tp > 1 and m.attention.sparse:
+        yield "parallel.tp", (f"tensor parallelism does not shard the DSA sparse indexer "
+                              f"(expected 1 with model.attention.index_n_heads > 0, found {tp})")
+
+
+def _stages_fit_model(parallel, model):
+    pp = parallel.pp
+    if pp != "auto" and pp > model.n_layers:
+        yield "parallel.pp", f"more pipeline stages than layers (expected <= {model.n_layers}, found {pp})"
+
+
+def _experts_fit(parallel, model, hardware):
+    ep, moe, ws = parallel.ep, model.moe, hardware.world_size
+    if ep == "auto":
+        return
+    if moe is None:
+        if ep != 1:
+            yield "parallel.ep", f"expert parallelism needs [model.moe] (expected 1, found {ep})"
+        return
+    if moe.n_experts % ep:
+        yield "parallel.ep", (f"parallel.ep must divide model.moe.n_experts "
+                              f"(expected a divisor of {moe.n_experts}, found {ep})")
+    # a parallel.world_size that disagrees with the hardware is reported by _layout_fits_hardware
+    if parallel.world_size in ("auto", ws) and ws % ep:
+        yield "parallel.ep", f"parallel.ep must divide the world size (expected a divisor of {ws}, found {ep})"
+
+
+def _batch_divides(parallel, train):
+    dp, t = parallel.dp, train
+    if dp == "auto":
+        return
+    if t.global_batch_size % dp:
+        yield "train.global_batch_size", (f"global_batch_size must divide over dp = {dp} "
+                                          f"(expected a multiple of {dp}, found {t.global_batch_size})")
+    elif t.micro_batch_size != "auto" and t.global_batch_size % (dp * t.micro_batch_size):
+        yield "train.global_batch_size", (f"global_batch_size must be a multiple of dp x micro_batch_size = "
+                                          f"{dp * t.micro_batch_size} (found {t.global_batch_size})")
 
 
 class Spec(Table):
@@ -25,61 +105,10 @@ class Spec(Table):
     hardware: HardwareSpec = Field(default_factory=HardwareSpec, description="Devices.")
     job: JobSpec = Field(default_factory=JobSpec, description="Launch settings.")
 
+    _checks = (_context_fits, _layout_fits_hardware, _tensor_fits_model, _stages_fit_model,
+               _experts_fit, _batch_divides)
+
     @property
     def world_size(self) -> int:
         ws = self.parallel.world_size
         return self.hardware.world_size if ws == "auto" else ws
-
-    @model_validator(mode="after")
-    def _across_tables(self):
-        m, t, p, hw = self.model, self.train, self.parallel, self.hardware
-        if t.seq_len > m.max_seq_len:
-            raise Invalid("train.seq_len", f"train.seq_len exceeds model.max_seq_len "
-                                           f"(expected <= {m.max_seq_len}, found {t.seq_len})")
-        ws = self.world_size
-        if p.world_size != "auto" and p.world_size != hw.world_size:
-            raise Invalid("parallel.world_size", f"parallel.world_size disagrees with the hardware "
-                                                 f"(expected nodes x gpus_per_node = {hw.world_size}, found {p.world_size})")
-        fixed = {k: getattr(p, k) for k in ("dp", "tp", "pp") if getattr(p, k) != "auto"}
-        product = 1
-        for v in fixed.values():
-            product *= v
-        if len(fixed) == 3 and product != ws:
-            raise Invalid("parallel.dp", f"dp x tp x pp must equal the world size "
-                                         f"(expected {ws}, found {' x '.join(map(str, fixed.values()))} = {product})")
-        if ws % product:
-            raise Invalid("parallel", f"the fixed degrees ({' x '.join(f'{k}={v}' for k, v in fixed.items())}) "
-                                      f"do not divide the world size {ws}")
-        if p.tp != "auto":
-            if p.tp > hw.gpus_per_node:
-                raise Invalid("parallel.tp", f"tensor parallelism stays within a node "
-                                             f"(expected <= gpus_per_node = {hw.gpus_per_node}, found {p.tp})")
-            heads = m.n_heads
-            if heads % p.tp:
-                raise Invalid("parallel.tp", f"parallel.tp must divide model.n_heads (expected a divisor of {heads}, found {p.tp})")
-            # the runtime's tensor parallelism shards neither (runtime/parallel/tensor.py)
-            if p.tp > 1 and m.tie_embeddings:
-                raise Invalid("parallel.tp", f"tensor parallelism does not shard tied embeddings "
-                                             f"(expected 1 with model.tie_embeddings = true, found {p.tp})")
-            if p.tp > 1 and m.attention.sparse:
-                raise Invalid("parallel.tp", f"tensor parallelism does not shard the DSA sparse indexer "
-                                             f"(expected 1 with model.attention.index_n_heads > 0, found {p.tp})")
-        if p.pp != "auto" and p.pp > m.n_layers:
-            raise Invalid("parallel.pp", f"more pipeline stages than layers (expected <= {m.n_layers}, found {p.pp})")
-        if p.ep != "auto":
-            if m.moe is None and p.ep != 1:
-                raise Invalid("parallel.ep", f"expert parallelism needs [model.moe] (expected 1, found {p.ep})")
-            if m.moe is not None and m.moe.n_experts % p.ep:
-                raise Invalid("parallel.ep", f"parallel.ep must divide model.moe.n_experts "
-                                             f"(expected a divisor of {m.moe.n_experts}, found {p.ep})")
-            if ws % p.ep:
-                raise Invalid("parallel.ep", f"parallel.ep must divide the world size (expected a divisor of {ws}, found {p.ep})")
-        if p.dp != "auto":
-            if t.global_batch_size % p.dp:
-                raise Invalid("train.global_batch_size", f"global_batch_size must divide over dp = {p.dp} "
-                                                         f"(expected a multiple of {p.dp}, found {t.global_batch_size})")
-            if t.micro_batch_size != "auto" and t.global_batch_size % (p.dp * t.micro_batch_size):
-                raise Invalid("train.global_batch_size",
-                              f"global_batch_size must be a multiple of dp x micro_batch_size = "
-                              f"{p.dp * t.micro_batch_size} (found {t.global_batch_size})")
-        return self

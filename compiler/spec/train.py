@@ -2,9 +2,9 @@
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
-from .base import Invalid, Table
+from .base import Table
 
 
 class OptimizerSpec(Table):
@@ -25,6 +25,19 @@ class ScheduleSpec(Table):
     kind: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warmup.")
     warmup_steps: int = Field(0, ge=0, description="Linear warmup (optimizer steps).")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final lr as a fraction of the peak.")
+
+
+def _one_budget(max_steps, tokens):
+    if max_steps is None and tokens is None:
+        yield "max_steps", "give train.max_steps or train.tokens (expected one, found neither)"
+    if max_steps is not None and tokens is not None:
+        yield "tokens", "give train.max_steps or train.tokens, not both"
+
+
+def _micro_batch_fits(micro_batch_size, global_batch_size):
+    if micro_batch_size != "auto" and micro_batch_size > global_batch_size:
+        yield "micro_batch_size", (f"micro_batch_size exceeds global_batch_size "
+                                   f"(expected <= {global_batch_size}, found {micro_batch_size})")
 
 
 class TrainSpec(Table):
@@ -50,16 +63,7 @@ class TrainSpec(Table):
     seed: int = Field(0, ge=0, description="Seed of initialisation, data order and dropout.")
     compile: bool = Field(False, description="torch.compile the model.")
 
-    @model_validator(mode="after")
-    def _budget(self):
-        if self.max_steps is None and self.tokens is None:
-            raise Invalid("max_steps", "give train.max_steps or train.tokens (expected one, found neither)")
-        if self.max_steps is not None and self.tokens is not None:
-            raise Invalid("tokens", "give train.max_steps or train.tokens, not both")
-        if self.micro_batch_size != "auto" and self.micro_batch_size > self.global_batch_size:
-            raise Invalid("micro_batch_size", f"micro_batch_size exceeds global_batch_size "
-                                              f"(expected <= {self.global_batch_size}, found {self.micro_batch_size})")
-        return self
+    _checks = (_one_budget, _micro_batch_fits)
 
     @property
     def steps(self) -> int:
