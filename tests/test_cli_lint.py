@@ -67,3 +67,46 @@ sys.exit(max(codes))
 def test_lint_and_plan_run_without_torch():
     done = subprocess.run([sys.executable, "-c", NO_TORCH], capture_output=True, text=True, cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+CROSS_FIELD = """\
+extends = "presets/llama3.toml"
+[model]
+d_model = 4096
+n_layers = "many"
+n_heads = 32
+n_kv_heads = 7
+ffn_hidden = 14336
+max_seq_len = 8192
+[train]
+seq_len = 4096
+global_batch_size = 8
+max_steps = 10
+[parallel]
+dp = 3
+[hardware]
+gpus_per_node = 0
+"""
+
+
+def test_lint_reports_cross_field_mistakes_beside_field_errors_in_one_run(write_spec):
+    path = write_spec(CROSS_FIELD)
+    expected = [(4, "model.n_layers", "expected an integer, found 'many'"),
+                (6, "model.n_kv_heads", "must divide n_heads (expected a divisor of 32, found 7)"),
+                (11, "train.global_batch_size", "must divide over dp = 3"),
+                (16, "hardware.gpus_per_node", "expected a value >= 1, found 0")]
+
+    def lint(*args):
+        done = subprocess.run([sys.executable, "-m", "llmc.compiler.cli", "lint", str(path), *args],
+                              capture_output=True, text=True, cwd=REPO)
+        assert done.returncode == 1 and "Traceback" not in done.stderr + done.stdout, done.stderr
+        return done.stdout
+
+    out = lint().splitlines()
+    assert len(out) == len(expected), out
+    for line, (number, key, fragment) in zip(out, expected):
+        assert line.startswith(f"{path}:{number}: {key}: ") and fragment in line, (line, fragment)
+    report = json.loads(lint("--format", "json"))["problems"]
+    assert [(p["line"], p["key"]) for p in report] == [(n, k) for n, k, _ in expected]
+    github = lint("--format", "github").splitlines()
+    assert github[1].startswith(f"::error file={path},line=6,title=llmc lint::model.n_kv_heads: n_kv_heads must divide")

@@ -103,3 +103,30 @@ def test_broken_specs_give_located_errors(tmp_path, case):
             assert problem.key and problem.message
     # A mutation may by chance give another valid value (e.g. a bool turned into another bool):
     # then loading succeeds, which is correct. What must never happen is another exception type.
+
+
+@st.composite
+def overlong_specs_with_a_broken_table(draw) -> dict:
+    """A valid spec whose train.seq_len exceeds model.max_seq_len, and [hardware] or [job] broken."""
+    data = draw(valid_specs())
+    data["train"]["seq_len"] = data["model"]["max_seq_len"] + draw(st.integers(1, 4096))
+    table = draw(st.sampled_from(["hardware", "job"]))
+    key = draw(st.sampled_from(sorted(data[table])))
+    if draw(st.booleans()):
+        data[table][key + "z"] = data[table].pop(key)
+    else:
+        data[table][key] = draw(st.sampled_from([-1, "?", [1], 0.5]))
+    return data
+
+
+@FAST
+@given(overlong_specs_with_a_broken_table())
+def test_cross_table_mistake_reported_beside_a_broken_table(tmp_path, data):
+    path = tmp_path / "broken.toml"
+    path.write_text(tomli_w.dumps(data))
+    try:
+        load_spec(path)
+    except SpecError as e:
+        assert any(p.key == "train.seq_len" and "max_seq_len" in p.message for p in e.problems), e.problems
+    else:
+        raise AssertionError("an overlong seq_len loaded")

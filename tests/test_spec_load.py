@@ -193,3 +193,70 @@ def test_every_cross_table_mistake_at_once(write_spec):
         (17, "parallel.pp", "more pipeline stages than layers (expected <= 2, found 4)"),
         (18, "parallel.ep", "needs [model.moe] (expected 1, found 4)"),
     ])
+
+
+def test_checks_run_beside_field_errors_of_their_table(write_spec):
+    text = """\
+extends = "presets/llama3.toml"
+[model]
+d_model = 4096
+n_layers = "many"
+n_heads = 32
+n_kv_heads = 7
+ffn_hidden = 14336
+max_seq_len = 8192
+[model.moe]
+n_experts = 8
+top_k = 10
+expert_hidden = "big"
+n_groups = 3
+[train]
+seq_len = 4096
+global_batch_size = 8
+max_steps = 10
+tokens = 100000
+log_every = 0
+[parallel]
+tp = 3
+[hardware]
+accelerator = "H100-80G"
+"""
+    # [parallel]'s checks read [model] and [hardware], which failed: they are skipped, not guessed.
+    expect(problems(write_spec(text)), [
+        (4, "model.n_layers", "expected an integer, found 'many'"),
+        (6, "model.n_kv_heads", "must divide n_heads (expected a divisor of 32, found 7)"),
+        (11, "model.moe.top_k", "must not exceed moe.n_experts (expected <= 8, found 10)"),
+        (12, "model.moe.expert_hidden", "expected an integer, found 'big'"),
+        (13, "model.moe.n_groups", "must divide moe.n_experts (expected a divisor of 8, found 3)"),
+        (18, "train.tokens", "not both"),
+        (19, "train.log_every", "expected a value >= 1, found 0"),
+        (23, "hardware.accelerator", "unknown accelerator"),
+    ])
+
+
+def test_cross_table_checks_run_beside_field_errors_of_other_tables(write_spec):
+    text = BASE.replace("max_seq_len = 128", "max_seq_len = 128\ntie_embeddings = true")
+    text = text.replace("seq_len = 64", "seq_len = 4096")
+    text += """\
+[parallel]
+dp = 3
+tp = 3
+pp = 4
+[hardware]
+nodes = 0
+[data]
+val_fraction = 2.0
+[job]
+name = "Bad Name"
+"""
+    # tp against gpus_per_node and dp x tp x pp against the world size need [hardware]: skipped.
+    expect(problems(write_spec(text)), [
+        (11, "train.seq_len", "exceeds model.max_seq_len (expected <= 128, found 4096)"),
+        (12, "train.global_batch_size", "divide over dp = 3"),
+        (16, "parallel.tp", "must divide model.n_heads (expected a divisor of 4, found 3)"),
+        (16, "parallel.tp", "does not shard tied embeddings"),
+        (17, "parallel.pp", "more pipeline stages than layers (expected <= 2, found 4)"),
+        (19, "hardware.nodes", "expected a value >= 1, found 0"),
+        (21, "data.val_fraction", "expected a value < 1.0, found 2.0"),
+        (23, "job.name", "expected lowercase letters"),
+    ])

@@ -2,7 +2,8 @@
 
 A table's cross-field rules are its `_checks`: generator functions whose parameters name the
 fields they read and which yield a (key, message) pair for each mistake. Every check runs and
-every mistake is raised at once.
+every mistake is raised at once. When a field fails, pydantic skips the table's after-validator;
+the loader then runs the checks whose fields all validated (`failures` over those fields).
 """
 
 import inspect

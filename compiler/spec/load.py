@@ -5,6 +5,7 @@ pydantic finds is reported as `FILE:LINE: key.path: message`, all at once.
 """
 
 import difflib
+import functools
 import re
 import tomllib
 import types
@@ -13,9 +14,9 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from .base import Invalid
+from .base import Invalid, Table, failures
 from .errors import Problem, SpecError
 from .locate import Key, key_lines, nearest_line
 from .spec import Spec
@@ -184,7 +185,32 @@ def validate(data: dict, origins: dict[Key, Origin], display: str) -> Spec:
         return Spec.model_validate(data)
     except ValidationError as e:
         errors = e.errors()
-    raise SpecError(_problems(errors, [], origins, display)) from None
+    mistakes = _unchecked(Spec, data, [err["loc"] for err in errors])
+    raise SpecError(_problems(errors, mistakes, origins, display)) from None
+
+
+def _unchecked(table: type[Table], raw, locs: list[tuple], at: Key = ()) -> list[tuple[Key, str]]:
+    """The cross-field mistakes pydantic did not look for: a table's checks run only when all its
+    fields validate, so here they run over the fields that did (each validated on its own), and
+    the same for its sub-tables. `locs` are the error locations relative to the table."""
+    if not isinstance(raw, dict) or all(loc == () for loc in locs):
+        return []  # no error here, or every field validated and the table's own checks ran
+    mistakes: list[tuple[Key, str]] = []
+    fields = {}
+    for name, field in table.model_fields.items():
+        inner = [loc[1:] for loc in locs if loc[:1] == (name,)]
+        sub = _unwrap(field.annotation)
+        if not inner:
+            fields[name] = (_adapter(field.annotation).validate_python(raw[name]) if name in raw
+                            else field.get_default(call_default_factory=True))
+        elif isinstance(sub, type) and issubclass(sub, Table):
+            mistakes += _unchecked(sub, raw.get(name), inner, at + (name,))
+    return mistakes + [(at + tuple(key.split(".")), message) for key, message in failures(table._checks, fields)]
+
+
+@functools.cache
+def _adapter(annotation) -> TypeAdapter:
+    return TypeAdapter(annotation)
 
 
 def _problems(errors: list[dict], mistakes: list[tuple[Key, str]], origins: dict[Key, Origin],
