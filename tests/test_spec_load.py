@@ -70,6 +70,8 @@ def test_wrong_type_and_range_all_reported_at_once(write_spec):
     (("seq_len = 64", "seq_len = 4096"), "train.seq_len", "max_seq_len"),
     (("[train]", "[model.moe]\nn_experts = 4\ntop_k = 6\nexpert_hidden = 32\n[train]"),
      "model.moe.top_k", "n_experts"),
+    (("max_steps = 10", "max_steps = 10\nmicro_batch_size = 0\n[parallel]\ndp = 2"),
+     "train.micro_batch_size", "expected a positive integer"),
 ])
 def test_inconsistent_fields(write_spec, edit, key, words):
     found = {p.key: p for p in problems(write_spec(BASE.replace(*edit)))}

@@ -2,7 +2,7 @@
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from .base import Table
 
@@ -64,6 +64,13 @@ class TrainSpec(Table):
     compile: bool = Field(False, description="torch.compile the model.")
 
     _checks = (_one_budget, _micro_batch_fits)
+
+    @field_validator("micro_batch_size")
+    @classmethod
+    def _positive(cls, v):
+        if v != "auto" and v < 1:  # the planner and the checks divide by it
+            raise ValueError(f"expected a positive integer or \"auto\", found {v}")
+        return v
 
     @property
     def steps(self) -> int:
