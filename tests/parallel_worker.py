@@ -36,19 +36,6 @@ def parse():
     return ap.parse_args()
 
 
-def planned_stage_states(spec, plan: dict) -> list[dict]:
-    """The plan's weights / gradients / optimizer bytes of every pipeline rank (the plan itself
-    reports only the most loaded one): what each rank of that stage must measure."""
-    from llmc.compiler.plan import count_params
-    from llmc.compiler.plan.memory import Degrees, TrainMemoryModel
-    lay = plan["layout"]
-    memory = TrainMemoryModel(spec, count_params(spec.model))
-    deg = Degrees(lay["dp"], lay["tp"], lay["pp"], lay["ep"], lay["zero"], lay["micro_batch_size"], lay["grad_accum"],
-                  lay["sequence_parallel"], lay["pp_schedule"], lay["pp_virtual_stages"])
-    return [dict(zip(("weights", "gradients", "optimizer"), map(int, memory.rank_bytes(deg, share)[:3])))
-            for share in memory.ranks(lay["stages"], lay["pp"])]
-
-
 def main():
     args = parse()
     torch.set_num_threads(1)
@@ -68,6 +55,7 @@ def main():
         spec = load_spec(args.spec, sets)
         plan = build_plan(spec).model_dump(mode="json")
         layout, plan_memory = Layout.from_plan(plan), plan["memory"]["train"]
+        from parallel_helpers import planned_stage_states
         plan_stages = planned_stage_states(spec, plan)
         lay = plan["layout"]
     else:

@@ -1,6 +1,7 @@
 """`llmc train SPEC --nproc N --set parallel.X=N` runs the parallel layouts end to end through the
 training loop: same per-step losses as one process (same data, same init), expert load in the
-metrics, and the run report's measured per-rank model-state bytes equal to the plan's."""
+metrics, and the run report's measured per-rank model-state bytes equal to the plan's (each rank
+its own pipeline stage's)."""
 
 import json
 import os
@@ -9,6 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from llmc.compiler.spec import Spec
+from parallel_helpers import planned_stage_states
 
 REPO = Path(__file__).resolve().parent.parent
 SMALL = ["model.vocab_size=512", "model.max_seq_len=64", "train.seq_len=32", "data.max_bytes=300000",
@@ -42,7 +46,7 @@ def one_process(tmp_path_factory):
 @pytest.mark.parametrize("name, sets, exact_states", [
     ("ep2_fsdp", ["parallel.dp=2", "parallel.ep=2", "parallel.zero=3"], True),
     ("tp2", ["parallel.dp=1", "parallel.tp=2", "parallel.sequence_parallel=true"], False),
-    ("pp2", ["parallel.dp=1", "parallel.pp=2"], False),
+    ("pp2", ["parallel.dp=1", "parallel.pp=2"], True),  # the last stage's embedding copy (MTP) is planned
 ])
 def test_llmc_train_runs_layout(name, sets, exact_states, one_process):
     tmp, reference = one_process
@@ -57,6 +61,10 @@ def test_llmc_train_runs_layout(name, sets, exact_states, one_process):
     most_loaded = {k: max(r[k] for r in states["per_rank"]) for k in ("weights", "gradients", "optimizer")}
     if exact_states:
         assert most_loaded == states["plan"]
-    else:  # TP keeps norms, MoE layers and MLA's down-projections replicated, the plan divides whole
-        # blocks; PP keeps an embedding copy for MTP on the last stage, which the plan does not count
+        plan = json.loads((tmp / name / "plan.json").read_text())
+        planned = planned_stage_states(Spec.model_validate(plan["spec"]), plan)
+        per_stage = plan["layout"]["dp"] * plan["layout"]["tp"]   # ranks are laid out (pp, dp, tp)
+        for rank, measured in enumerate(states["per_rank"]):
+            assert measured == planned[rank // per_stage], (rank, measured, planned)
+    else:  # TP keeps norms, MoE layers and MLA's down-projections replicated, the plan divides whole blocks
         assert all(most_loaded[k] >= states["plan"][k] for k in most_loaded)
