@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from llmc.compiler.errors import UserError
 from llmc.compiler.spec import ModelSpec
 from llmc.runtime.model import Transformer, component_of
-from llmc.runtime.model.attention import Attention, causal_attention
+from llmc.runtime.model.attention import Attention, ShortCausalAttention, causal_attention
 from llmc.runtime.model.io import load_model, save_model
 from llmc.runtime.model.mlp import MLP
 from llmc.runtime.model.rope import apply_rope, rope_cos_sin, rope_inv_freq
@@ -68,6 +68,19 @@ def test_bf16_matmul_attention_equals_fp32_reference_with_gradients(kv_heads):
     low.backward(grad.to(torch.bfloat16))
     for a, b in zip(low_in, ref_in):
         torch.testing.assert_close(a.grad.float(), b.grad, atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.parametrize("kv_heads, v_dim", [(4, 8), (2, 8), (1, 5)])
+def test_short_causal_attention_gradients_by_finite_differences(kv_heads, v_dim):
+    """Its hand-written backward (dS = P * (dP - rowsum(dO * O))) against float64 finite
+    differences, with grouped kv heads and a value width unlike the key width (MLA)."""
+    torch.manual_seed(4)
+    q = torch.randn(2, 6, 4, 8, dtype=torch.float64).transpose(1, 2).requires_grad_()
+    k = torch.randn(2, kv_heads, 6, 8, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, kv_heads, 6, v_dim, dtype=torch.float64, requires_grad=True)
+    out = ShortCausalAttention.apply(q, k, v, 0.3)
+    torch.testing.assert_close(out, naive_attention(q, k, v, 0.3))
+    assert torch.autograd.gradcheck(lambda *t: ShortCausalAttention.apply(*t, 0.3), (q, k, v))
 
 
 def test_attention_with_cache_offset_equals_naive():

@@ -23,12 +23,13 @@ from .norm import RMSNorm
 from .rope import apply_rope
 
 
-# On CPU in bf16, torch's flash-attention kernel takes about twice as long (forward + backward) as
-# two batched matmuls around an fp32 softmax while the scores are short: 128-512 keys, measured on
-# the 2-core AVX-512 machine this was tuned on (bench/bench_model_step.py). Past ~768 keys, or when
-# the [B, H, T, S] scores it keeps for backward would be large, flash attention wins.
+# On CPU in bf16, torch's flash-attention kernel takes 1.6-2x as long (forward + backward) as
+# ShortCausalAttention below while the scores are short: 128-512 keys, measured on the 2-core
+# AVX-512 machine this was tuned on (bench/bench_model_step.py). Past that it is still 10-20%
+# faster, but the [B, H, T, S] bf16 probabilities it keeps for backward grow as T^2 while flash
+# attention keeps none; the score limit holds them to 16 MB a layer. In fp32 the two are even.
 MATMUL_ATTENTION_MAX_KEYS = 512
-MATMUL_ATTENTION_MAX_SCORES = 1 << 22
+MATMUL_ATTENTION_MAX_SCORES = 1 << 23
 
 
 def _use_matmul_attention(q, k) -> bool:
@@ -38,16 +39,39 @@ def _use_matmul_attention(q, k) -> bool:
             and B * H * T * S <= MATMUL_ATTENTION_MAX_SCORES)
 
 
-def matmul_causal_attention(q, k, v, scale: float):
-    """Causal attention (T == S) as q k^T, an fp32 softmax and p v; each kv head serves its group
-    of query heads as one taller matmul (heads h = kv * rep + r, as SDPA's enable_gqa)."""
-    B, H, T, D = q.shape
-    Hk = k.shape[1]
-    rep = H // Hk
-    scores = (q.reshape(B, Hk, rep * T, D) @ k.transpose(-1, -2)).view(B, Hk, rep, T, T)
-    future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
-    probs = scores.float().mul_(scale).masked_fill_(future, float("-inf")).softmax(-1).to(q.dtype)
-    return (probs.view(B, Hk, rep * T, T) @ v).view(B, H, T, v.shape[-1])
+class ShortCausalAttention(torch.autograd.Function):
+    """Causal self-attention (T == S) as two batched matmuls around a softmax, for short sequences.
+
+    Each kv head serves its group of query heads as one taller matmul (heads h = kv * rep + r, as
+    SDPA's enable_gqa). The softmax reads the scores in their dtype and accumulates in fp32. Forward
+    keeps the probabilities P and the output O; backward uses dS = P * (dP - rowsum(dO * O)), since
+    rowsum(P * dP) = rowsum(dO * O), as flash attention does: four elementwise passes over the
+    [T, T] scores instead of autograd's ten through casts, scale, mask and softmax.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale: float):
+        B, H, T, D = q.shape
+        Hk = k.shape[1]
+        q = (q * scale).reshape(B, Hk, H // Hk * T, D)   # the scale on q: T x D values, not T x T
+        scores = (q @ k.transpose(-1, -2)).view(B, Hk, H // Hk, T, T)
+        future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
+        probs = scores.masked_fill_(future, float("-inf")).softmax(-1).view(B, Hk, -1, T)
+        out = probs @ v
+        ctx.save_for_backward(q, k, v, probs, out)
+        ctx.scale = scale
+        return out.view(B, H, T, v.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, probs, out = ctx.saved_tensors
+        grad_out = grad_out.reshape(out.shape)
+        grad_v = probs.transpose(-1, -2) @ grad_out
+        row = (grad_out.float() * out.float()).sum(-1, keepdim=True).to(probs.dtype)
+        grad_scores = (grad_out @ v.transpose(-1, -2)).sub_(row).mul_(probs)
+        grad_q = (grad_scores @ k).mul_(ctx.scale).view(q.shape[0], -1, k.shape[2], q.shape[-1])
+        grad_k = grad_scores.transpose(-1, -2) @ q
+        return grad_q, grad_k, grad_v, None
 
 
 def causal_attention(q, k, v, scale: float, start_pos: int = 0, mask=None):
@@ -60,7 +84,7 @@ def causal_attention(q, k, v, scale: float, start_pos: int = 0, mask=None):
     t_q, t_k = q.shape[2], k.shape[2]
     if mask is None and t_q == t_k:
         if _use_matmul_attention(q, k):
-            return matmul_causal_attention(q, k, v, scale)
+            return ShortCausalAttention.apply(q, k, v, scale)
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
     if mask is None and t_q == 1:  # one new query sees every cached key
         return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
