@@ -23,7 +23,10 @@ def five_steps(tmp_path_factory):
     ((2, {"world_size": 2, "dp": 2, "ep": 2, "zero": 0}), (1, ONE)),            # dp=2 x ep=2 -> one process
     ((1, ONE), (2, {"world_size": 2, "dp": 2, "ep": 2, "zero": 3})),            # one process -> FSDP2 + EP
     ((2, {"world_size": 2, "dp": 1, "pp": 2, "stages": [[0, 1], [2, 3]]}), (2, {"world_size": 2, "dp": 1, "tp": 2})),
-], ids=["ep2-to-one", "one-to-ep2-fsdp", "pp2-to-tp2"])
+    # experts FSDP2-sharded over edp (ZeRO >= 1, edp = 2) on either side
+    ((4, {"world_size": 4, "dp": 4, "ep": 2, "zero": 3}), (1, ONE)),
+    ((2, {"world_size": 2, "dp": 2, "ep": 2, "zero": 0}), (4, {"world_size": 4, "dp": 4, "ep": 2, "zero": 1})),
+], ids=["ep2-to-one", "one-to-ep2-fsdp", "pp2-to-tp2", "edp2-fsdp-to-one", "ep2-to-edp2-zero1"])
 def test_resume_across_layouts(saved, resumed, five_steps, tmp_path):
     ckpt = tmp_path / "ckpt"
     run_worker(tmp_path / "a", saved[0], saved[1], extra=["--steps", "3", "--save-dcp", str(ckpt)])

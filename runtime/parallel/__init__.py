@@ -63,5 +63,6 @@ def parallelize(model: nn.Module, pdims: ParallelDims, *, param_dtype: torch.dty
             return apply_replicate(model, pdims.dp_mesh)
         if layout.zero == 0:
             return apply_ddp(model, pdims.dp_mesh)
-        return apply_fsdp(model, pdims.dp_mesh, layout.zero, param_dtype)
+        from .expert import shards_experts
+        return apply_fsdp(model, pdims.dp_mesh, layout.zero, param_dtype, experts=shards_experts(layout))
     return model

@@ -12,18 +12,22 @@ ZeRO stages map onto FSDP2 as follows (an honest mapping, not ZeRO's exact memor
 At rest (between steps) FSDP2 keeps weights sharded in every mode, so measured weight bytes at
 rest are 1/dp of the model for zero 1-3.
 
-Expert parameters under expert parallelism are left alone here (ignored): expert.py reduces
-their gradients over the expert-data-parallel group.
+Expert parameters under expert parallelism follow the same mapping over their own group, the
+expert-data-parallel (edp) ranks that hold the same experts (torchtitan's layout): for zero 1-3
+with edp > 1 each MoE layer's experts are one FSDP2 unit over the edp mesh, inside their block's
+unit. Otherwise (zero 0, or edp = 1) they are left alone here and expert.py's hook reduces their
+gradients over edp.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
-from .expert import expert_param_names
+from .expert import expert_param_names, moe_modules
 
 
 def apply_ddp(model: nn.Module, dp_mesh) -> nn.Module:
@@ -51,14 +55,35 @@ def apply_replicate(model: nn.Module, dp_mesh) -> nn.Module:
     return model
 
 
-def apply_fsdp(model: nn.Module, dp_mesh, zero: int, param_dtype: torch.dtype | None = None) -> nn.Module:
-    """fully_shard every block, the MTP modules, and the root (torchtitan's grouping).
+def shard_experts(model: nn.Module, dp: int, mp: MixedPrecisionPolicy, reshard: bool) -> None:
+    """fully_shard each MoE layer's local experts over the edp mesh (before their block).
+
+    Their reduce-scatter sums over edp and divides by dp: the ep all-to-all already brought the
+    gradients of the whole ep group's tokens, and the step averages the dp ranks' mean losses."""
+    for moe in moe_modules(model):
+        experts = moe.experts
+        fully_shard(experts, mesh=experts._llmc_edp_mesh, mp_policy=mp, reshard_after_forward=reshard)
+        experts.set_gradient_divide_factor(dp)
+        if dist.get_backend(experts._llmc_edp_mesh.get_group()) == "gloo":  # no pre-multiplied sum there
+            experts.set_force_sum_reduction_for_comms(True)
+        for p in experts.parameters(recurse=False):  # FSDP2 made new Parameters (DTensor shards)
+            p._llmc_expert_local = True
+
+
+def apply_fsdp(model: nn.Module, dp_mesh, zero: int, param_dtype: torch.dtype | None = None,
+               experts: bool = False) -> nn.Module:
+    """fully_shard every block, the MTP modules, and the root (torchtitan's grouping); with
+    `experts`, each MoE layer's experts over the edp mesh first (else they are ignored).
 
     param_dtype=torch.bfloat16 computes in bf16 with fp32 sharded master weights and fp32
     gradient reduction (MixedPrecisionPolicy)."""
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
     reshard = zero >= 3
-    ignored = {p for n, p in model.named_parameters() if getattr(p, "_llmc_expert_local", False)}
+    ignored = set()
+    if experts:
+        shard_experts(model, dp_mesh.size(), mp, reshard)
+    else:
+        ignored = {p for p in model.parameters() if getattr(p, "_llmc_expert_local", False)}
     kwargs = dict(mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard,
                   ignored_params=ignored or None)
     blocks = list(model.layers.values()) + [m.block for m in getattr(model, "mtp", [])]

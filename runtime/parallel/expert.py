@@ -12,10 +12,15 @@ two hooks on the GroupedExperts module:
 
 Expert weights become the local slice [E/ep, ...] of the stacked weights (plain tensors, so the
 optimizer and the trainer see ordinary parameters, marked `_llmc_expert_local`). Their gradients
-are reduced over the expert-data-parallel group only, by a hook: summed over `edp` and divided by
-the number of data-parallel ranks whose mean losses the step averages (what DDP / FSDP do for
-the other parameters). For checkpoints, `model.state_dict()` presents them as DTensors sharded
-on dim 0 over the ep mesh, so DCP stores the global tensor and any other layout can load it.
+are reduced over the expert-data-parallel group only: summed over `edp` and divided by the
+number of data-parallel ranks whose mean losses the step averages (what DDP / FSDP do for the
+other parameters). Under ZeRO 0 (or edp = 1) a gradient hook does it and the slices stay
+replicated over edp; under ZeRO >= 1 with edp > 1 data_parallel.py shards them over the edp
+mesh with FSDP2 (torchtitan's layout), whose reduce-scatter does it.
+
+For checkpoints, `model.state_dict()` presents them as DTensors of the global stacked tensor
+(`global_view`: Shard(0) over ep, then over edp when FSDP2 shards them), so DCP stores the
+global tensor and any other layout can load it (`local_view` is the way back).
 """
 
 from __future__ import annotations
@@ -24,7 +29,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed._functional_collectives import all_to_all_single_autograd
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+
+def shards_experts(layout) -> bool:
+    """Whether FSDP2 shards expert states over the edp group (ZeRO >= 1, edp > 1) rather than
+    keeping them replicated there."""
+    return layout.ep > 1 and layout.edp > 1 and layout.zero >= 1
 
 
 def moe_modules(model: nn.Module) -> list[nn.Module]:
@@ -70,28 +81,60 @@ def _combine_hook(module, args, y_local):
     return all_to_all_single_autograd(y_recv, plan.input_splits, plan.output_splits, plan.group)
 
 
-def _as_dtensor_hook(ep_mesh):
-    def hook(module, state_dict, prefix, local_metadata):
-        for name, p in module.named_parameters(recurse=False):
-            key = prefix + name
-            if key in state_dict and not isinstance(state_dict[key], DTensor):
-                state_dict[key] = DTensor.from_local(state_dict[key], ep_mesh, [Shard(0)], run_check=False)
-        return state_dict
-    return hook
+def _contiguous_stride(shape) -> tuple[int, ...]:
+    stride, step = [], 1
+    for n in reversed(shape):
+        stride.append(step)
+        step *= n
+    return tuple(reversed(stride))
+
+
+def global_view(experts: nn.Module, value: torch.Tensor) -> DTensor:
+    """An expert parameter (or its optimizer state) as this rank holds it, as a DTensor of the
+    global stacked tensor [E, ...]: a plain slice is Shard(0) over ep; an FSDP2 shard over edp of
+    that slice is Shard(0), Shard(0) over (ep, edp), the edp shard of the ep shard."""
+    if isinstance(value, DTensor):
+        local, mesh, placements = value.to_local(), experts._llmc_shards_mesh, [Shard(0), Shard(0)]
+    else:
+        local, mesh, placements = value, experts._llmc_ep_mesh, [Shard(0)]
+    shape = torch.Size([value.shape[0] * experts._llmc_ep, *value.shape[1:]])
+    return DTensor.from_local(local, mesh, placements, run_check=False, shape=shape,
+                              stride=_contiguous_stride(shape))
+
+
+def local_view(experts: nn.Module, value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The way back: `value` (global_view's DTensor as DCP filled it, or a full [E, ...] tensor)
+    laid out as `like`, the parameter or state this rank holds (plain slice or FSDP2 shard)."""
+    if isinstance(value, DTensor):
+        local = value.to_local()
+        if isinstance(like, DTensor):
+            return DTensor.from_local(local, like.device_mesh, like.placements, run_check=False, shape=like.shape,
+                                      stride=like.stride())
+        return local
+    n_local = like.shape[0]
+    if value.shape[0] == n_local * experts._llmc_ep:  # the full stacked tensor: this rank's experts
+        lo = experts._llmc_ep_rank * n_local
+        value = value[lo:lo + n_local]
+    if isinstance(like, DTensor):  # its edp shard, cut as FSDP2 cuts (no communication)
+        return distribute_tensor(value, like.device_mesh, like.placements, src_data_rank=None)
+    return value
+
+
+def _as_global_hook(module, state_dict, prefix, local_metadata):
+    """state_dict(): the global stacked tensors, so that checkpoints do not depend on the layout."""
+    for name, _ in module.named_parameters(recurse=False):
+        key = prefix + name
+        if key in state_dict:
+            state_dict[key] = global_view(module, state_dict[key])
+    return state_dict
 
 
 def _from_global_hook(module, state_dict, prefix, *args):
-    """Loading a full (unsharded) stacked tensor into a local slice: take this rank's experts."""
+    """load_state_dict(): a global (DTensor or full) stacked tensor into this rank's experts."""
     for name, p in module.named_parameters(recurse=False):
         key = prefix + name
-        value = state_dict.get(key)
-        if isinstance(value, DTensor):
-            value = value.to_local()  # already this rank's experts (Shard(0) over the ep mesh)
-        elif value is not None and value.shape[0] == p.shape[0] * module._llmc_ep:
-            lo = module._llmc_ep_rank * p.shape[0]
-            value = value[lo:lo + p.shape[0]]
-        if value is not None:
-            state_dict[key] = value
+        if state_dict.get(key) is not None:
+            state_dict[key] = local_view(module, state_dict[key], p)
 
 
 def _reduce_grad_hook(edp_group, n_data_ranks: int):
@@ -109,6 +152,7 @@ def apply_ep(model: nn.Module, pdims) -> nn.Module:
     ep, ep_mesh = layout.ep, pdims.sub("ep")
     ep_rank = pdims.coordinate("ep")
     edp_group = pdims.group("edp") if layout.edp > 1 else None
+    hook = not shards_experts(layout)  # else FSDP2 reduces the gradients (data_parallel.py)
     for moe in moe_modules(model):
         experts = moe.experts
         n_experts = experts.w1.shape[0]
@@ -118,12 +162,15 @@ def apply_ep(model: nn.Module, pdims) -> nn.Module:
         for name, p in list(experts.named_parameters(recurse=False)):
             local = nn.Parameter(p.detach()[ep_rank * n_local:(ep_rank + 1) * n_local].clone())
             local._llmc_expert_local = True
-            local.register_hook(_reduce_grad_hook(edp_group, layout.dp))
+            if hook:
+                local.register_hook(_reduce_grad_hook(edp_group, layout.dp))
             setattr(experts, name, local)
         experts._llmc_ep, experts._llmc_ep_rank = ep, ep_rank
         experts._llmc_ep_group, experts._llmc_ep_mesh = ep_mesh.get_group(), ep_mesh
+        experts._llmc_edp_mesh = pdims.sub("edp")
+        experts._llmc_shards_mesh = pdims.expert_shards["ep", "edp"] if pdims.expert_shards is not None else None
         experts.register_forward_pre_hook(_dispatch_hook)
         experts.register_forward_hook(_combine_hook)
-        experts._register_state_dict_hook(_as_dtensor_hook(ep_mesh))
+        experts._register_state_dict_hook(_as_global_hook)
         experts._register_load_state_dict_pre_hook(_from_global_hook, with_module=True)
     return model

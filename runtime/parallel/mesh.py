@@ -12,8 +12,10 @@ Expert parallelism is carved out of the data-parallel ranks of a pipeline stage 
 convention: ep divides dp x tp; the runtime supports it with tp = 1). The ranks of one stage,
 in their global order, are cut into consecutive blocks of `ep` ranks: a block is one expert-
 parallel group (`ep`); the ranks holding the same experts across blocks form the
-expert-data-parallel group (`edp`, size dp / ep), over which expert gradients are reduced.
-That second view is its own DeviceMesh ("pp", "edp", "ep") over the same ranks.
+expert-data-parallel group (`edp`, size dp / ep), over which expert gradients are reduced
+(and, under ZeRO >= 1, expert states sharded). That second view is its own DeviceMesh
+("pp", "edp", "ep") over the same ranks; with edp > 1 a third one, ("pp", "ep", "edp"), names
+the global expert tensors as ep shards of edp shards for checkpoints.
 """
 
 from __future__ import annotations
@@ -86,6 +88,7 @@ class ParallelDims:
     layout: Layout
     world: DeviceMesh | None          # ("pp", "dp_replicate", "dp_shard", "tp"); None on one process
     experts: DeviceMesh | None        # ("pp", "edp", "ep"); None without expert parallelism
+    expert_shards: DeviceMesh | None = None  # ("pp", "ep", "edp"), the same ranks; None unless ep, edp > 1
 
     @property
     def dp_mesh(self) -> DeviceMesh | None:
@@ -147,11 +150,13 @@ def build_mesh(layout: Layout) -> ParallelDims:
     replicate, shard = (layout.dp, 1) if layout.zero == 0 else (1, layout.dp)
     world = init_device_mesh(device, (layout.pp, replicate, shard, layout.tp),
                              mesh_dim_names=("pp", "dp_replicate", "dp_shard", "tp"))
-    experts = None
+    experts = shards = None
     if layout.ep > 1:
         grid = torch.arange(layout.world_size).reshape(layout.pp, layout.edp, layout.ep)
         experts = DeviceMesh(device, grid, mesh_dim_names=("pp", "edp", "ep"))
-    return ParallelDims(layout, world, experts)
+        if layout.edp > 1:  # ep outermost: [Shard(0), Shard(0)] on it is an edp shard of an ep shard
+            shards = DeviceMesh(device, grid.permute(0, 2, 1), mesh_dim_names=("pp", "ep", "edp"))
+    return ParallelDims(layout, world, experts, shards)
 
 
 def rank_groups(layout: Layout) -> dict[str, list[list[int]]]:

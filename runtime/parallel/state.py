@@ -15,8 +15,9 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 def clip_grad_norm_(params, max_norm: float, pdims) -> torch.Tensor:
     """Clip gradients to a global L2 norm over every parallel dimension; returns the norm.
 
-    DTensor gradients (FSDP, TP) contribute their full norm; rank-local expert gradients are
-    summed over the ep group; each pipeline stage adds its own parameters over the pp group.
+    DTensor gradients (FSDP, TP) contribute their full norm; expert gradients (rank-local, or
+    FSDP2 shards of the rank's experts over edp) are summed over the ep group too; each pipeline
+    stage adds its own parameters over the pp group.
     Replicated plain gradients (DDP) count once, as does the last pipeline stage's copy of
     the embedding. max_norm <= 0 only measures."""
     params = [p for p in params if p.grad is not None]
@@ -26,11 +27,13 @@ def clip_grad_norm_(params, max_norm: float, pdims) -> torch.Tensor:
     for p in counted:
         g = p.grad
         if isinstance(g, DTensor):
-            sq += torch.linalg.vector_norm(g.float()).full_tensor().double().square()
-        elif getattr(p, "_llmc_expert_local", False):
-            expert_sq += g.double().square().sum()
+            g_sq = torch.linalg.vector_norm(g.float()).full_tensor().double().square()
         else:
-            sq += g.double().square().sum()
+            g_sq = g.double().square().sum()
+        if getattr(p, "_llmc_expert_local", False):
+            expert_sq += g_sq
+        else:
+            sq += g_sq
     if pdims is not None and pdims.layout.ep > 1:
         dist.all_reduce(expert_sq, group=pdims.group("ep"))
     sq += expert_sq
