@@ -43,21 +43,24 @@ def one_process(tmp_path_factory):
     return tmp, llmc_train(tmp, "one", 1)[0]
 
 
-@pytest.mark.parametrize("name, sets, exact_states", [
-    ("ep2_fsdp", ["parallel.dp=2", "parallel.ep=2", "parallel.zero=3"], True),
-    ("tp2", ["parallel.dp=1", "parallel.tp=2", "parallel.sequence_parallel=true"], False),
-    ("pp2", ["parallel.dp=1", "parallel.pp=2"], True),  # the last stage's embedding copy (MTP) is planned
+@pytest.mark.parametrize("name, nproc, sets, exact_states", [
+    ("ep2_fsdp", 2, ["parallel.dp=2", "parallel.ep=2", "parallel.zero=3"], True),
+    # experts FSDP2-sharded over edp = 2. Two eval batches of 2 give each of the 4 ranks a sample: with
+    # one, ranks 0 and 2 get none and skip the eval forward whose collectives ranks 1 and 3 wait in
+    ("edp2_fsdp", 4, ["parallel.dp=4", "parallel.ep=2", "parallel.zero=3", "train.eval_batches=2"], True),
+    ("tp2", 2, ["parallel.dp=1", "parallel.tp=2", "parallel.sequence_parallel=true"], False),
+    ("pp2", 2, ["parallel.dp=1", "parallel.pp=2"], True),  # the last stage's embedding copy (MTP) is planned
 ])
-def test_llmc_train_runs_layout(name, sets, exact_states, one_process):
+def test_llmc_train_runs_layout(name, nproc, sets, exact_states, one_process):
     tmp, reference = one_process
-    metrics, report = llmc_train(tmp, name, 2, *sets)
+    metrics, report = llmc_train(tmp, name, nproc, *sets)
     assert [m["step"] for m in metrics] == [1, 2]
     for got, want in zip(metrics, reference):
         assert abs(got["loss"] - want["loss"]) <= 1e-5 * want["loss"], (got["loss"], want["loss"])
         assert len(got["expert_load"]) == len(want["expert_load"])
     assert (tmp / name / "model" / "model.safetensors").is_file()  # the whole model, gathered from shards
     states = report["model_states"]
-    assert len(states["per_rank"]) == 2
+    assert len(states["per_rank"]) == nproc
     most_loaded = {k: max(r[k] for r in states["per_rank"]) for k in ("weights", "gradients", "optimizer")}
     if exact_states:
         assert most_loaded == states["plan"]
