@@ -10,6 +10,7 @@ import pytest
 from tokenizers import Tokenizer
 
 from llmc.compiler.spec import load_spec
+from llmc.runtime.data.dataset import TrainData
 from llmc.runtime.data.prepare import load_manifest, prepare
 from llmc.runtime.data.sources import DataError
 
@@ -200,3 +201,32 @@ def test_stdlib_corpus_is_the_sorted_standard_library_capped_by_max_bytes(tmp_pa
         total += len(t.encode())
     assert source["documents"] == len(taken)
     assert source["sha256"] == hashlib.sha256("".join(taken).encode()).hexdigest()
+
+
+# 3 x micro_batch samples split rank by rank (floor bounds): e.g. dp 8 of 6 samples -> 0,1,1,1,0,1,1,1
+@pytest.mark.parametrize("dp, micro_batch, batches, filler", [(2, 1, 2, 1), (3, 2, 1, 0), (4, 1, 1, 1),
+                                                               (4, 2, 1, 0), (8, 2, 1, 2)])
+def test_every_rank_gets_as_many_validation_batches(tmp_path, dp, micro_batch, batches, filler):
+    """A sharded model runs collectives in every forward: each rank evaluates as many batches, the
+    real samples across ranks are the one-rank validation set in order, and the batches that make
+    up a short rank's count carry only ignored labels."""
+    lines = [f"def f{i}(x):\n    return x * {i} + {i * i}\n" for i in range(400)]
+    (tmp_path / "a.txt").write_text("".join(lines))
+    prepared = prepare(make_spec(tmp_path, '[[data.sources]]\npath = "a.txt"\n', val=0.5))
+
+    def data(rank: int, size: int) -> TrainData:
+        return TrainData(prepared, [1.0], seq_len=16, seed=0, global_batch=24, micro_batch=micro_batch,
+                         dp_rank=rank, dp_size=size)
+
+    n_batches = 3                          # 3 x micro_batch samples in all, fewer than some dp
+    alone = [row for tokens, labels in data(0, 1).val_batches(n_batches) for row in zip(tokens, labels)]
+    assert len(alone) == n_batches * micro_batch and all((labels != -100).any() for _, labels in alone)
+    per_rank = [data(r, dp).val_batches(n_batches) for r in range(dp)]
+    assert [len(b) for b in per_rank] == [batches] * dp
+    real, ignored = [], []
+    for rank_batches in per_rank:
+        for tokens, labels in rank_batches:
+            for row in zip(tokens, labels):
+                (real if (row[1] != -100).any() else ignored).append(row)
+    assert [(t.tolist(), l.tolist()) for t, l in real] == [(t.tolist(), l.tolist()) for t, l in alone]
+    assert len(ignored) == filler

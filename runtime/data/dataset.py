@@ -73,16 +73,27 @@ class TrainData:
 
     def val_batches(self, n_batches: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """This rank's part of a fixed validation set of n_batches x micro_batch samples (interleaving
-        the sources); the set does not depend on the number of ranks."""
+        the sources); the set does not depend on the number of ranks.
+
+        Every rank gets as many batches as the rank with the most samples: a sharded model (FSDP,
+        EP, TP) runs collectives in each forward, so a rank that skipped one would leave the others
+        waiting. A rank short of samples makes up the count with a window whose labels are all
+        ignored (it adds no tokens to the loss)."""
         if not self.val:
             return []
         total = n_batches * self.micro_batch
         lo, hi = self.rank * total // self.dp, (self.rank + 1) * total // self.dp
-        picks = []
-        for j in range(lo, hi):
-            windows = self.val[j % len(self.val)]
-            picks.append(windows[(j // len(self.val)) % len(windows)])
-        return [_stack(picks[j:j + self.micro_batch]) for j in range(0, len(picks), self.micro_batch)]
+        picks = [self._val_sample(j) for j in range(lo, hi)]
+        batches = [_stack(picks[j:j + self.micro_batch]) for j in range(0, len(picks), self.micro_batch)]
+        most_samples = -(-total // self.dp)                  # ceil: the rank with the most samples
+        while len(batches) < -(-most_samples // self.micro_batch):
+            tokens, labels = _stack([self._val_sample(lo)])
+            batches.append((tokens, torch.full_like(labels, -100)))
+        return batches
+
+    def _val_sample(self, j: int) -> tuple[np.ndarray, np.ndarray]:
+        windows = self.val[j % len(self.val)]
+        return windows[(j // len(self.val)) % len(windows)]
 
     def state_dict(self) -> dict:
         return self.sampler.state_dict()
