@@ -25,9 +25,9 @@ from .rope import apply_rope
 
 # On CPU in bf16, torch's flash-attention kernel takes 1.6-2x as long (forward + backward) as
 # ShortCausalAttention below while the scores are short: 128-512 keys, measured on the 2-core
-# AVX-512 machine this was tuned on (bench/bench_model_step.py). Past that it is still 10-20%
+# AVX-512 machine this was tuned on (bench/bench_model_step.py). Up to 1024 keys it stays 10-20%
 # faster, but the [B, H, T, S] bf16 probabilities it keeps for backward grow as T^2 while flash
-# attention keeps none; the score limit holds them to 16 MB a layer. In fp32 the two are even.
+# attention keeps none; the limits hold them to 16 MB a layer. In fp32 the two are even.
 MATMUL_ATTENTION_MAX_KEYS = 512
 MATMUL_ATTENTION_MAX_SCORES = 1 << 23
 
