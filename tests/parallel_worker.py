@@ -36,6 +36,19 @@ def parse():
     return ap.parse_args()
 
 
+@torch.no_grad()
+def validation_loss(pipe, model, samples, micro: int) -> float:
+    """Token-weighted mean loss over `samples` in micro-batches (the last one short), by the pipeline
+    (every column evaluating all of them) or by one process. Run after measure_state_bytes: the
+    schedule's change of mode clears FSDP gradients."""
+    batches = [(s[:, :-1], s[:, 1:]) for s in samples.split(micro)]
+    if pipe is not None:  # pads to the stages' shapes and to whole schedule calls
+        return pipe.evaluate(batches)["val_loss"]
+    model.eval()
+    loss_sum = sum(model(tokens, labels).lm_loss.item() * labels.numel() for tokens, labels in batches)
+    return loss_sum / sum(labels.numel() for _, labels in batches)
+
+
 def main():
     args = parse()
     torch.set_num_threads(1)
@@ -124,6 +137,9 @@ def main():
         losses.append(local.item() / args.n_micro)
 
     measured = measure_state_bytes(wrapped[0] if len(wrapped) == 1 else torch.nn.ModuleList(raw), opt)
+    val_loss = None  # the pipeline's forward-only pass against the one-process forward
+    if pipe is not None or world == 1:
+        val_loss = validation_loss(pipe, wrapped[0], torch.randint(0, V, (5, args.seq + 1), generator=g), args.micro)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     state = {}
     for m in raw:
@@ -134,8 +150,8 @@ def main():
         save_train_state(args.save_dcp, wrapped[0], opt)
     os.makedirs(args.out, exist_ok=True)
     plan_bytes = plan_stages[pdims.coordinate("pp")] if plan_stages else None
-    torch.save({"losses": losses, "state": state, "bytes": measured, "layout": lay, "plan_memory": plan_memory,
-                "plan_bytes": plan_bytes}, os.path.join(args.out, f"rank{rank}.pt"))
+    torch.save({"losses": losses, "val_loss": val_loss, "state": state, "bytes": measured, "layout": lay,
+                "plan_memory": plan_memory, "plan_bytes": plan_bytes}, os.path.join(args.out, f"rank{rank}.pt"))
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

@@ -69,6 +69,9 @@ def assert_same_training(results, reference):
     for r in results:
         for got, want in zip(r["losses"], reference["losses"]):
             assert abs(got - want) <= 1e-5 * abs(want), (r["losses"], reference["losses"])
+        if r["val_loss"] is not None:  # pipelines: 5 samples padded to the stages' shapes and schedule calls
+            assert abs(r["val_loss"] - reference["val_loss"]) <= 1e-5 * reference["val_loss"], (r["val_loss"],
+                                                                                              reference["val_loss"])
     state = merged_state(results)
     assert set(state) == set(reference["state"])
     errors = {k: relative_error(state[k], v) for k, v in reference["state"].items()}

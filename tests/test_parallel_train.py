@@ -49,7 +49,9 @@ def one_process(tmp_path_factory):
     # sample: they evaluate an all-ignored window so that the forward's collectives still meet
     ("edp2_fsdp", 4, ["parallel.dp=4", "parallel.ep=2", "parallel.zero=3"], True),
     ("tp2", 2, ["parallel.dp=1", "parallel.tp=2", "parallel.sequence_parallel=true"], False),
-    ("pp2", 2, ["parallel.dp=1", "parallel.pp=2"], True),  # the last stage's embedding copy (MTP) is planned
+    # the last stage's embedding copy (MTP) is planned; validating after step 1 too checks that the
+    # schedule's forward-only pass leaves step 2 unchanged
+    ("pp2", 2, ["parallel.dp=1", "parallel.pp=2", "train.eval_every=1"], True),
 ])
 def test_llmc_train_runs_layout(name, nproc, sets, exact_states, one_process):
     tmp, reference = one_process
@@ -58,9 +60,9 @@ def test_llmc_train_runs_layout(name, nproc, sets, exact_states, one_process):
     for got, want in zip(metrics, reference):
         assert abs(got["loss"] - want["loss"]) <= 1e-5 * want["loss"], (got["loss"], want["loss"])
         assert len(got["expert_load"]) == len(want["expert_load"])
-        if "val_loss" in got:  # the same validation set, however it is split over the ranks
+        if "val_loss" in want:  # the same validation set, however it is split over the ranks (or stages)
             assert abs(got["val_loss"] - want["val_loss"]) <= 1e-5 * want["val_loss"], (got, want)
-    assert ("val_loss" in metrics[-1]) == ("parallel.pp=2" not in sets)  # the pipeline loop does not evaluate
+    assert "val_loss" in metrics[-1] and report["validation"]["val_loss"] == metrics[-1]["val_loss"]
     assert (tmp / name / "model" / "model.safetensors").is_file()  # the whole model, gathered from shards
     states = report["model_states"]
     assert len(states["per_rank"]) == nproc

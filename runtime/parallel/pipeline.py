@@ -22,6 +22,7 @@ Two losses live outside the last stage and are carried by autograd instead of ac
 from __future__ import annotations
 
 import copy
+import math
 import types
 
 import torch
@@ -123,9 +124,10 @@ def _cut_to_stage(model: nn.Module, layers: list[int], first: bool, last: bool) 
 class Pipeline:
     """This rank's stages, their schedule, and the per-step bookkeeping the trainer needs."""
 
-    def __init__(self, modules, wrapped, stage_ids, n_stages, schedule, pdims, embed_group):
+    def __init__(self, modules, wrapped, stage_ids, n_stages, schedule, pdims, embed_group, micro_batch_size, device):
         self.modules, self.wrapped, self.stage_ids = modules, wrapped, stage_ids
         self.n_stages, self.schedule, self.pdims, self.embed_group = n_stages, schedule, pdims, embed_group
+        self.micro_batch_size, self.device = micro_batch_size, device
 
     @property
     def has_last(self) -> bool:
@@ -155,6 +157,41 @@ class Pipeline:
         weight = self.modules[0].cfg.mtp.loss_weight
         return {"loss": lm + weight * mtp + aux, "lm_loss": lm, "mtp_loss": mtp, "aux_loss": aux}
 
+    @torch.no_grad()
+    def evaluate(self, batches) -> dict | None:
+        """Mean next-token loss and perplexity over the validation batches of every rank, by the
+        schedule's forward-only pass (the same on every rank, as loop.evaluate for other layouts).
+
+        The stages take micro-batches of static shape and the schedule a fixed number of them, so
+        short batches and the last schedule call are filled with all-ignored rows (labels -100 add
+        no tokens); every rank has as many batches, hence as many calls, and their p2p and FSDP
+        collectives meet."""
+        if not batches:
+            return None
+        n, mb = self.schedule._n_microbatches, self.micro_batch_size
+        tokens = torch.cat([_pad_rows(x, mb, 0) for x, _ in batches])
+        labels = torch.cat([_pad_rows(y, mb, -100) for _, y in batches])
+        rows = -(-len(batches) // n) * n * mb
+        tokens, labels = _pad_rows(tokens, rows, 0).to(self.device), _pad_rows(labels, rows, -100).to(self.device)
+        was_training = [m.training for m in self.wrapped]
+        for m in self.wrapped:
+            m.eval()
+        totals = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss x tokens, tokens
+        for x, y in zip(tokens.split(n * mb), labels.split(n * mb)):
+            for m in self.modules:
+                m._llmc_stats.clear()
+            self.schedule.eval(*((x,) if self.has_first else ()), target=y if self.has_last else None,
+                               tokens=x, labels=y, return_outputs=False)
+            if self.has_last:  # the last stage is this rank's last module; its stats: one per micro-batch
+                lm = torch.stack([lm for lm, *_ in self.modules[-1]._llmc_stats[-n:]]).double()
+                counts = (y != -100).reshape(n, -1).sum(1).double()
+                totals += torch.stack([(lm * counts).sum(), counts.sum()])
+        dist.all_reduce(totals)  # the last stages of every pipeline column; the other ranks add zeros
+        for m, training in zip(self.wrapped, was_training):
+            m.train(training)
+        loss = (totals[0] / totals[1].clamp(min=1)).item()
+        return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0))}
+
     def expert_counts(self) -> torch.Tensor | None:
         """Tokens routed per expert in this step, summed over the stages: a row per MoE layer,
         then one per MoE MTP block."""
@@ -173,6 +210,11 @@ class Pipeline:
                 grad = m.embed.weight.grad
                 local = grad.to_local() if hasattr(grad, "to_local") else grad
                 dist.all_reduce(local, group=self.embed_group)
+
+
+def _pad_rows(x: torch.Tensor, rows: int, value: int) -> torch.Tensor:
+    """`x` with rows of `value` appended up to `rows` rows."""
+    return torch.cat([x, x.new_full((rows - len(x), *x.shape[1:]), value)])
 
 
 def _loss_is_output(output, target):
@@ -234,4 +276,4 @@ def build_pipeline(model: nn.Module, pdims, n_microbatches: int, micro_batch_siz
         sched = cls(pipe_stages[0], n_microbatches=n_microbatches, loss_fn=_loss_is_output)
     last_needs_embed = len(model.mtp) > 0 or model.head is None
     embed_group = _embed_groups(pdims, last_needs_embed)
-    return Pipeline(modules, wrapped, stage_ids, n_stages, sched, pdims, embed_group)
+    return Pipeline(modules, wrapped, stage_ids, n_stages, sched, pdims, embed_group, micro_batch_size, device)

@@ -216,7 +216,10 @@ class Trainer:
                 record["tokens_per_s"] = tokens_per_step / step_time
                 record["mfu"] = self.flops_per_token * record["tokens_per_s"] / self.peak
                 if t.eval_every and self.step % t.eval_every == 0 or self.step == self.total_steps:
-                    last_eval = evaluate(self.model, self.val_batches, env, t.precision) if self.pipe is None else None
+                    if self.pipe is None:
+                        last_eval = evaluate(self.model, self.val_batches, env, t.precision)
+                    else:  # parallel runtime: the schedule's forward-only pass over the stages
+                        last_eval = self.pipe.evaluate(self.val_batches)
                     if last_eval:
                         record.update(last_eval)
                         progress.note(f"step {self.step}: val_loss {last_eval['val_loss']:.4f} "
