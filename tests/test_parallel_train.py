@@ -22,9 +22,11 @@ SMALL = ["model.vocab_size=512", "model.max_seq_len=64", "train.seq_len=32", "da
 pytestmark = pytest.mark.timeout(900)
 
 
-def llmc_train(tmp_path: Path, out: str, nproc: int, *sets: str):
+def llmc_train(tmp_path: Path, out: str, nproc: int, *sets: str, resume: bool = False):
     cmd = [sys.executable, "-m", "llmc.compiler.cli", "train", str(REPO / "specs" / "tiny_moe.toml"),
            "--out", str(tmp_path / out), "--set", f"data.cache_dir={tmp_path / 'cache'}"]
+    if resume:
+        cmd.append("--resume")
     for s in SMALL + list(sets):
         cmd += ["--set", s]
     if nproc > 1:
@@ -52,6 +54,10 @@ def one_process(tmp_path_factory):
     # the last stage's embedding copy (MTP) is planned; validating after step 1 too checks that the
     # schedule's forward-only pass leaves step 2 unchanged
     ("pp2", 2, ["parallel.dp=1", "parallel.pp=2", "train.eval_every=1"], True),
+    # two virtual stages per rank (4 stages of one layer, looped: rank 0 holds stages 0 and 2): the
+    # loop trains their union; the plan's per-rank bytes count both of a rank's stages
+    ("pp2_interleaved", 2, ["parallel.dp=1", "parallel.pp=2", 'parallel.pp_schedule="interleaved"',
+                            "parallel.pp_virtual_stages=2"], True),
 ])
 def test_llmc_train_runs_layout(name, nproc, sets, exact_states, one_process):
     tmp, reference = one_process
@@ -76,3 +82,21 @@ def test_llmc_train_runs_layout(name, nproc, sets, exact_states, one_process):
             assert measured == planned[rank // per_stage], (rank, measured, planned)
     else:  # TP keeps norms, MoE layers and MLA's down-projections replicated, the plan divides whole blocks
         assert all(most_loaded[k] >= states["plan"][k] for k in most_loaded)
+
+
+INTERLEAVED = ["parallel.dp=1", "parallel.pp=2", 'parallel.pp_schedule="interleaved"', "parallel.pp_virtual_stages=2"]
+
+
+@pytest.mark.parametrize("first, then", [((2, INTERLEAVED), (1, [])), ((1, []), (2, INTERLEAVED))],
+                         ids=["interleaved-to-one", "one-to-interleaved"])
+def test_interleaved_checkpoint_resumes_across_layouts(first, then, one_process):
+    """The union of a rank's virtual stages saves and loads under the model's own names: step 1
+    under one layout, resumed for step 2 under the other, gives the one-process step 2."""
+    tmp, reference = one_process
+    name = f"resume_{first[0]}_to_{then[0]}"
+    llmc_train(tmp, name, first[0], *first[1], "train.max_steps=1")
+    metrics, _ = llmc_train(tmp, name, then[0], *then[1], resume=True)
+    assert [m["step"] for m in metrics] == [1, 2]
+    got, want = metrics[1], reference[1]
+    assert abs(got["loss"] - want["loss"]) <= 1e-5 * want["loss"], (got["loss"], want["loss"])
+    assert abs(got["val_loss"] - want["val_loss"]) <= 1e-5 * want["val_loss"], (got, want)

@@ -192,6 +192,10 @@ class Pipeline:
         loss = (totals[0] / totals[1].clamp(min=1)).item()
         return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0))}
 
+    def train_module(self) -> nn.Module:
+        """The module the trainer holds: the stage (as wrapped) or, with virtual stages, their union."""
+        return self.wrapped[0] if len(self.wrapped) == 1 else StageUnion(self.modules)
+
     def expert_counts(self) -> torch.Tensor | None:
         """Tokens routed per expert in this step, summed over the stages: a row per MoE layer,
         then one per MoE MTP block."""
@@ -210,6 +214,46 @@ class Pipeline:
                 grad = m.embed.weight.grad
                 local = grad.to_local() if hasattr(grad, "to_local") else grad
                 dist.all_reduce(local, group=self.embed_group)
+
+
+class StageUnion(nn.Module):
+    """This rank's stage modules (virtual stages) seen as one module under the full model's
+    parameter names, for what the trainer does with "the model": the optimizer, gradient clipping,
+    checkpoints, the gathered final model and the measured bytes.
+
+    The stages keep the model's names and hold disjoint layers; with pp > 1 no rank holds both the
+    first stage and the last, so the embedding appears once. The union shares the stages'
+    submodules (it registers no copy and runs no forward: the schedule drives the stages)."""
+
+    def __init__(self, modules: list[nn.Module]):
+        super().__init__()
+        self.__dict__["_stages"] = list(modules)  # not registered: names stay the model's
+        first = modules[0]
+        self.cfg, self.moe_layer_ids, self.mtp_moe_depths = first.cfg, first.moe_layer_ids, first.mtp_moe_depths
+        for name in ("embed", "pos_embed"):
+            holders = [getattr(m, name) for m in modules if getattr(m, name) is not None]
+            if len(holders) > 1:
+                raise ValueError(f"{len(holders)} stages of one rank hold `{name}`")
+            setattr(self, name, holders[0] if holders else None)
+        blocks = {k: b for m in modules for k, b in m.layers.items()}
+        self.layers = nn.ModuleDict({k: blocks[k] for k in sorted(blocks, key=int)})
+        last = [m for m in modules if m.norm is not None]
+        self.norm = last[0].norm if last else None
+        self.head = last[0].head if last else None
+        self.mtp = last[0].mtp if last else nn.ModuleList()
+
+    def train(self, mode: bool = True):
+        for m in self._stages:
+            m.train(mode)
+        return super().train(mode)
+
+    def update_router_bias(self, expert_counts: torch.Tensor):
+        """Aux-loss-free balancing: each stage updates the MoE layers it holds."""
+        for m in self._stages:
+            m.update_router_bias(expert_counts)
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("the pipeline schedule runs the stages; StageUnion only groups their parameters")
 
 
 def _pad_rows(x: torch.Tensor, rows: int, value: int) -> torch.Tensor:

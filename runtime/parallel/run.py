@@ -102,12 +102,10 @@ def wrap_for_plan(model: nn.Module, plan: dict) -> nn.Module:
 
 
 def pipeline_for_plan(model: nn.Module, plan: dict, micro_batch_size: int, seq_len: int):
-    """This rank's pipeline stage of the plan (pp > 1), wrapped for the rest of the layout."""
+    """This rank's pipeline stage(s) of the plan (pp > 1; several under the interleaved schedule),
+    wrapped for the rest of the layout; `pipe.train_module()` is what the trainer holds."""
     global _CURRENT
     _CURRENT = ParallelRun(plan)
-    if _CURRENT.layout.pp_schedule == "interleaved":
-        raise ValueError("the training loop runs one stage per rank; the interleaved schedule is available "
-                         "through runtime.parallel.pipeline.build_pipeline")
     return _CURRENT.pipeline(model, micro_batch_size, seq_len)
 
 

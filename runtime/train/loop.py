@@ -115,7 +115,7 @@ class Trainer:
         self.pipe = None
         if layout.get("pp", 1) > 1:  # parallel runtime: this rank's pipeline stage and the schedule
             self.pipe = pipeline_for_plan(self.raw_model, plan, layout["micro_batch_size"], self.t.seq_len)
-            self.model = self.pipe.wrapped[0]
+            self.model = self.pipe.train_module()  # the stage, or the union of its virtual stages
         else:
             self.model = parallelize(self.raw_model, plan, env)
         self.optimizer = build_optimizer(self.model, self.t.optimizer)
