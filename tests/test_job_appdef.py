@@ -1,8 +1,10 @@
 """Plan -> TorchX AppDef: the command line, layout from the plan only, resources, env, retries."""
 
+import json
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -125,3 +127,23 @@ def test_compiler_job_modules_do_not_import_torch():
 def test_resume_reaches_the_entry():
     (role,) = build_appdef(plan_of(), "local", "p.json", "out", resume=True).roles
     assert role.args[-5:] == ["--plan", "p.json", "--out", "out", "--resume"]
+
+
+def test_status_of_a_job_the_scheduler_does_not_list_yet(tmp_path, monkeypatch):
+    """Slurm's accounting lags behind sbatch: a job llmc submitted moments ago is PENDING, not
+    unknown; one the scheduler does not know and llmc submitted long ago is an error."""
+    from llmc.compiler.job import cli, track
+
+    class NotListed:  # what TorchX's runner answers before sacct lists the job
+        def status(self, handle):
+            return None
+
+    monkeypatch.chdir(tmp_path)
+    track.record("slurm://llmc/7", scheduler="slurm", role="train", replicas=1, run_dir=str(tmp_path))
+    assert cli._status(NotListed(), "slurm://llmc/7").startswith("PENDING")
+    with track.RECORD.open("a") as f:   # submitted an hour ago, long forgotten by the scheduler
+        f.write(json.dumps({"handle": "slurm://llmc/8", "time": time.time() - 3600, "scheduler": "slurm"}) + "\n")
+    with pytest.raises(UserError, match="does not know slurm://llmc/8"):
+        cli._status(NotListed(), "slurm://llmc/8")
+    with pytest.raises(UserError, match="does not know slurm://llmc/9"):  # never submitted from here
+        cli._status(NotListed(), "slurm://llmc/9")

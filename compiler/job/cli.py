@@ -102,6 +102,11 @@ def _handle(text: str):
                         f"`llmc run`, found {text!r})") from None
 
 
+# Slurm's accounting (sacct, which TorchX asks) lists a job once slurmdbd has recorded it, which can
+# take a while after sbatch returned on a loaded controller: a job submitted moments ago is queued.
+ACCOUNTING_LAG_S = 300
+
+
 def _status(runner, handle: str) -> str:
     status = runner.status(handle)
     if status is not None:
@@ -111,6 +116,8 @@ def _status(runner, handle: str) -> str:
         return known["state"]
     if known and _scheduler_is_local(handle):
         return "RUNNING" if _alive(known.get("pid")) else "UNKNOWN (its `llmc run` ended before the job did)"
+    if known and time.time() - known.get("time", 0) < ACCOUNTING_LAG_S:
+        return "PENDING (submitted; the scheduler does not list it yet)"
     raise UserError(f"the scheduler does not know {handle}")
 
 
