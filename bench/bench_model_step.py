@@ -53,7 +53,7 @@ def matmul_peak(dtype, n: int = 2048, reps: int = 6) -> float:
 
 def adamw_seconds(model, reps: int = 6) -> float:
     """Best time of one fused AdamW update of `model`'s parameters (random gradients)."""
-    params = [p for p in model.parameters()]
+    params = list(model.parameters())
     for p in params:
         p.grad = torch.randn_like(p)
     opt = torch.optim.AdamW(params, lr=1e-4, fused=True)

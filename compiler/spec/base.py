@@ -17,6 +17,14 @@ Degree = Union[int, Auto]
 Check = Callable[..., Iterator[tuple[str, str]]]
 
 
+def positive_or_auto(value: Degree) -> Degree:
+    """A count that is "auto" or a positive integer (parallel degrees, micro-batch size): the
+    planner and the checks divide by it."""
+    if value != "auto" and value < 1:
+        raise ValueError(f"expected a positive integer or \"auto\", found {value}")
+    return value
+
+
 class Invalid(ValueError):
     """The cross-field mistakes of a table: (key relative to the table, message) pairs.
 

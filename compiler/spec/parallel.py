@@ -4,7 +4,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from .base import Degree, Table
+from .base import Degree, Table, positive_or_auto
 
 
 class ParallelSpec(Table):
@@ -25,6 +25,4 @@ class ParallelSpec(Table):
     @field_validator("dp", "tp", "pp", "ep", "world_size")
     @classmethod
     def _positive(cls, v):
-        if v != "auto" and v < 1:
-            raise ValueError(f"expected a positive integer or \"auto\", found {v}")
-        return v
+        return positive_or_auto(v)

@@ -4,7 +4,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from .base import Table
+from .base import Table, positive_or_auto
 
 
 class OptimizerSpec(Table):
@@ -68,9 +68,7 @@ class TrainSpec(Table):
     @field_validator("micro_batch_size")
     @classmethod
     def _positive(cls, v):
-        if v != "auto" and v < 1:  # the planner and the checks divide by it
-            raise ValueError(f"expected a positive integer or \"auto\", found {v}")
-        return v
+        return positive_or_auto(v)
 
     @property
     def steps(self) -> int:
