@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 import sys
 
-from .plan.formatting import (GiB, duration, flops_rows, gib, human, memory_rows, param_rows, ranges, stored_note,
-                              total_rows)
+from .plan.formatting import (GiB, duration, flops_rows, gib, human, memory_rows, param_rows, stage_rows,
+                              stored_note, total_rows)
 from .spec import load_spec
 
 BAR_WIDTH = 40
@@ -49,10 +49,10 @@ def render_markdown(plan) -> str:
     source = resources.files("llmc.templates").joinpath("plan.md.j2").read_text(encoding="utf-8")
     env = jinja2.Environment(undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
                              keep_trailing_newline=True)
-    env.filters.update(human=human, gib=gib, duration=duration, ranges=ranges)
+    env.filters.update(human=human, gib=gib, duration=duration)
     return env.from_string(source).render(
         plan=plan, spec=plan.spec, params=param_rows(plan), totals=total_rows(plan), stored_note=stored_note(plan),
-        flops=flops_rows(plan), memory=memory_rows(plan), GiB=GiB)
+        flops=flops_rows(plan), memory=memory_rows(plan), stages=stage_rows(plan) if plan.layout else [], GiB=GiB)
 
 
 # --------------------------------------------------------------------------- terminal
@@ -155,13 +155,8 @@ def _print_layout(console, plan) -> None:
                 where = "inside a node" if g.within_node else "across nodes"
                 first = ", ".join(map(str, g.first)) + (", ..." if g.size > len(g.first) else "")
                 t.add_row(f"{dim} groups", f"{g.count:,} of {g.size}, stride {g.stride}, {where}; first: [{first}]")
-        copy = lay.pp > 1 and (plan.params.mtp > 0 or plan.params.components["head"] == 0)  # MTP or a tied head
-        for i, layers in enumerate(lay.stages):
-            tail = ", MTP" * (plan.params.mtp > 0) + ", embedding copy" * copy
-            extra = (" + embedding" if i == 0 else "") + (f" + final norm, head{tail}" if i == len(lay.stages) - 1
-                                                          else "")
-            if len(lay.stages) > 1 or i == 0:
-                t.add_row(f"stage {i}" if len(lay.stages) > 1 else "layers", ranges(layers) + extra)
+        for label, text in stage_rows(plan):
+            t.add_row(label, text)
         b = lay.time_breakdown
         t.add_row("step time", f"{duration(lay.step_time_s)} = compute {duration(b['compute'])} + bubble "
                                f"{duration(b['bubble'])} + tp {duration(b['tp_comm'])} + ep {duration(b['ep_comm'])} + "

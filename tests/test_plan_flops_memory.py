@@ -116,6 +116,21 @@ def test_last_pipeline_stage_counts_the_embedding_copy_it_keeps(sets, first, las
     assert one.dense == count_params(s.model).total
 
 
+def test_plan_states_every_pipeline_stage_and_names_the_most_loaded():
+    """plan.json carries each pipeline rank's memory: bf16 weights and gradients (2 bytes), Adam's
+    fp32 master, m and v (12 bytes) of the blocks it holds, the embedding on the first, the final
+    norm and the untied head on the last; `train` is the stage with the highest peak."""
+    s = load_spec("specs/tiny.toml", ["parallel.pp=2", "hardware.gpus_per_node=2", "model.mtp.depth=0"])
+    plan = build_plan(s)
+    stages = plan.memory.train_stages
+    assert len(stages) == 2 and [m.stage for m in stages] == [0, 1]
+    first, last = plan.layout.stages
+    held = [len(first) * TINY_BLOCK + TINY_EMB, len(last) * TINY_BLOCK + 256 + TINY_EMB]
+    assert [(m.weights, m.gradients, m.optimizer) for m in stages] == [(2 * n, 2 * n, 12 * n) for n in held]
+    most = max(stages, key=lambda m: m.peak)
+    assert plan.memory.train == most
+
+
 # --------------------------------------------------------------------------- activations (Korthikanti et al.)
 
 GPT = dict(vocab_size=51200, d_model=2048, n_layers=4, n_heads=16, ffn_hidden=8192, max_seq_len=2048,

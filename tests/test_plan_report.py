@@ -40,6 +40,17 @@ def test_markdown_renders_every_section():
     assert "| stage 0 |" in text and "embedding" in text
 
 
+def test_each_pipeline_stage_row_shows_its_own_peak():
+    sets = ["--set", "parallel.pp=2", "--set", "hardware.gpus_per_node=2", "--set", "model.mtp.depth=0"]
+    doc = json.loads(llmc("plan", "specs/tiny.toml", "--json", *sets).stdout)
+    peaks = [m["peak"] for m in doc["memory"]["train_stages"]]
+    assert doc["memory"]["train"]["peak"] == max(peaks)
+    text = llmc("plan", "specs/tiny.toml", "--format", "markdown", *sets).stdout
+    for i, peak in enumerate(peaks):
+        row = next(line for line in text.splitlines() if line.startswith(f"| stage {i} |"))
+        assert f"peak {peak / 2**30:,.1f} GiB" in row, row
+
+
 def test_table_report_and_no_fit_explanation():
     out = llmc("plan", "specs/ds_v32.toml")
     text = out.stdout

@@ -46,6 +46,24 @@ def ranges(layers: list[int]) -> str:
     return ", ".join(out) or "-"
 
 
+def stage_rows(plan: Plan) -> list[tuple[str, str]]:
+    """(label, what it holds) for each pipeline chunk of the chosen layout, with the peak memory of
+    the pipeline rank it runs on when pp > 1 (chunk i on rank i % pp under the interleaved schedule)."""
+    lay, p = plan.layout, plan.params
+    copy = lay.pp > 1 and (p.mtp > 0 or p.components["head"] == 0)  # MTP or a tied head reads the embedding
+    ranks = plan.memory.train_stages or []
+    rows = []
+    for i, layers in enumerate(lay.stages):
+        text = ranges(layers) + (" + embedding" if i == 0 else "")
+        if i == len(lay.stages) - 1:
+            text += " + final norm, head" + ", MTP" * (p.mtp > 0) + ", embedding copy" * copy
+        if lay.pp > 1 and ranks:
+            on = f"rank {i % lay.pp}, " if lay.pp_virtual_stages > 1 else ""
+            text += f"  ({on}peak {ranks[i % lay.pp].peak / GiB:,.1f} GiB)"
+        rows.append((f"stage {i}" if len(lay.stages) > 1 else "layers", text))
+    return rows
+
+
 def param_rows(plan: Plan) -> list[tuple[str, str, str]]:
     """(name, exact count, share of total) for each nonzero component."""
     p = plan.params

@@ -278,6 +278,11 @@ class LayoutSearch:
     def train_memory(self, fit: _Fit) -> TrainMemory:
         return self.memory.as_model(fit.memory_bytes, fit.rank)
 
+    def stage_memory(self, fit: _Fit) -> list[TrainMemory]:
+        """Training memory of every pipeline rank of a layout (index = pp rank)."""
+        _, shares, _ = self.shares(fit.degrees.pp, fit.degrees.virtual_stages)
+        return [self.memory.as_model(self.memory.rank_bytes(fit.degrees, sh), sh.rank) for sh in shares]
+
     def layout(self, fit: _Fit) -> Layout:
         deg, hw = fit.degrees, self.spec.hardware
         world = self.spec.world_size

@@ -70,7 +70,7 @@ class RankShare:
 
 
 class TrainMemory(BaseModel):
-    """Training memory of the most loaded device, in bytes."""
+    """Training memory of the devices of one pipeline rank, in bytes."""
 
     weights: int
     gradients: int
@@ -82,7 +82,7 @@ class TrainMemory(BaseModel):
     peak: int
     capacity: int
     fits: bool
-    stage: int = Field(description="Pipeline stage of the most loaded device.")
+    stage: int = Field(description="The pipeline rank (its stage; its chunks under the interleaved schedule).")
     in_flight_micro_batches: float
 
 

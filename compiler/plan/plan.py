@@ -31,6 +31,9 @@ CONVENTIONS = (
 class Memory(BaseModel):
     train: TrainMemory | None = Field(description="The most loaded device under the chosen layout "
                                                   "(null when nothing fits).")
+    train_stages: list[TrainMemory] | None = Field(description="Every pipeline rank under the chosen layout, index = pp "
+                                                               "rank (its chunks under the interleaved schedule); "
+                                                               "`train` is the most loaded of them.")
     inference: InferenceMemory
 
 
@@ -70,5 +73,7 @@ def build_plan(spec: Spec, *, strict: bool = True) -> Plan:
             raise UserError(summary.message)
     # `spec` is the spec as loaded (extends and --set applied); its "auto" degrees are resolved in `layout`.
     return Plan(spec=spec_json, spec_hash=spec_hash(spec_json), params=params, flops=count_flops(spec, params),
-                memory=Memory(train=search.train_memory(chosen) if chosen else None, inference=inference_memory(spec, params)),
+                memory=Memory(train=search.train_memory(chosen) if chosen else None,
+                              train_stages=search.stage_memory(chosen) if chosen else None,
+                              inference=inference_memory(spec, params)),
                 layout=search.layout(chosen) if chosen else None, search=summary)
