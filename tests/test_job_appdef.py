@@ -1,6 +1,7 @@
 """Plan -> TorchX AppDef: the command line, layout from the plan only, resources, env, retries."""
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -147,3 +148,26 @@ def test_status_of_a_job_the_scheduler_does_not_list_yet(tmp_path, monkeypatch):
         cli._status(NotListed(), "slurm://llmc/8")
     with pytest.raises(UserError, match="does not know slurm://llmc/9"):  # never submitted from here
         cli._status(NotListed(), "slurm://llmc/9")
+
+
+@pytest.mark.parametrize("verb", ["status", "logs", "cancel"])
+def test_job_verbs_report_bad_handles_and_a_failing_scheduler_without_a_traceback(verb, tmp_path):
+    """A handle of a scheduler llmc never submits to, and a Slurm whose sacct fails (no
+    controller, no accounting): an error line and exit 1, as for any user mistake."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "sacct").write_text("#!/bin/sh\necho 'sacct: fatal: Could not establish a configuration source' >&2\n"
+                                "exit 1\n")
+    (fake / "sacct").chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}"}
+
+    def llmc(*args):
+        return subprocess.run([sys.executable, "-m", "llmc.compiler.cli", *args], capture_output=True, text=True,
+                              cwd=tmp_path, env=env, timeout=120)
+
+    out = llmc(verb, "local://llmc/x")
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert "not a scheduler llmc submits to" in out.stderr and "'local'" in out.stderr
+    out = llmc(verb, "slurm://llmc/123")
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    assert "sacct" in out.stderr and "exited 1" in out.stderr and "is the cluster up?" in out.stderr

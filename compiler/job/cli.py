@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import signal
@@ -19,7 +20,7 @@ from ..spec import load_spec
 from . import track
 from .emit import REQUEST_FILES, compile_job, workdir_of
 from .follow import follow, print_logs, print_report
-from .schedulers import make_runner, torchx_scheduler
+from .schedulers import BACKENDS, make_runner, torchx_scheduler
 
 
 def compile_main(args) -> int:
@@ -81,25 +82,41 @@ def run_main(args) -> int:
 
 def _submit(runner, app, scheduler: str, cfg: dict) -> str:
     """Submit through TorchX; a scheduler that refuses or cannot be reached is the user's to fix."""
-    try:
+    with _scheduler_errors(f"submitting to {scheduler}"):
         return runner.run(app, scheduler, cfg=cfg)
-    except subprocess.CalledProcessError as e:   # sbatch
-        raise UserError(f"{shlex.join(map(str, e.cmd))} failed (exit {e.returncode}); is the cluster up?") from None
-    except Exception as e:  # noqa: BLE001 - e.g. the Kubernetes API server is unreachable or refuses
-        raise UserError(f"submitting to {scheduler} failed: {type(e).__name__}: {_first_line(e)}") from None
 
 
-def _first_line(e: Exception) -> str:
+@contextlib.contextmanager
+def _scheduler_errors(doing: str):
+    """A scheduler's command or API that fails (sbatch/sacct exit non-zero, the Kubernetes API server
+    is unreachable or refuses) is reported as an error of `doing`, not a traceback."""
+    try:
+        yield
+    except UserError:
+        raise
+    except subprocess.CalledProcessError as e:   # sbatch, sacct, scancel
+        detail = _first_line(e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else e.stderr or "")
+        raise UserError(f"{doing} failed: {shlex.join(map(str, e.cmd))} exited {e.returncode}"
+                        f"{': ' + detail if detail else ''}; is the cluster up?") from None
+    except Exception as e:  # noqa: BLE001 - any scheduler client error
+        raise UserError(f"{doing} failed: {type(e).__name__}: {_first_line(e)}") from None
+
+
+def _first_line(e: Exception | str) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else ""
 
 
 def _handle(text: str):
     try:
-        return parse_app_handle(text)
+        app = parse_app_handle(text)
     except MalformedAppHandleException:
         raise UserError(f"not an app handle (expected scheduler://session/app-id as printed by "
                         f"`llmc run`, found {text!r})") from None
+    if app.scheduler_backend not in BACKENDS:
+        raise UserError(f"not a scheduler llmc submits to (expected one of {', '.join(BACKENDS)} in the handle, "
+                        f"found {app.scheduler_backend!r} in {text!r})")
+    return app
 
 
 # Slurm's accounting (sacct, which TorchX asks) lists a job once slurmdbd has recorded it, which can
@@ -138,7 +155,7 @@ def _alive(pid) -> bool:
 def status_main(args) -> int:
     """`llmc status HANDLE`."""
     _handle(args.handle)
-    with make_runner() as runner:
+    with make_runner() as runner, _scheduler_errors(f"asking for the status of {args.handle}"):
         print(f"{args.handle}: {_status(runner, args.handle)}")
     return 0
 
@@ -147,7 +164,7 @@ def logs_main(args) -> int:
     """`llmc logs HANDLE [--follow]`."""
     app = _handle(args.handle)
     known = track.lookup(args.handle)
-    with make_runner() as runner:
+    with make_runner() as runner, _scheduler_errors(f"reading the logs of {args.handle}"):
         if app.scheduler_backend.startswith("local") and runner.status(args.handle) is None:
             return _local_logs_from_disk(args.handle, app.app_id, known, args.follow)
         role, replicas = known.get("role"), known.get("replicas", 1)
@@ -185,7 +202,7 @@ def _local_logs_from_disk(handle: str, app_id: str, known: dict, follow: bool) -
 def cancel_main(args) -> int:
     """`llmc cancel HANDLE`."""
     app = _handle(args.handle)
-    with make_runner() as runner:
+    with make_runner() as runner, _scheduler_errors(f"cancelling {args.handle}"):
         if app.scheduler_backend.startswith("local") and runner.status(args.handle) is None:
             pid = track.lookup(args.handle).get("pid")
             if not _alive(pid):
@@ -200,12 +217,12 @@ def cancel_main(args) -> int:
 def list_main(args) -> int:
     """`llmc list [--scheduler]`."""
     if args.scheduler == "local":
-        with make_runner() as runner:
+        with make_runner() as runner, _scheduler_errors("listing local jobs"):
             for handle, known in track.jobs().items():
                 if _scheduler_is_local(handle):
                     print(f"{handle}\t{_status(runner, handle)}\t{known.get('run_dir', '')}")
         return 0
-    with make_runner() as runner:
+    with make_runner() as runner, _scheduler_errors(f"listing the jobs of {args.scheduler}"):
         for app in runner.list(args.scheduler):
             print(f"{app.app_handle}\t{app.state.name}")
     return 0

@@ -116,6 +116,10 @@ def make_runner() -> Runner:
     return Runner(name=SESSION, scheduler_factories=factories)
 
 
+# the TorchX schedulers llmc submits to: the first part of every handle `llmc run` prints
+BACKENDS = ("local_cwd", "local_dir", "slurm", "kubernetes")
+
+
 def torchx_scheduler(spec: Spec, scheduler: str) -> str:
     """The TorchX scheduler name that serves llmc's `scheduler`."""
     if scheduler == "local":
