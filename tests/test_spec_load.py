@@ -3,6 +3,8 @@
 import pytest
 
 from llmc.compiler.spec import SpecError, load_spec
+from llmc.compiler.spec.base import Unvalidated, failures
+from llmc.compiler.spec.model import AttentionSpec, ModelSpec
 
 from conftest import SPECS
 
@@ -223,7 +225,8 @@ tp = 3
 [hardware]
 accelerator = "H100-80G"
 """
-    # [parallel]'s checks read [model] and [hardware], which failed: they are skipped, not guessed.
+    # [model] and [hardware] failed, but not in the fields [parallel]'s checks read (model.n_heads;
+    # hardware.gpus_per_node and nodes, by default 1): those checks run.
     expect(problems(write_spec(text)), [
         (4, "model.n_layers", "expected an integer, found 'many'"),
         (6, "model.n_kv_heads", "must divide n_heads (expected a divisor of 32, found 7)"),
@@ -232,6 +235,9 @@ accelerator = "H100-80G"
         (13, "model.moe.n_groups", "must divide moe.n_experts (expected a divisor of 8, found 3)"),
         (18, "train.tokens", "not both"),
         (19, "train.log_every", "expected a value >= 1, found 0"),
+        (20, "parallel", "the fixed degrees (tp=3) do not divide the world size 1"),
+        (21, "parallel.tp", "stays within a node (expected <= gpus_per_node = 1, found 3)"),
+        (21, "parallel.tp", "must divide model.n_heads (expected a divisor of 32, found 3)"),
         (23, "hardware.accelerator", "unknown accelerator"),
     ])
 
@@ -251,10 +257,12 @@ val_fraction = 2.0
 [job]
 name = "Bad Name"
 """
-    # tp against gpus_per_node and dp x tp x pp against the world size need [hardware]: skipped.
+    # dp x tp x pp against the world size needs hardware.nodes, which failed: skipped. tp against
+    # gpus_per_node (its default, 1) does not: reported.
     expect(problems(write_spec(text)), [
         (11, "train.seq_len", "exceeds model.max_seq_len (expected <= 128, found 4096)"),
         (12, "train.global_batch_size", "divide over dp = 3"),
+        (16, "parallel.tp", "stays within a node (expected <= gpus_per_node = 1, found 3)"),
         (16, "parallel.tp", "must divide model.n_heads (expected a divisor of 4, found 3)"),
         (16, "parallel.tp", "does not shard tied embeddings"),
         (17, "parallel.pp", "more pipeline stages than layers (expected <= 2, found 4)"),
@@ -262,3 +270,76 @@ name = "Bad Name"
         (21, "data.val_fraction", "expected a value < 1.0, found 2.0"),
         (23, "job.name", "expected lowercase letters"),
     ])
+
+
+def test_cross_table_checks_run_beside_a_cross_field_mistake_of_their_table(write_spec):
+    text = BASE.replace("ffn_hidden = 128", "ffn_hidden = 128\nn_kv_heads = 3")
+    text = text.replace("seq_len = 64", "seq_len = 4096")
+    expect(problems(write_spec(text)), [
+        (7, "model.n_kv_heads", "must divide n_heads (expected a divisor of 4, found 3)"),
+        (11, "train.seq_len", "exceeds model.max_seq_len (expected <= 128, found 4096)"),
+    ])
+    # An unknown key also skips pydantic's run of the table's checks: the loader runs them, once.
+    expect(problems(write_spec(text.replace("d_model = 64", "d_model = 64\nd_modle = 64"))), [
+        (4, "model.d_modle", "did you mean 'd_model'?"),
+        (8, "model.n_kv_heads", "must divide n_heads (expected a divisor of 4, found 3)"),
+        (12, "train.seq_len", "exceeds model.max_seq_len (expected <= 128, found 4096)"),
+    ])
+
+
+def test_cross_table_checks_read_the_fields_that_validated(write_spec):
+    text = BASE.replace("n_layers = 2", 'n_layers = "many"').replace("seq_len = 64", "seq_len = 4096")
+    text += "[parallel]\npp = 4\n[hardware]\ngpus_per_node = 4\n"
+    # pp against n_layers cannot be judged: no report about it.
+    expect(problems(write_spec(text)), [
+        (4, "model.n_layers", "expected an integer, found 'many'"),
+        (10, "train.seq_len", "exceeds model.max_seq_len (expected <= 128, found 4096)"),
+    ])
+
+
+def test_a_failed_field_gives_no_cross_table_report(write_spec):
+    text = BASE.replace("max_seq_len = 128", 'max_seq_len = "long"').replace("seq_len = 64", "seq_len = 4096")
+    # hardware.world_size, a property, reads the failed nodes: the world-size checks stay quiet.
+    text += "[parallel]\nworld_size = 4\nep = 2\n[hardware]\nnodes = 0\n"
+    expect(problems(write_spec(text)), [
+        (7, "model.max_seq_len", "expected an integer, found 'long'"),
+        (17, "hardware.nodes", "expected a value >= 1, found 0"),
+    ])
+    # A failed optional sub-table is unknown, not absent: no "expert parallelism needs [model.moe]".
+    text = BASE.replace("max_seq_len = 128", "max_seq_len = 128\nmoe = 5") + "[parallel]\nep = 2\n"
+    expect(problems(write_spec(text)), [(8, "model.moe", "expected a table, found 5")])
+
+
+def test_checks_read_failed_sub_tables_as_far_as_they_validated(write_spec):
+    text = BASE.replace("max_seq_len = 128", "max_seq_len = 128\ntie_embeddings = true\nn_kv_heads = 3")
+    text += '[model.attention]\nindex_n_heads = "x"\n[parallel]\ntp = 2\n[hardware]\ngpus_per_node = 2\n'
+    # attention.kind validated: [model]'s kv-head check runs. attention.sparse reads the failed
+    # index_n_heads: the indexer checks are skipped; the tp check's tied-embeddings report, made
+    # before it reads attention.sparse, stands.
+    expect(problems(write_spec(text)), [
+        (9, "model.n_kv_heads", "must divide n_heads (expected a divisor of 4, found 3)"),
+        (16, "model.attention.index_n_heads", "expected an integer, found 'x'"),
+        (18, "parallel.tp", "does not shard tied embeddings"),
+    ])
+
+
+def test_a_check_cannot_judge_a_failed_field_but_its_typos_still_raise():
+    good = {"vocab_size": 1000, "d_model": 64, "n_heads": 4, "ffn_hidden": 128, "max_seq_len": 128,
+            "attention": AttentionSpec(kind="gqa")}
+    partial = ModelSpec.partial(good)  # n_layers failed; n_kv_heads is absent as well, not None
+    with pytest.raises(Unvalidated):
+        partial.kv_heads
+    assert partial.n_heads == 4 and partial.attention.kind == "gqa"
+
+    def reads_kv_heads(model):
+        yield "model", f"{model.kv_heads} kv heads"
+
+    def misspelt(model):
+        yield "model", f"{model.n_head} heads"
+
+    assert failures((reads_kv_heads,), {"model": partial}) == []
+    complete = ModelSpec(**good, n_layers=2)
+    assert failures((reads_kv_heads,), {"model": complete}) == [("model", "4 kv heads")]
+    for model in (partial, complete):
+        with pytest.raises(AttributeError, match="n_head"):
+            failures((misspelt,), {"model": model})

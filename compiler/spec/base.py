@@ -3,7 +3,10 @@
 A table's cross-field rules are its `_checks`: generator functions whose parameters name the
 fields they read and which yield a (key, message) pair for each mistake. Every check runs and
 every mistake is raised at once. When a field fails, pydantic skips the table's after-validator;
-the loader then runs the checks whose fields all validated (`failures` over those fields).
+the loader then runs the checks over the fields that validated, a failed sub-table standing in as
+a `Table.partial` of its own good fields. A check that reads a field which failed, directly or
+through a property, meets `Unvalidated` and is skipped: it cannot judge, and guessing would
+report mistakes that are not there.
 """
 
 import inspect
@@ -36,13 +39,30 @@ class Invalid(ValueError):
         self.problems = problems
 
 
+class Unvalidated(Exception):
+    """A check read a field that failed validation (absent from a `Table.partial`).
+
+    Not an AttributeError on purpose: a misspelt attribute in a check stays an AttributeError and
+    surfaces as the bug it is, partial table or not; only a failed field means "cannot judge".
+    """
+
+
 def failures(checks: tuple[Check, ...], fields: dict) -> list[tuple[str, str]]:
-    """The mistakes found by the checks whose fields are all in `fields`."""
+    """The mistakes found by the checks whose parameters are all in `fields`.
+
+    A check that meets `Unvalidated` stops there; what it yielded before stands, since each of
+    those was decided by fields it had already read, and all of them had validated.
+    """
     found = []
     for check in checks:
         names = inspect.signature(check).parameters
-        if all(name in fields for name in names):
-            found += check(**{name: fields[name] for name in names})
+        if not all(name in fields for name in names):
+            continue
+        try:
+            for mistake in check(**{name: fields[name] for name in names}):
+                found.append(mistake)
+        except Unvalidated:
+            pass  # it cannot judge the rest
     return found
 
 
@@ -52,6 +72,22 @@ class Table(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     _checks: ClassVar[tuple[Check, ...]] = ()
+
+    @classmethod
+    def partial(cls, fields: dict) -> "Table":
+        """This table holding only `fields`, unvalidated and unchecked: the loader's stand-in for a
+        table of which some fields failed, so checks can still read the ones that did not."""
+        table = cls.model_construct(**fields)
+        for name in cls.model_fields.keys() - fields.keys():
+            table.__dict__.pop(name, None)  # model_construct filled in the default of a failed field
+        return table
+
+    def __getattr__(self, name: str):
+        # Python calls this only when normal lookup fails; a validated table has every field, so
+        # a missing field means a partial table. Other names go on to pydantic's AttributeError.
+        if name in type(self).model_fields:
+            raise Unvalidated(f"{type(self).__name__}.{name} did not validate")
+        return super().__getattr__(name)
 
     @model_validator(mode="after")
     def _consistent(self):

@@ -185,16 +185,23 @@ def validate(data: dict, origins: dict[Key, Origin], display: str) -> Spec:
         return Spec.model_validate(data)
     except ValidationError as e:
         errors = e.errors()
-    mistakes = _unchecked(Spec, data, [err["loc"] for err in errors])
+    _, mistakes = _unchecked(Spec, data, [err["loc"] for err in errors])
     raise SpecError(_problems(errors, mistakes, origins, display)) from None
 
 
-def _unchecked(table: type[Table], raw, locs: list[tuple], at: Key = ()) -> list[tuple[Key, str]]:
-    """The cross-field mistakes pydantic did not look for: a table's checks run only when all its
-    fields validate, so here they run over the fields that did (each validated on its own), and
-    the same for its sub-tables. `locs` are the error locations relative to the table."""
-    if not isinstance(raw, dict) or all(loc == () for loc in locs):
-        return []  # no error here, or every field validated and the table's own checks ran
+def _unchecked(table: type[Table], raw, locs: list[tuple],
+               at: Key = ()) -> tuple[Table | None, list[tuple[Key, str]]]:
+    """A table with errors, as far as it validated, and the cross-field mistakes pydantic did not
+    look for. `locs` are its error locations, relative to it.
+
+    pydantic runs a table's checks only when all its fields validate; here they run over the
+    fields that did (each validated on its own, or its default), a failed sub-table taking part
+    as a `Table.partial` of its own good fields, built the same way. A check reading a field that
+    failed meets `Unvalidated` and is skipped (see `failures`). Returns None for the table when
+    there is nothing to build: it is missing, or not a TOML table at all.
+    """
+    if not isinstance(raw, dict):
+        return None, []
     mistakes: list[tuple[Key, str]] = []
     fields = {}
     for name, field in table.model_fields.items():
@@ -204,8 +211,15 @@ def _unchecked(table: type[Table], raw, locs: list[tuple], at: Key = ()) -> list
             fields[name] = (_adapter(field.annotation).validate_python(raw[name]) if name in raw
                             else field.get_default(call_default_factory=True))
         elif isinstance(sub, type) and issubclass(sub, Table):
-            mistakes += _unchecked(sub, raw.get(name), inner, at + (name,))
-    return mistakes + [(at + tuple(key.split(".")), message) for key, message in failures(table._checks, fields)]
+            part, found = _unchecked(sub, raw.get(name), inner, at + (name,))
+            mistakes += found
+            if part is not None:
+                fields[name] = part
+    # Errors only at the table itself (loc ()) are its own checks': every field validated, pydantic
+    # ran them and reports them. Any other error skipped them, so they run here: once either way.
+    if any(loc != () for loc in locs):
+        mistakes += [(at + tuple(key.split(".")), message) for key, message in failures(table._checks, fields)]
+    return table.partial(fields), mistakes
 
 
 @functools.cache
