@@ -107,11 +107,12 @@ def test_broken_specs_give_located_errors(tmp_path, case):
 
 @st.composite
 def overlong_specs_with_a_broken_table(draw) -> dict:
-    """A valid spec whose train.seq_len exceeds model.max_seq_len, and [hardware] or [job] broken."""
+    """A valid spec whose train.seq_len exceeds model.max_seq_len, and one key of a table broken:
+    of [hardware] or [job], or of [model] or [train] other than the two the check reads."""
     data = draw(valid_specs())
     data["train"]["seq_len"] = data["model"]["max_seq_len"] + draw(st.integers(1, 4096))
-    table = draw(st.sampled_from(["hardware", "job"]))
-    key = draw(st.sampled_from(sorted(data[table])))
+    table = draw(st.sampled_from(["model", "train", "hardware", "job"]))
+    key = draw(st.sampled_from(sorted(set(data[table]) - {"max_seq_len", "seq_len"})))
     if draw(st.booleans()):
         data[table][key + "z"] = data[table].pop(key)
     else:
