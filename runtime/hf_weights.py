@@ -234,8 +234,9 @@ def import_checkpoint(folder: Path, out: Path, imported) -> None:
     from llmc.compiler.spec import Spec
 
     from .model import Transformer
-    from .model.io import save_model
+    from .model.io import output_folder, save_model
 
+    out = output_folder(out, folder)
     quantisation = imported.hf.get("quantization_config") or {}
     checkpoint = HFCheckpoint(Path(folder), tuple(quantisation.get("weight_block_size", (128, 128))))
     m = imported.model
@@ -274,8 +275,9 @@ def export_checkpoint(checkpoint, out: Path) -> dict:
     """Write the llmc model folder (or run directory) `checkpoint` as a HF model folder; its config."""
     from llmc.compiler.hf import model_to_hf
 
-    from .model.io import load_model, resolve_model_dir
+    from .model.io import load_model, output_folder, resolve_model_dir
 
+    out = output_folder(out, checkpoint, resolve_model_dir(checkpoint))
     model, _, _ = load_model(checkpoint)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     dtypes = {t.dtype for t in state.values() if t.is_floating_point() and t.dim() > 1}
@@ -286,7 +288,6 @@ def export_checkpoint(checkpoint, out: Path) -> dict:
         print("warning: MTP modules dropped (only DeepSeek's format stores them)", file=sys.stderr)
         state = {k: v for k, v in state.items() if not k.startswith("mtp.")}
     tensors = Adapter(family, model.cfg).state_to_hf(state)
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")

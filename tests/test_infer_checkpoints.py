@@ -114,3 +114,38 @@ def test_missing_checkpoint_is_a_user_error(tmp_path):
     from llmc.runtime.infer.checkpoint import load_for_inference
     with pytest.raises(UserError, match="not an llmc model folder"):
         load_for_inference(tmp_path / "nowhere")
+
+
+def test_output_onto_the_input_is_refused_and_the_input_kept(tmp_path):
+    """quantize, export and import write a model folder: -o naming the folder they read (the
+    model folder or its run directory) would replace the input, so they refuse and write nothing."""
+    import hashlib
+    import subprocess
+    import sys
+
+    from llmc.compiler.errors import UserError
+    from llmc.runtime.hf_weights import export_checkpoint
+    from llmc.runtime.infer.checkpoint import QuantConfig, quantize_checkpoint
+
+    run = tmp_path / "run"
+    model_dir = checkpoint(run, name="model")        # a training run directory: run/model/
+    (run / "plan.json").write_text("{}")             # the run's own plan beside it
+
+    def digest(folder):
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+    before = {run: digest(run), model_dir: digest(model_dir)}
+    for out in (run, model_dir):
+        with pytest.raises(UserError, match="is the input folder"):
+            quantize_checkpoint(run, out, QuantConfig(bits=8))
+        with pytest.raises(UserError, match="is the input folder"):
+            export_checkpoint(run, out)
+    assert {run: digest(run), model_dir: digest(model_dir)} == before
+
+    hf = tmp_path / "hf"
+    export_checkpoint(model_dir, hf)
+    kept = digest(hf)
+    out = subprocess.run([sys.executable, "-m", "llmc.compiler.cli", "import", "hf", str(hf), "-o", str(hf)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1 and "is the input folder" in out.stderr and "Traceback" not in out.stderr
+    assert digest(hf) == kept

@@ -58,6 +58,7 @@ def quantize_checkpoint(src, out, cfg: QuantConfig) -> Path:
     """Write a quantized copy of the checkpoint at `src` into `out`; returns the folder."""
     io = _model_io()
     model_dir = io.resolve_model_dir(src)
+    out = io.output_folder(out, src, model_dir)
     if (model_dir / QUANT_FILE).is_file():
         raise UserError(f"{model_dir} is already quantized; quantize the original checkpoint")
     model, plan, _ = io.load_model(model_dir, "cpu", torch.float32)
@@ -69,7 +70,6 @@ def quantize_checkpoint(src, out, cfg: QuantConfig) -> Path:
             continue  # the placeholder under a parametrization: its data lives in the quantized buffers
         state[name] = (t.to(torch.bfloat16) if t.is_floating_point() and t.dtype != torch.bfloat16 else t)
         state[name] = state[name].contiguous()
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt", "llmc_quantization": f"int{cfg.bits}"})
     (out / "plan.json").write_text(json.dumps(plan, indent=2))
