@@ -107,6 +107,16 @@ def test_generate_verb_streams_text(tmp_path):
     assert "tokens/s" in out.stderr
 
 
+def test_generate_verb_says_when_the_context_caps_new_tokens(tmp_path, capsys):
+    ckpt = checkpoint(tmp_path)   # max_seq_len 256
+    assert llmc(["generate", str(ckpt), "--prompt", "def", "--max-new-tokens", "1000", "--json"]) == 0
+    from tokenizers import Tokenizer
+    prompt = len(Tokenizer.from_file(str(ckpt / "tokenizer.json")).encode("def", add_special_tokens=False).ids)
+    out = capsys.readouterr()
+    assert json.loads(out.out)["tokens"] <= 256 - prompt
+    assert f"note: at most {256 - prompt} new tokens fit in the model's context of 256 tokens" in out.err
+
+
 def test_generate_verb_errors_without_traceback(tmp_path, capsys):
     assert llmc(["generate", str(tmp_path / "missing"), "--prompt", "x"]) == 1
     ckpt = checkpoint(tmp_path)

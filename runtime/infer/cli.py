@@ -61,6 +61,10 @@ def generate_main(args) -> int:
                             stop_tokens=_stop_ids(tokenizer), stop_strings=tuple(args.stop), seed=args.seed)
     texts = _read_prompts(args)
     prompts = [tokenizer.encode(t, add_special_tokens=False).ids for t in texts]
+    room = model.cfg.max_seq_len - max(map(len, prompts), default=0)
+    if 0 < room < params.max_new_tokens:  # (a prompt that leaves no room is refused by generate)
+        print(f"note: at most {room} new tokens fit in the model's context of {model.cfg.max_seq_len} tokens "
+              f"(--max-new-tokens {params.max_new_tokens})", file=sys.stderr)
     stream_live = not args.json and args.prompt is not None
     on_text = (lambda row, chunk: (sys.stdout.write(chunk), sys.stdout.flush())) if stream_live else None
 
