@@ -343,3 +343,9 @@ def test_a_check_cannot_judge_a_failed_field_but_its_typos_still_raise():
     for model in (partial, complete):
         with pytest.raises(AttributeError, match="n_head"):
             failures((misspelt,), {"model": model})
+
+
+def test_a_missing_table_is_named_as_a_table(write_spec):
+    path = write_spec(BASE[:BASE.index("[train]")])
+    (train,) = [p for p in problems(path) if p.key == "train"]
+    assert "required table [train] is missing" in train.message and "The training run." in train.message

@@ -336,6 +336,9 @@ def _message(loc: Key, errs: list[dict]) -> str:
         model = _model_at(loc[:-1])
         field = model.model_fields.get(loc[-1]) if model else None
         what = f": {field.description}" if field and field.description else ""
+        sub = _unwrap(field.annotation) if field else None
+        if isinstance(sub, type) and issubclass(sub, Table):
+            return f"required table [{_dotted(loc)}] is missing (expected a table{what})"
         return f"required key is missing (expected a value{what})"
     if kind in ("value_error", "assertion_error"):
         return str(first["ctx"]["error"]) if "ctx" in first else first["msg"]
