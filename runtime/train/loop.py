@@ -25,12 +25,11 @@ from .checkpoint import check_resumable, latest_checkpoint, load_checkpoint, sav
 from .distributed import DistEnv, all_reduce_sum, layout_of, parallelize, unwrap
 from ..parallel.run import (clip_grad_norm, data_rank, full_state_dict, model_states,  # parallel-runtime hooks
                             pipeline_for_plan)
+from ..precision import autocast
 from .metrics import MetricsLog, ProgressDisplay, truncate_metrics
 from .objectives import StepShare, build_objective
 from .optim import build_optimizer, build_scheduler
 from .report import RunClock, flops_per_token, peak_flops, write_report
-
-_AUTOCAST = {"bf16": torch.bfloat16, "fp8": torch.bfloat16, "fp16": torch.float16}
 
 
 def build_model(spec: Spec, device: torch.device, seed: int):
@@ -61,13 +60,6 @@ def apply_compile(model) -> None:
         model.layers[key] = torch.compile(model.layers[key])
 
 
-def _autocast(device: torch.device, precision: str):
-    dtype = _AUTOCAST.get(precision)
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
 @torch.no_grad()
 def evaluate(model, batches, env: DistEnv, precision: str) -> dict | None:
     """Mean next-token loss and perplexity over the validation batches of every rank."""
@@ -78,7 +70,7 @@ def evaluate(model, batches, env: DistEnv, precision: str) -> dict | None:
     totals = torch.zeros(2, dtype=torch.float64, device=env.device)
     for tokens, labels in batches:
         tokens, labels = tokens.to(env.device), labels.to(env.device)
-        with _autocast(env.device, precision):
+        with autocast(env.device, precision):
             out = unwrap(model)(tokens, labels)
         n = (labels != -100).sum()
         totals += torch.stack([out.lm_loss.double() * n, n.double()])
@@ -156,7 +148,7 @@ class Trainer:
             last = i == len(micro) - 1
             sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
             with sync:
-                with _autocast(env.device, self.t.precision):
+                with autocast(env.device, self.t.precision):
                     out = model(tokens, labels)
                 share = StepShare(token_weight=counts[i] * dp / max(n_global, 1.0), batch_weight=1.0 / len(micro))
                 loss = self.objective.loss(out, share)
