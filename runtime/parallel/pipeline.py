@@ -30,6 +30,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
+from ..precision import autocast
+
 SCHEDULES = {"1f1b": Schedule1F1B, "gpipe": ScheduleGPipe, "interleaved": ScheduleInterleaved1F1B}
 
 
@@ -61,7 +63,15 @@ def _moe_aux_and_counts(stage: nn.Module, blocks, counts: torch.Tensor):
 
 
 def _stage_forward(self, x, tokens=None, labels=None):
-    """The forward of one pipeline stage (bound to the stage's pruned Transformer).
+    """The forward of one pipeline stage (bound to the stage's pruned Transformer), under the
+    training loop's autocast for the run's precision: in training steps and, through the schedule's
+    forward-only pass, in validation. The schedule runs backward outside it, as the loop does."""
+    with autocast(x.device, self._llmc_precision):
+        return _stage_compute(self, x, tokens, labels)
+
+
+def _stage_compute(self, x, tokens, labels):
+    """Embed (first stage), the stage's layers, then norm/head/MTP and the loss (last stage).
 
     Appends (lm loss, mtp loss, balance loss, expert counts) of the micro-batch to
     self._llmc_stats; Pipeline.step keeps the entries of the real micro-batches (the schedule
@@ -100,8 +110,9 @@ def _stage_forward(self, x, tokens=None, labels=None):
     return loss + aux if aux is not None else loss
 
 
-def _cut_to_stage(model: nn.Module, layers: list[int], first: bool, last: bool) -> nn.Module:
-    """A deep copy of `model` holding only what stage needs (names unchanged)."""
+def _cut_to_stage(model: nn.Module, layers: list[int], first: bool, last: bool, precision: str) -> nn.Module:
+    """A deep copy of `model` holding only what stage needs (names unchanged), computing in
+    `precision` (train.precision)."""
     stage = copy.deepcopy(model)
     keep = {str(i) for i in layers}
     for name in list(stage.layers.keys()):
@@ -117,6 +128,7 @@ def _cut_to_stage(model: nn.Module, layers: list[int], first: bool, last: bool) 
     stage._llmc_first, stage._llmc_last = first, last
     stage._llmc_n_experts = model.cfg.moe.n_experts if model.cfg.moe else 0
     stage._llmc_stats = []
+    stage._llmc_precision = precision
     stage.forward = types.MethodType(_stage_forward, stage)
     return stage
 
@@ -160,7 +172,8 @@ class Pipeline:
     @torch.no_grad()
     def evaluate(self, batches) -> dict | None:
         """Mean next-token loss and perplexity over the validation batches of every rank, by the
-        schedule's forward-only pass (the same on every rank, as loop.evaluate for other layouts).
+        schedule's forward-only pass (the same on every rank, as loop.evaluate for other layouts,
+        and under the same autocast: the stages' forward enters it).
 
         The stages take micro-batches of static shape and the schedule a fixed number of them, so
         short batches and the last schedule call are filled with all-ignored rows (labels -100 add
@@ -281,15 +294,19 @@ def _embed_groups(pdims, last_needs_embed: bool):
 
 
 def build_pipeline(model: nn.Module, pdims, n_microbatches: int, micro_batch_size: int, seq_len: int,
-                   schedule: str = "1f1b", wrap=None, activation_dtype: torch.dtype = torch.float32) -> Pipeline:
+                   schedule: str = "1f1b", wrap=None, activation_dtype: torch.dtype = torch.float32,
+                   precision: str = "fp32") -> Pipeline:
     """Cut `model` into this rank's stage(s) by layout.stages, wrap each (e.g. parallelize), and
     build the schedule over the pp group. `wrap(stage_module) -> module` runs before the
-    PipelineStage is made (FSDP/DDP of the stage).
+    PipelineStage is made (FSDP/DDP of the stage). The stages' forwards run under the autocast of
+    `precision` (train.precision), as the training loop's forward does without pipelining.
 
     The stages' input and output shapes are given statically (tokens [mb, T] into the first
     stage, hidden [mb, T, D] of `activation_dtype` between stages (this rank's T / tp slice
     under sequence parallelism), a scalar loss out of the last), so the schedule runs no placeholder forward/backward to infer them (that pass
-    corrupts DDP's bucket bookkeeping)."""
+    corrupts DDP's bucket bookkeeping). Autocast does not change `activation_dtype`: the residual
+    stream between stages stays in the weights' dtype (fp32 weights, or FSDP2's param_dtype),
+    since each block adds its autocast output to it, and the loss is fp32."""
     lay = pdims.layout
     stages = lay.stages
     n_stages = len(stages)
@@ -297,7 +314,7 @@ def build_pipeline(model: nn.Module, pdims, n_microbatches: int, micro_batch_siz
     stage_ids = list(range(pp_rank, n_stages, lay.pp))  # looped placement for virtual stages
     if schedule != "interleaved" and len(stage_ids) > 1:
         raise ValueError(f"{n_stages} stages over pp = {lay.pp} need the interleaved schedule")
-    modules = [_cut_to_stage(model, stages[s], s == 0, s == n_stages - 1) for s in stage_ids]
+    modules = [_cut_to_stage(model, stages[s], s == 0, s == n_stages - 1, precision) for s in stage_ids]
     wrapped = [wrap(m) if wrap is not None else m for m in modules]
     for m, s in zip(modules, stage_ids):
         if s != 0 and m.embed is not None:  # after wrapping: FSDP replaces the Parameter objects

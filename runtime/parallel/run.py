@@ -60,7 +60,7 @@ class ParallelRun:
         dtype = self.param_dtype or torch.float32
         return build_pipeline(model, self.pdims, n_microbatches=self.layout.grad_accum,
                               micro_batch_size=micro_batch_size, seq_len=seq_len,
-                              schedule=self.layout.pp_schedule, activation_dtype=dtype,
+                              schedule=self.layout.pp_schedule, activation_dtype=dtype, precision=self.precision,
                               wrap=lambda m: parallelize(m, self.pdims, param_dtype=self.param_dtype,
                                                          recompute=recompute))
 
