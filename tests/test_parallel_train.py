@@ -11,8 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from llmc.compiler.spec import Spec
-from parallel_helpers import planned_stage_states
 
 REPO = Path(__file__).resolve().parent.parent
 SMALL = ["model.vocab_size=512", "model.max_seq_len=64", "train.seq_len=32", "data.max_bytes=300000",
@@ -77,10 +75,11 @@ def test_llmc_train_runs_layout(name, nproc, sets, exact_states, one_process):
     if exact_states:
         assert most_loaded == states["plan"]
         plan = json.loads((tmp / name / "plan.json").read_text())
-        planned = planned_stage_states(Spec.model_validate(plan["spec"]), plan)
+        planned = plan["memory"]["train_stages"]
         per_stage = plan["layout"]["dp"] * plan["layout"]["tp"]   # ranks are laid out (pp, dp, tp)
         for rank, measured in enumerate(states["per_rank"]):
-            assert measured == planned[rank // per_stage], (rank, measured, planned)
+            want = {k: planned[rank // per_stage][k] for k in measured}
+            assert measured == want == states["plan_per_rank"][rank], (rank, measured, want)
     else:  # TP keeps norms, MoE layers and MLA's down-projections replicated, the plan divides whole blocks
         assert all(most_loaded[k] >= states["plan"][k] for k in most_loaded)
 
@@ -135,3 +134,17 @@ def test_pipeline_trains_in_bf16_like_one_process(tmp_path):
         assert rel(got["loss"], want["loss"]) <= BF16_TOLERANCE, (got, want)
         assert rel(got["mtp_loss"], want["mtp_loss"]) <= BF16_TOLERANCE, (got, want)
         assert rel(got["val_loss"], want["val_loss"]) <= BF16_TOLERANCE, (got, want)
+
+
+def test_pipeline_scales_the_fp16_loss_like_one_process(tmp_path):
+    """train.precision = "fp16" with pp = 2: backward through the stages starts from the
+    GradScaler's scaled loss, as loss.backward() does elsewhere, so unscale_ recovers the true
+    gradients. Without it they came out divided by the scale (65536): the step-1 gradient norm,
+    computed after unscale_, tells the two apart by orders of magnitude, and step 2's loss follows."""
+    one, _ = llmc_train(tmp_path, "one_fp16", 1, *BF16_MODEL, "train.precision=fp16", spec="tiny")
+    pp, _ = llmc_train(tmp_path, "pp2_fp16", 2, *BF16_MODEL, "train.precision=fp16", "parallel.dp=1",
+                       "parallel.pp=2", spec="tiny")
+    assert [m["step"] for m in pp] == [m["step"] for m in one] == [1, 2]
+    for got, want in zip(pp, one):
+        assert abs(got["grad_norm"] - want["grad_norm"]) <= 1e-3 * want["grad_norm"], (got, want)
+        assert abs(got["loss"] - want["loss"]) <= 1e-5 * want["loss"], (got, want)

@@ -126,3 +126,32 @@ def test_moe_run_logs_expert_load_and_moves_the_routing_bias(tmp_path):
     assert moved, "aux-free balancing should update the routing bias after each step"
     assert "mtp.0.block.ffn.router.e_score_correction_bias" in moved
     assert report["validation"]["val_loss"] > 0
+
+
+def _fp16_step_worker(rank: int, world: int, init_file: str, out: str):
+    import torch.distributed as dist
+
+    from llmc.runtime.train.loop import _grad_scaler
+    from llmc.runtime.train.distributed import DistEnv
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    p = torch.nn.Parameter(torch.ones(4))
+    opt = torch.optim.AdamW([p], lr=0.1, fused=True)
+    scaler = _grad_scaler("fp16", DistEnv(rank=rank, world_size=world, local_rank=rank, device=torch.device("cpu")))
+    loss = (p * (float("inf") if rank == 1 else 1.0)).sum()   # only rank 1 overflows
+    scaler.scale(loss).backward()
+    scaler.unscale_(opt)
+    scaler.step(opt)
+    scaler.update()
+    torch.save({"p": p.detach().clone(), "scale": scaler.get_scale()}, f"{out}/{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_fp16_ranks_skip_an_overflowing_step_together(tmp_path):
+    """Under pp / TP / EP / FSDP each rank holds other gradients: when one overflows, every rank
+    must skip the step and back the scale off, or the model replicas drift apart."""
+    torch.multiprocessing.spawn(_fp16_step_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    results = [torch.load(tmp_path / f"{r}.pt") for r in range(2)]
+    for r in results:
+        assert torch.equal(r["p"], torch.ones(4))      # no update on either rank
+        assert r["scale"] == 2.0 ** 15                  # 2^16 backed off by half on both

@@ -136,9 +136,11 @@ def _cut_to_stage(model: nn.Module, layers: list[int], first: bool, last: bool, 
 class Pipeline:
     """This rank's stages, their schedule, and the per-step bookkeeping the trainer needs."""
 
-    def __init__(self, modules, wrapped, stage_ids, n_stages, schedule, pdims, embed_group, micro_batch_size, device):
+    def __init__(self, modules, wrapped, stage_ids, n_stages, schedule, loss_fn, pdims, embed_group, micro_batch_size,
+                 device):
         self.modules, self.wrapped, self.stage_ids = modules, wrapped, stage_ids
         self.n_stages, self.schedule, self.pdims, self.embed_group = n_stages, schedule, pdims, embed_group
+        self.loss_fn = loss_fn
         self.micro_batch_size, self.device = micro_batch_size, device
 
     @property
@@ -149,16 +151,21 @@ class Pipeline:
     def has_first(self) -> bool:
         return 0 in self.stage_ids
 
-    def step(self, tokens: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Forward and backward of this rank's micro-batches (tokens, labels [accum x mb, T]).
+    def step(self, tokens: torch.Tensor, labels: torch.Tensor, loss_scale: float = 1.0) -> dict[str, torch.Tensor]:
+        """Forward and backward of this rank's micro-batches (tokens, labels [accum x mb, T]);
+        backward starts from loss x loss_scale (fp16's GradScaler factor).
 
         Returns means over the micro-batches, the same on every rank of the pipeline group:
         "loss" (lm + weighted mtp + every stage's balance loss), "lm_loss", "mtp_loss", "aux_loss"."""
         for m in self.modules:
             m._llmc_stats.clear()
         args = (tokens,) if self.has_first else ()
-        self.schedule.step(*args, target=labels if self.has_last else None, tokens=tokens, labels=labels,
-                           return_outputs=False)
+        self.loss_fn.scale = loss_scale
+        try:
+            self.schedule.step(*args, target=labels if self.has_last else None, tokens=tokens, labels=labels,
+                               return_outputs=False)
+        finally:
+            self.loss_fn.scale = 1.0
         self._sync_shared_embedding()
         n = self.schedule._n_microbatches
         parts = torch.stack([torch.stack([lm, mtp, aux]) for m in self.modules for lm, mtp, aux, _ in m._llmc_stats[-n:]])
@@ -274,8 +281,16 @@ def _pad_rows(x: torch.Tensor, rows: int, value: int) -> torch.Tensor:
     return torch.cat([x, x.new_full((rows - len(x), *x.shape[1:]), value)])
 
 
-def _loss_is_output(output, target):
-    return output
+class _LossIsOutput:
+    """The schedule's loss_fn: the last stage's output is the loss already. Under fp16 the trainer's
+    GradScaler factor multiplies it before backward (scaler.scale(loss) of the other layouts), so
+    the gradients that flow back through the stages are scaled alike and unscale_ finds them so."""
+
+    def __init__(self):
+        self.scale = 1.0
+
+    def __call__(self, output, target):
+        return output * self.scale if self.scale != 1.0 else output
 
 
 def _embed_groups(pdims, last_needs_embed: bool):
@@ -331,10 +346,12 @@ def build_pipeline(model: nn.Module, pdims, n_microbatches: int, micro_batch_siz
                                  output_args=loss if s == n_stages - 1 else hidden)
                    for w, s in zip(wrapped, stage_ids)]
     cls = SCHEDULES[schedule]
+    loss_fn = _LossIsOutput()
     if schedule == "interleaved":
-        sched = cls(pipe_stages, n_microbatches=n_microbatches, loss_fn=_loss_is_output)
+        sched = cls(pipe_stages, n_microbatches=n_microbatches, loss_fn=loss_fn)
     else:
-        sched = cls(pipe_stages[0], n_microbatches=n_microbatches, loss_fn=_loss_is_output)
+        sched = cls(pipe_stages[0], n_microbatches=n_microbatches, loss_fn=loss_fn)
     last_needs_embed = len(model.mtp) > 0 or model.head is None
     embed_group = _embed_groups(pdims, last_needs_embed)
-    return Pipeline(modules, wrapped, stage_ids, n_stages, sched, pdims, embed_group, micro_batch_size, device)
+    return Pipeline(modules, wrapped, stage_ids, n_stages, sched, loss_fn, pdims, embed_group, micro_batch_size,
+                    device)

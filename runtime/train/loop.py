@@ -12,7 +12,6 @@ dp / micro_batch_size / grad_accum.
 import contextlib
 import json
 import math
-import time
 from pathlib import Path
 
 import torch
@@ -58,6 +57,24 @@ def apply_compile(model) -> None:
     """torch.compile each block (one compiled graph reused by every layer of the same shape)."""
     for key in list(model.layers.keys()):
         model.layers[key] = torch.compile(model.layers[key])
+
+
+class _AgreeingGradScaler(torch.amp.GradScaler):
+    """fp16's loss scaler over several processes: each rank's inf/nan finding is all-reduced, so
+    all ranks skip a step together (under pp, TP, EP and FSDP each rank checks other gradients; a
+    rank that stepped alone would leave the others behind). torch's ShardedGradScaler does the
+    same but hands fused AdamW a found-inf tensor of the wrong shape."""
+
+    def unscale_(self, optimizer):
+        super().unscale_(optimizer)
+        for found in self._found_inf_per_device(optimizer).values():
+            torch.distributed.all_reduce(found, op=torch.distributed.ReduceOp.MAX)
+
+
+def _grad_scaler(precision: str, env: DistEnv):
+    if precision != "fp16":
+        return None
+    return (_AgreeingGradScaler if env.world_size > 1 else torch.amp.GradScaler)(env.device.type)
 
 
 @torch.no_grad()
@@ -112,7 +129,7 @@ class Trainer:
             self.model = parallelize(self.raw_model, plan, env)
         self.optimizer = build_optimizer(self.model, self.t.optimizer)
         self.scheduler = build_scheduler(self.optimizer, self.t.schedule, self.total_steps)
-        self.scaler = torch.amp.GradScaler(env.device.type) if self.t.precision == "fp16" else None
+        self.scaler = _grad_scaler(self.t.precision, env)
         self.step = 0
         if resume and (ckpt := latest_checkpoint(self.run_dir)) is not None:
             check_resumable(ckpt, plan)
@@ -139,7 +156,10 @@ class Trainer:
         expert_counts = None
         if self.pipe is not None:  # parallel runtime: the pipeline schedule runs every micro-batch
             parts = self.pipe.step(torch.cat([x for x, _ in micro]).to(env.device),
-                                   torch.cat([y for _, y in micro]).to(env.device))
+                                   torch.cat([y for _, y in micro]).to(env.device),
+                                   # (scale() of a one also sets the scaler up for unscale_ below)
+                                   loss_scale=self.scaler.scale(torch.ones((), device=env.device)).item()
+                                   if self.scaler else 1.0)
             sums += torch.stack([parts["lm_loss"] * sum(counts), parts["aux_loss"], parts["mtp_loss"]]).double()
             expert_counts = self.pipe.expert_counts()
             micro = []  # (mean loss per micro-batch: the token weighting of pretraining)
