@@ -55,16 +55,3 @@ def merged_state(results: list[dict]) -> dict:
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-12)).item()
-
-
-def planned_stage_states(spec, plan: dict) -> list[dict]:
-    """The plan's weights / gradients / optimizer bytes of every pipeline rank (the plan itself
-    reports only the most loaded one): what each rank of that stage must measure."""
-    from llmc.compiler.plan import count_params
-    from llmc.compiler.plan.memory import Degrees, TrainMemoryModel
-    lay = plan["layout"]
-    memory = TrainMemoryModel(spec, count_params(spec.model))
-    deg = Degrees(lay["dp"], lay["tp"], lay["pp"], lay["ep"], lay["zero"], lay["micro_batch_size"], lay["grad_accum"],
-                  lay["sequence_parallel"], lay["pp_schedule"], lay["pp_virtual_stages"])
-    return [dict(zip(("weights", "gradients", "optimizer"), map(int, memory.rank_bytes(deg, share)[:3])))
-            for share in memory.ranks(lay["stages"], lay["pp"])]

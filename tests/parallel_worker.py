@@ -68,8 +68,7 @@ def main():
         spec = load_spec(args.spec, sets)
         plan = build_plan(spec).model_dump(mode="json")
         layout, plan_memory = Layout.from_plan(plan), plan["memory"]["train"]
-        from parallel_helpers import planned_stage_states
-        plan_stages = planned_stage_states(spec, plan)
+        plan_stages = [{k: m[k] for k in ("weights", "gradients", "optimizer")} for m in plan["memory"]["train_stages"]]
         lay = plan["layout"]
     else:
         spec = load_spec(args.spec, args.set)

@@ -74,17 +74,21 @@ class ParallelRun:
         return reduce_expert_counts(counts, self.pdims if dist.is_initialized() else None)
 
     def model_states(self, modules, optimizer) -> dict:
-        """This rank's measured weight / gradient / optimizer bytes beside the plan's figures
-        (the plan states the most loaded device)."""
+        """This rank's measured weight / gradient / optimizer bytes beside the plan's figures for
+        its pipeline stage, and the plan's headline (the most loaded stage)."""
         modules = modules if isinstance(modules, (list, tuple)) else [modules]
         measured = {"weights": 0, "gradients": 0, "optimizer": 0}
         for m in modules:
             for k, v in measure_state_bytes(m, None).items():
                 measured[k] += v
         measured["optimizer"] = measure_state_bytes(nn.Module(), optimizer)["optimizer"]
-        plan = self.plan.get("memory", {}).get("train", {})
+        memory = self.plan.get("memory", {})
+        stages = memory.get("train_stages") or []
+        stage = self.pdims.coordinate("pp") if len(stages) > 1 else 0
+        mine = stages[stage] if stages else memory.get("train", {})
+        headline = memory.get("train", {})
         return {"rank": dist.get_rank() if dist.is_initialized() else 0, "measured": measured,
-                "plan": {k: plan.get(k) for k in measured}}
+                "plan": {k: mine.get(k) for k in measured}, "plan_most_loaded": {k: headline.get(k) for k in measured}}
 
 
 # ---------------------------------------------------------------- hooks of the training loop
@@ -136,11 +140,13 @@ def full_state_dict(model: nn.Module) -> dict:
 
 
 def model_states(model: nn.Module, optimizer) -> dict | None:
-    """Measured per-rank model-state bytes beside the plan's, gathered to every rank as a list."""
+    """Measured model-state bytes of every rank beside the plan's for its stage ("plan_per_rank"),
+    and the plan's headline, the most loaded stage ("plan"); gathered to every rank."""
     run = _CURRENT
     if run is None:
         return None
     mine = run.model_states(model, optimizer)
     everyone = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
-    return {"plan": mine["plan"], "per_rank": [r["measured"] for r in everyone]}
+    return {"plan": mine["plan_most_loaded"], "per_rank": [r["measured"] for r in everyone],
+            "plan_per_rank": [r["plan"] for r in everyone]}
