@@ -186,7 +186,6 @@ def _print_layout(console, plan) -> None:
 
 def print_formulas(spec) -> None:
     """The closed-form parameter counts in the spec's symbols (sympy), with the symbols' values."""
-    import sympy
     from rich.console import Console
     from rich.table import Table
 
