@@ -64,3 +64,26 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
     # and starting over into a run directory with checkpoints needs --resume or another --out
     again = llmc_train(tmp_path, "straight", *RUN)
     assert again.returncode == 1 and "--resume" in again.stderr
+
+
+def test_checkpoint_carries_the_fp16_loss_scale(tmp_path):
+    """A resumed fp16 run continues from the loss scale it had reached (after overflows halved it),
+    not from 2^16 again, which would skip steps the uninterrupted run took."""
+    import torch
+
+    from llmc.runtime.train.checkpoint import load_checkpoint, save_checkpoint
+    from llmc.runtime.train.distributed import DistEnv
+
+    def parts():
+        model = torch.nn.Linear(4, 4)
+        opt = torch.optim.AdamW(model.parameters())
+        return model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0), torch.amp.GradScaler("cpu")
+
+    model, opt, sched, scaler = parts()
+    scaler.scale(torch.ones(()))   # the scaler starts at 2^16 ...
+    scaler.update(new_scale=1024.0)  # ... and overflows brought it down
+    path = save_checkpoint(tmp_path, 5, model, opt, sched, {}, {"spec_hash": "h", "spec": {}}, DistEnv(), keep=1,
+                           scaler=scaler)
+    model, opt, sched, fresh = parts()
+    step, _ = load_checkpoint(path, model, opt, sched, DistEnv(), fresh)
+    assert step == 5 and fresh.get_scale() == 1024.0

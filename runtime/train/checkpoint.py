@@ -65,8 +65,9 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, data_state: dict, plan: dict,
-                    env: DistEnv, keep: int) -> Path:
-    """Write checkpoint `step` (every rank calls this); return its folder."""
+                    env: DistEnv, keep: int, scaler=None) -> Path:
+    """Write checkpoint `step` (every rank calls this); return its folder. `scaler`: fp16's
+    GradScaler, whose loss scale a resumed run continues from."""
     root = Path(run_dir) / "checkpoints"
     final, tmp = root / f"step-{step:08d}", root / f".tmp-step-{step:08d}"
     if env.is_main:
@@ -77,8 +78,8 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, data_
     with warnings.catch_warnings():  # one process without a process group is a supported case, not news
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.save(state, checkpoint_id=str(tmp))
-    torch.save({"rng": rng_state(), "data": data_state, "scheduler": scheduler.state_dict()},
-               tmp / f"rank{env.rank}.pt")
+    torch.save({"rng": rng_state(), "data": data_state, "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None}, tmp / f"rank{env.rank}.pt")
     _barrier(env)
     if env.is_main:
         meta = {"step": step, "plan_hash": plan.get("spec_hash"), "world_size": env.world_size, "spec": plan["spec"]}
@@ -94,8 +95,9 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, data_
     return final
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, env: DistEnv) -> tuple[int, dict]:
-    """Restore model, optimizer, scheduler and RNG in place; return (step, the sampler state)."""
+def load_checkpoint(path: Path, model, optimizer, scheduler, env: DistEnv, scaler=None) -> tuple[int, dict]:
+    """Restore model, optimizer, scheduler, fp16's loss scaler and RNG in place; return (step, the
+    sampler state)."""
     meta = json.loads((path / "meta.json").read_text())
     state = train_state_dict(model, optimizer)  # parallel runtime: expert shards as DTensors
     with warnings.catch_warnings():
@@ -107,6 +109,8 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, env: DistEnv) -> tu
     same_ranks = meta["world_size"] == env.world_size
     extra = torch.load(path / f"rank{env.rank if same_ranks else 0}.pt", weights_only=False)
     scheduler.load_state_dict(extra["scheduler"])
+    if scaler is not None and extra.get("scaler"):  # (the same on every rank: they skip steps together)
+        scaler.load_state_dict(extra["scaler"])
     if same_ranks:
         set_rng_state(extra["rng"])
     return int(meta["step"]), extra["data"]

@@ -133,7 +133,8 @@ class Trainer:
         self.step = 0
         if resume and (ckpt := latest_checkpoint(self.run_dir)) is not None:
             check_resumable(ckpt, plan)
-            self.step, data_state = load_checkpoint(ckpt, self.model, self.optimizer, self.scheduler, env)
+            self.step, data_state = load_checkpoint(ckpt, self.model, self.optimizer, self.scheduler, env,
+                                                    self.scaler)
             self.data.load_state_dict(data_state)
         if env.is_main:  # records past the starting step belong to a run that is being redone
             truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
@@ -240,7 +241,7 @@ class Trainer:
                 progress.step(self.step, record)
                 if (t.checkpoint_every and self.step % t.checkpoint_every == 0) or self.step == self.total_steps:
                     save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self.scheduler,
-                                    self.data.state_dict(), self.plan, env, t.keep_checkpoints)
+                                    self.data.state_dict(), self.plan, env, t.keep_checkpoints, self.scaler)
                     last_saved = self.step
         finally:
             progress.close()
