@@ -120,7 +120,8 @@ def test_plan_states_every_pipeline_stage_and_names_the_most_loaded():
     """plan.json carries each pipeline rank's memory: bf16 weights and gradients (2 bytes), Adam's
     fp32 master, m and v (12 bytes) of the blocks it holds, the embedding on the first, the final
     norm and the untied head on the last; `train` is the stage with the highest peak."""
-    s = load_spec("specs/tiny.toml", ["parallel.pp=2", "hardware.gpus_per_node=2", "model.mtp.depth=0"])
+    s = load_spec("specs/tiny.toml", ["parallel.pp=2", "hardware.gpus_per_node=2", "model.mtp.depth=0",
+                                      "train.micro_batch_size=4"])
     plan = build_plan(s)
     stages = plan.memory.train_stages
     assert len(stages) == 2 and [m.stage for m in stages] == [0, 1]

@@ -50,7 +50,7 @@ def test_fixed_cpu_layouts_of_the_parallel_runtime(overrides, expected):
 
 def test_fixed_four_process_combination():
     layout = layout_of("specs/tiny_moe.toml", "hardware.gpus_per_node=4", "parallel.dp=2", "parallel.pp=2",
-                       "parallel.ep=2", "parallel.zero=3")
+                       "parallel.ep=2", "parallel.zero=3", "train.micro_batch_size=2")  # 2 micro-batches for 1F1B
     assert degrees(layout) == (2, 1, 2, 2, 3)
     assert layout.groups["pp"].first == [0, 2]   # (pp, dp, tp) order: pp outermost
     assert layout.groups["dp"].first == [0, 1]
@@ -79,6 +79,18 @@ def test_tp_stays_inside_a_node_and_groups_are_ordered_tp_innermost():
     assert layout.mesh["dims"] == ["pp", "dp", "tp"]
 
 
+def test_1f1b_pipelines_get_a_micro_batch_per_stage():
+    """torch's 1F1B schedule needs at least as many micro-batches as stages: the search keeps
+    grad_accum >= pp (a smaller micro-batch when it is auto) and explains a spec that fixes less."""
+    sets = ["hardware.gpus_per_node=2", "parallel.pp=2", 'train.micro_batch_size="auto"']
+    lay = layout_of("specs/tiny.toml", *sets)
+    assert lay.pp == 2 and lay.grad_accum >= 2 and lay.micro_batch_size * lay.grad_accum == 8
+    with pytest.raises(UserError, match=r"1F1B schedule needs grad_accum >= pp .*\(pp=2, grad_accum=1\)"):
+        build_plan(load_spec("specs/tiny.toml", [*sets[:2], "train.micro_batch_size=8"]))
+    gpipe = layout_of("specs/tiny.toml", *sets[:2], "train.micro_batch_size=8", 'parallel.pp_schedule="gpipe"')
+    assert (gpipe.pp, gpipe.grad_accum) == (2, 1)   # GPipe runs any number of micro-batches
+
+
 def test_search_honours_rules():
     plan = build_plan(load_spec("specs/mixtral_8x7b.toml"))
     lay = plan.layout
@@ -97,7 +109,9 @@ def test_bubble_is_p_minus_1_over_m_plus_p_minus_1_when_links_are_free():
 
 
 def test_search_for_16384_gpus_finds_a_layout():
-    plan = build_plan(load_spec("specs/ds_v32.toml", ["hardware.nodes=2048", 'parallel.tp="auto"']))
+    # 8x the devices of the shipped run and twice its batch: 1F1B pipelines need grad_accum >= pp
+    plan = build_plan(load_spec("specs/ds_v32.toml", ["hardware.nodes=2048", 'parallel.tp="auto"',
+                                                      "train.global_batch_size=30720"]))
     assert plan.layout.world_size == 16384
     assert plan.memory.train.fits
 

@@ -41,7 +41,8 @@ def test_markdown_renders_every_section():
 
 
 def test_each_pipeline_stage_row_shows_its_own_peak():
-    sets = ["--set", "parallel.pp=2", "--set", "hardware.gpus_per_node=2", "--set", "model.mtp.depth=0"]
+    sets = ["--set", "parallel.pp=2", "--set", "hardware.gpus_per_node=2", "--set", "model.mtp.depth=0",
+            "--set", "train.micro_batch_size=4"]
     doc = json.loads(llmc("plan", "specs/tiny.toml", "--json", *sets).stdout)
     peaks = [m["peak"] for m in doc["memory"]["train_stages"]]
     assert doc["memory"]["train"]["peak"] == max(peaks)

@@ -4,7 +4,7 @@ Constraints: dp x tp x pp = world size; tp divides n_heads and the devices of a 
 never leaves a node); tp = 1 with tied embeddings or the DSA indexer (the runtime's TP shards
 neither); pp <= n_layers (x virtual stages); ep divides n_experts and dp x tp (ep is
 carved out of the dp x tp ranks of a stage); dp x micro_batch_size divides global_batch_size;
-the interleaved schedule needs grad_accum divisible by pp. Degrees the spec fixes are kept;
+the 1F1B schedule needs grad_accum >= pp, the interleaved one grad_accum divisible by pp. Degrees the spec fixes are kept;
 "auto" ones are searched. Only memory and these rules reject a layout, never its speed.
 """
 
@@ -197,6 +197,10 @@ class LayoutSearch:
                         accum = per_rank // mbs
                         if v > 1 and accum % pp:
                             self._reject("interleaved pipelines need grad_accum divisible by pp",
+                                         f"pp={pp}, grad_accum={accum}")
+                            continue
+                        if pp > 1 and par.pp_schedule == "1f1b" and accum < pp:  # (torch's Schedule1F1B)
+                            self._reject("the 1F1B schedule needs grad_accum >= pp (a micro-batch per stage)",
                                          f"pp={pp}, grad_accum={accum}")
                             continue
                         yield [Degrees(dp, tp, pp, ep, zero, mbs, accum, par.sequence_parallel and tp > 1,
