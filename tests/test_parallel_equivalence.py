@@ -122,6 +122,22 @@ def test_sequence_parallel_with_learned_positions(nproc, sets, learned_reference
     assert_same_training(results, learned_reference)
 
 
+# 8 ranks: pp 2 x dp 4 with ep 2, so each stage's experts are sharded over ep {0,1},{2,3} and
+# replicated (ZeRO-1: FSDP2-sharded) over edp {0,2},{1,3}; a global batch of 8 micro-batches of 1
+# gives each pipeline the 2 micro-batches 1F1B needs.
+EIGHT = ["--micro", "1", "--n-micro", "8"]
+
+
+@pytest.mark.parametrize("zero", [0, 1])
+def test_pipeline_with_experts_over_expert_data_parallel(zero, tmp_path):
+    reference = run_worker(tmp_path / "ref", 1, sets=degrees(), extra=EIGHT)[0]
+    results = run_worker(tmp_path / "pp2_dp4_ep2", 8, sets=degrees(dp=4, pp=2, ep=2, zero=zero), extra=EIGHT)
+    assert (results[0]["layout"]["edp"], results[0]["layout"]["grad_accum"]) == (2, 2)
+    assert_same_training(results, reference)
+    # as dp2_x_ep2_zero1: FSDP2 keeps weights sharded at rest and reduce-scatters the gradients
+    assert_states_match_plan(results, ["optimizer"] if zero else STATES)
+
+
 def test_reference_trains(reference):
     """The single-process reference itself moves: its loss changes from step to step."""
     losses = reference["losses"]
