@@ -214,7 +214,7 @@ def test_fixed_tp_for_what_tp_does_not_shard_is_a_spec_error(feature, words, wri
         load_spec(write_spec(text), feature)
     (problem,) = e.value.problems
     assert problem.key == "parallel.tp" and problem.line == text.splitlines().index("tp = 2") + 1
-    assert words in problem.message and "expected 1" in problem.message and "found 2" in problem.message
+    assert words in problem.message and "tp must be 1" in problem.message and "found tp = 2" in problem.message
 
 
 def test_cli_plan_refuses_fixed_tp_with_tied_embeddings(write_spec):
@@ -229,3 +229,25 @@ def test_sequence_parallel_stays_on_with_learned_positions(write_spec):
     # the runtime slices pos_embed's output over the sequence (test_parallel_equivalence.py)
     layout = layout_of(write_spec(SMALL), 'model.positions="learned"', "parallel.tp=2")
     assert layout.tp == 2 and layout.sequence_parallel
+
+
+@pytest.mark.parametrize("sets, rule, example", [
+    (["model.n_kv_heads=1"], "tp must divide the key/value heads", "tp=2, n_kv_heads=1"),   # MQA: one head to share
+    (["model.ffn_hidden=130"], "tp must divide ffn_hidden", "tp=4, ffn_hidden=130"),     # 130 = 2 x 65
+    (["train.seq_len=63"], "sequence parallelism needs tp to divide seq_len", "tp=2, seq_len=63"),
+], ids=["kv_heads", "ffn_hidden", "seq_len"])
+def test_tp_divides_what_the_runtime_splits(sets, rule, example, write_spec):
+    """The runtime's TP gives each rank whole kv heads and equal column slices of the dense FFN,
+    and sequence parallelism equal slices of the sequence: the planner keeps to such tp, and a
+    spec that fixes another is an error at its line (llmc train died in every rank)."""
+    from llmc.compiler.spec import SpecError
+    path = write_spec(SMALL)
+    plan = build_plan(load_spec(path, sets))
+    reason = rejected_for(plan.search, rule)
+    assert plan.search.examples[reason] == example
+    bad = int(example.split(",")[0].removeprefix("tp="))
+    assert all(a.tp != bad for a in plan.search.alternatives) and plan.layout.tp != bad
+    with pytest.raises(SpecError) as e:
+        load_spec(path, [*sets, f"parallel.tp={bad}"])
+    (problem,) = e.value.problems
+    assert problem.key == "parallel.tp" and rule in problem.message and f"found tp = {bad}" in problem.message

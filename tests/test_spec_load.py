@@ -192,8 +192,11 @@ def test_every_cross_table_mistake_at_once(write_spec):
         (12, "train.global_batch_size", "divide over dp = 3 (expected a multiple of 3, found 8)"),
         (15, "parallel.dp", "dp x tp x pp must equal the world size (expected 2, found 3 x 3 x 4 = 36)"),
         (16, "parallel.tp", "stays within a node (expected <= gpus_per_node = 2, found 3)"),
-        (16, "parallel.tp", "must divide model.n_heads (expected a divisor of 4, found 3)"),
-        (16, "parallel.tp", "does not shard tied embeddings"),
+        (16, "parallel.tp", "tp must divide n_heads (found tp = 3 with n_heads = 4)"),
+        (16, "parallel.tp", "tp must divide the key/value heads (found tp = 3 with n_kv_heads = 4)"),
+        (16, "parallel.tp", "tp must divide ffn_hidden: the dense FFNs split by columns (found tp = 3 with ffn_hidden = 128)"),
+        (16, "parallel.tp", "sequence parallelism needs tp to divide seq_len (found tp = 3 with seq_len = 4096)"),
+        (16, "parallel.tp", "tp must be 1 with tied embeddings"),
         (17, "parallel.pp", "more pipeline stages than layers (expected <= 2, found 4)"),
         (18, "parallel.ep", "needs [model.moe] (expected 1, found 4)"),
     ])
@@ -237,7 +240,8 @@ accelerator = "H100-80G"
         (19, "train.log_every", "expected a value >= 1, found 0"),
         (20, "parallel", "the fixed degrees (tp=3) do not divide the world size 1"),
         (21, "parallel.tp", "stays within a node (expected <= gpus_per_node = 1, found 3)"),
-        (21, "parallel.tp", "must divide model.n_heads (expected a divisor of 32, found 3)"),
+        (21, "parallel.tp", "tp must divide n_heads (found tp = 3 with n_heads = 32)"),
+        (21, "parallel.tp", "tp must divide the key/value heads (found tp = 3 with n_kv_heads = 7)"),
         (23, "hardware.accelerator", "unknown accelerator"),
     ])
 
@@ -263,8 +267,11 @@ name = "Bad Name"
         (11, "train.seq_len", "exceeds model.max_seq_len (expected <= 128, found 4096)"),
         (12, "train.global_batch_size", "divide over dp = 3"),
         (16, "parallel.tp", "stays within a node (expected <= gpus_per_node = 1, found 3)"),
-        (16, "parallel.tp", "must divide model.n_heads (expected a divisor of 4, found 3)"),
-        (16, "parallel.tp", "does not shard tied embeddings"),
+        (16, "parallel.tp", "tp must divide n_heads (found tp = 3 with n_heads = 4)"),
+        (16, "parallel.tp", "tp must divide the key/value heads (found tp = 3 with n_kv_heads = 4)"),
+        (16, "parallel.tp", "tp must divide ffn_hidden: the dense FFNs split by columns (found tp = 3 with ffn_hidden = 128)"),
+        (16, "parallel.tp", "sequence parallelism needs tp to divide seq_len (found tp = 3 with seq_len = 4096)"),
+        (16, "parallel.tp", "tp must be 1 with tied embeddings"),
         (17, "parallel.pp", "more pipeline stages than layers (expected <= 2, found 4)"),
         (19, "hardware.nodes", "expected a value >= 1, found 0"),
         (21, "data.val_fraction", "expected a value < 1.0, found 2.0"),
@@ -319,7 +326,8 @@ def test_checks_read_failed_sub_tables_as_far_as_they_validated(write_spec):
     expect(problems(write_spec(text)), [
         (9, "model.n_kv_heads", "must divide n_heads (expected a divisor of 4, found 3)"),
         (16, "model.attention.index_n_heads", "expected an integer, found 'x'"),
-        (18, "parallel.tp", "does not shard tied embeddings"),
+        (18, "parallel.tp", "tp must divide the key/value heads (found tp = 2 with n_kv_heads = 3)"),
+        (18, "parallel.tp", "tp must be 1 with tied embeddings"),
     ])
 
 

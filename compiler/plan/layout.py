@@ -1,11 +1,12 @@
 """The layout search: enumerate (dp, tp, pp, ep, zero, micro-batch), keep what fits, pick the fastest.
 
-Constraints: dp x tp x pp = world size; tp divides n_heads and the devices of a node (a TP group
-never leaves a node); tp = 1 with tied embeddings or the DSA indexer (the runtime's TP shards
-neither); pp <= n_layers (x virtual stages); ep divides n_experts and dp x tp (ep is
-carved out of the dp x tp ranks of a stage); dp x micro_batch_size divides global_batch_size;
-the 1F1B schedule needs grad_accum >= pp, the interleaved one grad_accum divisible by pp. Degrees the spec fixes are kept;
-"auto" ones are searched. Only memory and these rules reject a layout, never its speed.
+Constraints: dp x tp x pp = world size; tp divides the devices of a node (a TP group never leaves
+a node) and meets what the runtime's TP needs of the model (`tensor_parallel_limits`: heads, kv
+heads, dense FFN width, seq_len under sequence parallelism; tp = 1 with tied embeddings or the DSA
+indexer); pp <= n_layers (x virtual stages); ep divides n_experts and dp x tp (ep is carved out
+of the dp x tp ranks of a stage); dp x micro_batch_size divides global_batch_size; the 1F1B
+schedule needs grad_accum >= pp, the interleaved one grad_accum divisible by pp. Degrees the spec
+fixes are kept; "auto" ones are searched. Only memory and these rules reject a layout, never its speed.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, Field
 
+from ..spec.spec import tensor_parallel_limits
 from .cost import Links, RankWork, StepTime, step_time
 from .flops import head_params, layer_train_flops, mtp_train_flops
 from .hardware import lookup
@@ -155,16 +157,10 @@ class LayoutSearch:
             if tp > per_node or per_node % tp:
                 self._reject("tp must stay within a node", f"tp={tp} with {per_node} devices per node")
                 continue
-            if m.n_heads % tp:
-                self._reject("tp must divide n_heads", f"tp={tp}, n_heads={m.n_heads}")
-                continue
-            if tp > 1 and m.tie_embeddings:
-                self._reject("tp must be 1 with tied embeddings (TP does not shard a tied head)",
-                             f"tp={tp}, tie_embeddings=true")
-                continue
-            if tp > 1 and m.attention.sparse:
-                self._reject("tp must be 1 with the DSA sparse indexer (TP does not shard it)",
-                             f"tp={tp}, index_n_heads={m.attention.index_n_heads}")
+            limits = list(tensor_parallel_limits(m, tp, t.seq_len, par.sequence_parallel))
+            for rule, name, value in limits:
+                self._reject(rule, f"tp={tp}, {name}={value}")
+            if limits:
                 continue
             for pp in ([par.pp] if par.pp != "auto" else divisors(world // tp)):
                 if (world // tp) % pp:

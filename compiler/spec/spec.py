@@ -44,19 +44,33 @@ def _layout_fits_hardware(parallel, hardware):
                            f"do not divide the world size {ws}")
 
 
-def _tensor_fits_model(parallel, model):
-    tp, m = parallel.tp, model
+def tensor_parallel_limits(model, tp: int, seq_len: int, sequence_parallel: bool):
+    """What the runtime's tensor parallelism (runtime/parallel/tensor.py) needs at degree tp:
+    (the rule, the setting that breaks it, its value) for each rule broken. The spec checks a
+    fixed tp with it, the planner each tp it searches."""
+    if tp == 1:
+        return
+    m = model
+    if m.n_heads % tp:
+        yield "tp must divide n_heads", "n_heads", m.n_heads
+    if m.attention.kind != "mla" and m.kv_heads % tp:   # each rank owns whole key/value heads
+        yield "tp must divide the key/value heads", "n_kv_heads", m.kv_heads
+    if any(not m.is_moe_layer(i) for i in range(m.n_layers + m.mtp.depth)) and m.ffn_hidden % tp:
+        yield "tp must divide ffn_hidden: the dense FFNs split by columns", "ffn_hidden", m.ffn_hidden
+    if sequence_parallel and seq_len % tp:
+        yield "sequence parallelism needs tp to divide seq_len", "seq_len", seq_len
+    if m.tie_embeddings:
+        yield "tp must be 1 with tied embeddings: TP does not shard a tied head", "tie_embeddings", "true"
+    if m.attention.sparse:
+        yield "tp must be 1 with the DSA sparse indexer: TP does not shard it", "index_n_heads", m.attention.index_n_heads
+
+
+def _tensor_fits_model(parallel, model, train):
+    tp = parallel.tp
     if tp == "auto":
         return
-    if m.n_heads % tp:
-        yield "parallel.tp", f"parallel.tp must divide model.n_heads (expected a divisor of {m.n_heads}, found {tp})"
-    # the runtime's tensor parallelism shards neither (runtime/parallel/tensor.py)
-    if tp > 1 and m.tie_embeddings:
-        yield "parallel.tp", (f"tensor parallelism does not shard tied embeddings "
-                              f"(expected 1 with model.tie_embeddings = true, found {tp})")
-    if tp > 1 and m.attention.sparse:
-        yield "parallel.tp", (f"tensor parallelism does not shard the DSA sparse indexer "
-                              f"(expected 1 with model.attention.index_n_heads > 0, found {tp})")
+    for rule, name, value in tensor_parallel_limits(model, tp, train.seq_len, parallel.sequence_parallel):
+        yield "parallel.tp", f"{rule} (found tp = {tp} with {name} = {value})"
 
 
 def _stages_fit_model(parallel, model):
