@@ -148,3 +148,27 @@ def test_pipeline_scales_the_fp16_loss_like_one_process(tmp_path):
     for got, want in zip(pp, one):
         assert abs(got["grad_norm"] - want["grad_norm"]) <= 1e-3 * want["grad_norm"], (got, want)
         assert abs(got["loss"] - want["loss"]) <= 1e-5 * want["loss"], (got, want)
+
+
+def test_pipeline_weighs_sft_micro_batches_by_their_targets_like_one_process(tmp_path):
+    """SFT masks all but the assistant's tokens, so micro-batches hold unequal numbers of targets.
+    The loop without pipelining weighs each micro-batch's loss by its share of the step's targets
+    (the mean over every target token of the batch); the pipeline's stages must do the same, or
+    a pipelined SFT run follows another gradient (the per-micro-batch mean) from step 1 on."""
+    import random
+    rng = random.Random(0)
+    words = "the a cat dog sat ran on under mat log red blue quick slow one two three".split()
+    with (tmp_path / "chat.jsonl").open("w") as f:
+        for _ in range(200):   # short prompts, answers of 1 to 30 words: targets vary per window
+            chat = [{"role": "user", "content": " ".join(rng.choices(words, k=rng.randint(1, 6)))},
+                    {"role": "assistant", "content": " ".join(rng.choices(words, k=rng.randint(1, 30)))}]
+            f.write(json.dumps({"messages": chat}) + "\n")
+    sft = ["train.objective=sft", f'data.sources=[{{ path = "{tmp_path / "chat.jsonl"}", format = "jsonl" }}]',
+           "data.val_fraction=0.1", "model.vocab_size=300", "model.mtp.depth=0", "train.eval_every=2"]
+    one, _ = llmc_train(tmp_path, "one_sft", 1, *sft, spec="tiny")
+    pp, _ = llmc_train(tmp_path, "pp2_sft", 2, *sft, "parallel.dp=1", "parallel.pp=2", spec="tiny")
+    assert [m["step"] for m in pp] == [m["step"] for m in one] == [1, 2]
+    for got, want in zip(pp, one):
+        assert abs(got["loss"] - want["loss"]) <= 1e-5 * want["loss"], (got, want)
+        assert abs(got["grad_norm"] - want["grad_norm"]) <= 1e-4 * want["grad_norm"], (got, want)
+    assert abs(pp[-1]["val_loss"] - one[-1]["val_loss"]) <= 1e-5 * one[-1]["val_loss"]

@@ -93,11 +93,15 @@ def _stage_compute(self, x, tokens, labels):
     counts = torch.zeros(len(self.moe_layer_ids) + len(self.mtp_moe_depths), self._llmc_n_experts,
                          dtype=torch.long)
     aux = _moe_aux_and_counts(self, self.layers.values(), counts)
-    zero = torch.zeros(())
+    zero = torch.zeros((), device=h.device)
     if not self._llmc_last:
         self._llmc_stats.append((zero, zero, aux.detach() if aux is not None else zero, counts))
         return _AttachAux.apply(h, aux) if aux is not None else h
-    lm = loss = cross_entropy(self.output(h), labels)
+    lm = cross_entropy(self.output(h), labels)
+    # in a training step, the micro-batch's share of the step's target tokens (as the loop's
+    # StepShare.token_weight), times the micro-batches the schedule averages over
+    per_target = self._llmc_lm_per_target
+    loss = lm if per_target is None else lm * ((labels != -100).sum() * per_target)
     mtp = zero
     if len(self.mtp):
         mtp = self._mtp_loss(h, tokens, labels, cos, sin)
@@ -129,6 +133,7 @@ def _cut_to_stage(model: nn.Module, layers: list[int], first: bool, last: bool, 
     stage._llmc_n_experts = model.cfg.moe.n_experts if model.cfg.moe else 0
     stage._llmc_stats = []
     stage._llmc_precision = precision
+    stage._llmc_lm_per_target = None  # set by Pipeline.step (None: every micro-batch alike)
     stage.forward = types.MethodType(_stage_forward, stage)
     return stage
 
@@ -151,14 +156,23 @@ class Pipeline:
     def has_first(self) -> bool:
         return 0 in self.stage_ids
 
-    def step(self, tokens: torch.Tensor, labels: torch.Tensor, loss_scale: float = 1.0) -> dict[str, torch.Tensor]:
+    def step(self, tokens: torch.Tensor, labels: torch.Tensor, loss_scale: float = 1.0,
+             targets: float | None = None) -> dict[str, torch.Tensor]:
         """Forward and backward of this rank's micro-batches (tokens, labels [accum x mb, T]);
         backward starts from loss x loss_scale (fp16's GradScaler factor).
 
-        Returns means over the micro-batches, the same on every rank of the pipeline group:
-        "loss" (lm + weighted mtp + every stage's balance loss), "lm_loss", "mtp_loss", "aux_loss"."""
+        `targets`: the step's target tokens per data-parallel rank (the global batch's / dp). With
+        it each micro-batch's language-model loss counts by its share of them, as the training
+        loop weighs micro-batches without pipelining, so SFT's unequal counts weigh alike; without
+        it every micro-batch counts alike. MTP and balance losses are means over micro-batches.
+
+        Returns, the same on every rank of the pipeline group: "lm_loss" (the mean over the target
+        tokens), "mtp_loss" and "aux_loss" (means over micro-batches), and "loss" (lm + weighted
+        mtp + every stage's balance loss)."""
+        n = self.schedule._n_microbatches
         for m in self.modules:
             m._llmc_stats.clear()
+            m._llmc_lm_per_target = n / targets if targets else None
         args = (tokens,) if self.has_first else ()
         self.loss_fn.scale = loss_scale
         try:
@@ -166,13 +180,20 @@ class Pipeline:
                                return_outputs=False)
         finally:
             self.loss_fn.scale = 1.0
+            for m in self.modules:
+                m._llmc_lm_per_target = None
         self._sync_shared_embedding()
-        n = self.schedule._n_microbatches
-        parts = torch.stack([torch.stack([lm, mtp, aux]) for m in self.modules for lm, mtp, aux, _ in m._llmc_stats[-n:]])
+        counts = (labels != -100).reshape(n, -1).sum(1).double()  # target tokens per micro-batch
+        parts = torch.zeros(4, dtype=torch.float64, device=self.device)  # lm x targets, targets, mtp, aux
+        for m in self.modules:
+            stats = m._llmc_stats[-n:]
+            parts[2:] += torch.stack([torch.stack([mtp, aux]) for _, mtp, aux, _ in stats]).double().sum(0)
+            if m._llmc_last:
+                lm = torch.stack([lm for lm, *_ in stats]).double()
+                parts[:2] += torch.stack([(lm * counts).sum(), counts.sum()])
         self._counts = sum(c for m in self.modules for *_, c in m._llmc_stats[-n:])
-        parts = parts.sum(0)
         dist.all_reduce(parts, group=self.pdims.group("pp"))
-        lm, mtp, aux = (parts / n).unbind()
+        lm, mtp, aux = parts[0] / parts[1].clamp(min=1), parts[2] / n, parts[3] / n
         weight = self.modules[0].cfg.mtp.loss_weight
         return {"loss": lm + weight * mtp + aux, "lm_loss": lm, "mtp_loss": mtp, "aux_loss": aux}
 

@@ -160,7 +160,7 @@ class Trainer:
                                    torch.cat([y for _, y in micro]).to(env.device),
                                    # (scale() of a one also sets the scaler up for unscale_ below)
                                    loss_scale=self.scaler.scale(torch.ones((), device=env.device)).item()
-                                   if self.scaler else 1.0)
+                                   if self.scaler else 1.0, targets=n_global / dp)
             sums += torch.stack([parts["lm_loss"] * sum(counts), parts["aux_loss"], parts["mtp_loss"]]).double()
             expert_counts = self.pipe.expert_counts()
             micro = []  # (mean loss per micro-batch: the token weighting of pretraining)
