@@ -16,19 +16,12 @@ from pathlib import Path
 import jinja2
 import torch
 
-_MD = jinja2.Template("""# Run report: {{ name }}
 
-| | measured | plan |
-|---|---:|---:|
-| tokens/s (all ranks) | {{ "{:,.0f}".format(m.tokens_per_s) }} | {{ p.tokens_per_s }} |
-| step time (s) | {{ "%.3f"|format(m.step_time_s) }} | {{ p.step_time_s }} |
-| peak memory per rank (GiB) | {{ "%.3f"|format(m.peak_memory_bytes / 2**30) }} | {{ p.memory_gib }} |
-| MFU | {{ "%.4f"|format(m.mfu) }} | {{ p.mfu }} |
-
-Steps: {{ m.steps }} ({{ m.measured_steps }} timed after warm-up), processes: {{ world_size }},
-peak memory measured as {{ m.peak_memory_kind }}.
-{% if val %}Final validation loss {{ "%.4f"|format(val.val_loss) }} (perplexity {{ "%.2f"|format(val.val_perplexity) }}).{% endif %}
-""")
+def _render_markdown(**values) -> str:
+    """report.md through templates/run_report.md.j2."""
+    from importlib import resources
+    source = resources.files("llmc.templates").joinpath("run_report.md.j2").read_text(encoding="utf-8")
+    return jinja2.Template(source, keep_trailing_newline=True).render(**values)
 
 
 class RunClock:
@@ -121,5 +114,5 @@ def write_report(run_dir: Path, plan: dict, clock: RunClock, val: dict | None, e
               "validation": val, "last_checkpoint_step": last_checkpoint}
     (Path(run_dir) / "report.json").write_text(json.dumps(report, indent=2))
     (Path(run_dir) / "report.md").write_text(
-        _MD.render(name=report["name"], m=measured, p=predicted, world_size=env.world_size, val=val))
+        _render_markdown(name=report["name"], m=measured, p=predicted, world_size=env.world_size, val=val))
     return report
