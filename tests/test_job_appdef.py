@@ -42,7 +42,7 @@ def test_single_node_command_is_torchrun_of_the_entry_with_this_interpreter():
 
 
 def test_nodes_and_processes_come_from_the_plan_layout_not_the_hardware_table():
-    plan = with_layout(plan_of("hardware.gpus_per_node=4"), nodes=3, procs=2)
+    plan = with_layout(plan_of("hardware.gpus_per_node=4", "train.micro_batch_size=2"), nodes=3, procs=2)
     assert layout_of(plan).world_size == 6
     (role,) = build_appdef(plan, "slurm", "p.json", "out").roles
     assert role.num_replicas == 3
