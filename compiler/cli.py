@@ -84,11 +84,22 @@ def _data_prepare(p):
     _spec_args(p)
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, found {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, found {value}")
+    return value
+
+
 def _train(p):
     _spec_args(p)
     p.add_argument("--out", help="run directory (default: job.out_dir/job.name)")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
-    p.add_argument("--nproc", type=int, help="processes (default: the plan's world size); >1 uses torchrun")
+    p.add_argument("--nproc", type=_positive_int,
+                   help="processes (default: the plan's world size); >1 uses torchrun")
 
 
 def _eval(p):

@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from llmc.compiler.cli import main
 
 from conftest import REPO, SPECS
@@ -110,3 +112,11 @@ def test_lint_reports_cross_field_mistakes_beside_field_errors_in_one_run(write_
     assert [(p["line"], p["key"]) for p in report] == [(n, k) for n, k, _ in expected]
     github = lint("--format", "github").splitlines()
     assert github[1].startswith(f"::error file={path},line=6,title=llmc lint::model.n_kv_heads: n_kv_heads must divide")
+
+
+def test_train_refuses_a_process_count_below_one(capsys):
+    """--nproc 0 once meant "the plan's world size" and trained the whole run."""
+    for bad in ("0", "-2", "two"):
+        with pytest.raises(SystemExit) as e:
+            main(["train", str(SPECS / "tiny.toml"), "--nproc", bad])
+        assert e.value.code == 2 and "expected a positive integer" in capsys.readouterr().err
