@@ -183,15 +183,10 @@ class Pipeline:
             for m in self.modules:
                 m._llmc_lm_per_target = None
         self._sync_shared_embedding()
-        counts = (labels != -100).reshape(n, -1).sum(1).double()  # target tokens per micro-batch
-        parts = torch.zeros(4, dtype=torch.float64, device=self.device)  # lm x targets, targets, mtp, aux
-        for m in self.modules:
-            stats = m._llmc_stats[-n:]
-            parts[2:] += torch.stack([torch.stack([mtp, aux]) for _, mtp, aux, _ in stats]).double().sum(0)
-            if m._llmc_last:
-                lm = torch.stack([lm for lm, *_ in stats]).double()
-                parts[:2] += torch.stack([(lm * counts).sum(), counts.sum()])
-        self._counts = sum(c for m in self.modules for *_, c in m._llmc_stats[-n:])
+        stats = [entry for m in self.modules for entry in m._llmc_stats[-n:]]
+        others = torch.stack([torch.stack([mtp, aux]) for _, mtp, aux, _ in stats]).double().sum(0)
+        parts = torch.cat([self._lm_totals(labels), others])  # lm x targets, targets, mtp, aux
+        self._counts = sum(c for *_, c in stats)
         dist.all_reduce(parts, group=self.pdims.group("pp"))
         lm, mtp, aux = parts[0] / parts[1].clamp(min=1), parts[2] / n, parts[3] / n
         weight = self.modules[0].cfg.mtp.loss_weight
@@ -223,15 +218,24 @@ class Pipeline:
                 m._llmc_stats.clear()
             self.schedule.eval(*((x,) if self.has_first else ()), target=y if self.has_last else None,
                                tokens=x, labels=y, return_outputs=False)
-            if self.has_last:  # the last stage is this rank's last module; its stats: one per micro-batch
-                lm = torch.stack([lm for lm, *_ in self.modules[-1]._llmc_stats[-n:]]).double()
-                counts = (y != -100).reshape(n, -1).sum(1).double()
-                totals += torch.stack([(lm * counts).sum(), counts.sum()])
+            totals += self._lm_totals(y)
         dist.all_reduce(totals)  # the last stages of every pipeline column; the other ranks add zeros
         for m, training in zip(self.wrapped, was_training):
             m.train(training)
         loss = (totals[0] / totals[1].clamp(min=1)).item()
         return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0))}
+
+    def _lm_totals(self, labels: torch.Tensor) -> torch.Tensor:
+        """(sum of lm loss x target tokens, target tokens) over the micro-batches of the schedule
+        call just run, from the last stage's stats (one per micro-batch); zeros on other ranks."""
+        totals = torch.zeros(2, dtype=torch.float64, device=self.device)
+        last = [m for m in self.modules if m._llmc_last]
+        if last:
+            n = self.schedule._n_microbatches
+            lm = torch.stack([lm for lm, *_ in last[0]._llmc_stats[-n:]]).double()
+            counts = (labels != -100).reshape(n, -1).sum(1).double()  # target tokens per micro-batch
+            totals += torch.stack([(lm * counts).sum(), counts.sum()])
+        return totals
 
     def train_module(self) -> nn.Module:
         """The module the trainer holds: the stage (as wrapped) or, with virtual stages, their union."""
