@@ -83,12 +83,10 @@ class ParallelRun:
                 measured[k] += v
         measured["optimizer"] = measure_state_bytes(nn.Module(), optimizer)["optimizer"]
         memory = self.plan.get("memory", {})
-        stages = memory.get("train_stages") or []
-        stage = self.pdims.coordinate("pp") if len(stages) > 1 else 0
-        mine = stages[stage] if stages else memory.get("train", {})
-        headline = memory.get("train", {})
+        stages = memory.get("train_stages")
+        mine = stages[self.pdims.coordinate("pp")] if stages else memory.get("train", {})
         return {"rank": dist.get_rank() if dist.is_initialized() else 0, "measured": measured,
-                "plan": {k: mine.get(k) for k in measured}, "plan_most_loaded": {k: headline.get(k) for k in measured}}
+                "plan": {k: mine.get(k) for k in measured}}
 
 
 # ---------------------------------------------------------------- hooks of the training loop
@@ -148,5 +146,6 @@ def model_states(model: nn.Module, optimizer) -> dict | None:
     mine = run.model_states(model, optimizer)
     everyone = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
-    return {"plan": mine["plan_most_loaded"], "per_rank": [r["measured"] for r in everyone],
+    headline = run.plan.get("memory", {}).get("train", {})
+    return {"plan": {k: headline.get(k) for k in mine["measured"]}, "per_rank": [r["measured"] for r in everyone],
             "plan_per_rank": [r["plan"] for r in everyone]}
