@@ -79,3 +79,11 @@ def test_hardware_lists_the_catalog():
 def test_bad_input_is_an_error_not_a_traceback(args, needle):
     out = llmc(*args)
     assert out.returncode == 1 and needle in out.stderr and "Traceback" not in out.stderr
+
+
+def test_a_peak_over_the_device_never_reads_as_equal_to_it():
+    from llmc.compiler.plan.formatting import GiB, exceeds, gib_pair
+    # 0.03 GiB over: one decimal would print "80.0 GiB > 80.0 GiB"
+    assert exceeds(80.03 * GiB, 80 * GiB) == "80.03 GiB > 80.00 GiB"
+    assert gib_pair(81.2 * GiB, 80 * GiB) == ("81.2", "80.0")
+    assert gib_pair(80.0004 * GiB, 80 * GiB) == ("80.0004", "80.0000")

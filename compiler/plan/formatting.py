@@ -22,6 +22,21 @@ def gib(n: float) -> str:
     return f"{n / GiB:,.2f} GiB"
 
 
+def gib_pair(a: float, b: float) -> tuple[str, str]:
+    """Two byte counts in GiB with as many decimals (1 to 4) as it takes for them to read apart:
+    ('80.03', '80.00') where one decimal would print a needless '80.0 GiB > 80.0 GiB'."""
+    for digits in range(1, 5):
+        x, y = f"{a / GiB:,.{digits}f}", f"{b / GiB:,.{digits}f}"
+        if x != y:
+            break
+    return x, y
+
+
+def exceeds(need: float, capacity: float) -> str:
+    need_s, capacity_s = gib_pair(need, capacity)
+    return f"{need_s} GiB > {capacity_s} GiB"
+
+
 def duration(seconds: float) -> str:
     if seconds < 1:
         return f"{seconds * 1000:,.1f} ms"

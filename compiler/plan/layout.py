@@ -19,6 +19,7 @@ from pydantic import BaseModel, Field
 from ..spec.spec import tensor_parallel_limits
 from .cost import Links, RankWork, StepTime, step_time
 from .flops import head_params, layer_train_flops, mtp_train_flops
+from .formatting import exceeds
 from .hardware import lookup
 from .memory import Degrees, RankShare, TrainMemory, TrainMemoryModel
 from .params import ParamCount
@@ -248,8 +249,7 @@ class LayoutSearch:
                     break
                 self._reject("does not fit in device memory",
                              f"dp={deg.dp} tp={deg.tp} pp={deg.pp} ep={deg.ep} zero={deg.zero} "
-                             f"micro_batch_size={deg.micro_batch_size}: {fit.peak / 2**30:,.1f} GiB > "
-                             f"{self.memory.capacity / 2**30:,.1f} GiB")
+                             f"micro_batch_size={deg.micro_batch_size}: {exceeds(fit.peak, self.memory.capacity)}")
                 if closest is None or fit.peak < closest.peak:
                     closest = fit
             else:
@@ -270,7 +270,7 @@ class LayoutSearch:
             d = closest.degrees
             self.examples["does not fit in device memory"] = (
                 f"the closest to fitting: dp={d.dp} tp={d.tp} pp={d.pp} ep={d.ep} zero={d.zero} micro_batch_size="
-                f"{d.micro_batch_size} needs {closest.peak / 2**30:,.1f} GiB > {self.memory.capacity / 2**30:,.1f} GiB")
+                f"{d.micro_batch_size} needs {exceeds(closest.peak, self.memory.capacity)}")
         search = Search(considered=considered, evaluated=evaluated, fitting=len(fits), fixed=fixed, alternatives=alts,
                         rejected=self.rejected, examples=self.examples)
         return chosen, fits, search, closest

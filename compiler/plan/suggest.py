@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from .formatting import GiB, gib_pair
 from .hardware import CATALOG
 
 if TYPE_CHECKING:
     from ..spec import Spec
     from .layout import Search
     from .params import ParamCount
-
-GiB = 2**30
 
 
 def _with(spec: Spec, table: str, **changes) -> Spec:
@@ -76,12 +75,13 @@ def no_fit_message(spec: Spec, params: ParamCount, search: Search, closest) -> s
         from .layout import LayoutSearch
 
         m, d = LayoutSearch(spec, params).memory.as_model(closest.memory_bytes, closest.rank), closest.degrees
+        need, capacity = gib_pair(m.peak, m.capacity)
         head = (f"{spec.model.n_layers}-layer model with {params.total / 1e9:,.1f}B parameters does not fit on "
                 f"{world} x {spec.hardware.accelerator}: the layout closest to fitting (dp={d.dp} tp={d.tp} pp={d.pp} "
-                f"ep={d.ep} zero={d.zero} micro_batch_size={d.micro_batch_size}) needs {m.peak / GiB:,.1f} GiB "
+                f"ep={d.ep} zero={d.zero} micro_batch_size={d.micro_batch_size}) needs {need} GiB "
                 f"per device (weights {m.weights / GiB:,.1f}, gradients {m.gradients / GiB:,.1f}, optimizer "
                 f"{m.optimizer / GiB:,.1f}, activations {m.activations / GiB:,.1f}, temporary "
-                f"{m.temporary / GiB:,.1f}, reserve {m.overhead / GiB:,.1f}) of {m.capacity / GiB:,.1f} GiB")
+                f"{m.temporary / GiB:,.1f}, reserve {m.overhead / GiB:,.1f}) of {capacity} GiB")
     ideas = what_would_fit(spec, params)
     tail = ("; any one of these would make it fit: " + "; ".join(ideas)) if ideas else \
         "; no single change tried (full recompute, micro-batch 1, up to 16x the nodes, a larger device) fits it"
