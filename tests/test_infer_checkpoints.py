@@ -149,3 +149,46 @@ def test_output_onto_the_input_is_refused_and_the_input_kept(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 1 and "is the input folder" in out.stderr and "Traceback" not in out.stderr
     assert digest(hf) == kept
+
+
+def test_damaged_model_folder_is_one_error_line_for_every_verb(tmp_path, capsys):
+    """A model folder whose plan.json, weights or tokenizer is damaged (or whose weights do not fit
+    its plan) is named in one error line by every verb that reads it, and nothing is written."""
+    import json
+
+    from llmc.compiler.cli import main as llmc
+
+    good = checkpoint(tmp_path)
+    text = tmp_path / "text.txt"
+    text.write_text(REAL_TEXT[:2000])
+    damages = {
+        "plan.json": lambda d: (d / "plan.json").write_text("{broken"),
+        "list plan": lambda d: (d / "plan.json").write_text("[1]"),
+        "model.safetensors": lambda d: (d / "model.safetensors").write_bytes(
+            (good / "model.safetensors").read_bytes()[:1000]),
+        "empty weights": lambda d: (d / "model.safetensors").write_bytes(b""),
+        "tokenizer.json": lambda d: (d / "tokenizer.json").write_text("garbage"),
+        "shapes": lambda d: (d / "plan.json").write_text(json.dumps(_with_d_model(good, 32))),
+    }
+    for what, damage in damages.items():
+        folder = tmp_path / what.replace(" ", "_")
+        folder.mkdir()
+        for f in good.iterdir():
+            (folder / f.name).write_bytes(f.read_bytes())
+        damage(folder)
+        for verb in (["eval", str(folder), "--text-file", str(text)],
+                     ["generate", str(folder), "--prompt", "def", "--max-new-tokens", "2"],
+                     ["quantize", str(folder), "--bits", "8", "-o", str(tmp_path / "q")],
+                     ["export", "hf", str(folder), "-o", str(tmp_path / "hf")]):
+            assert llmc(verb) == 1, (what, verb)
+            err = capsys.readouterr().err
+            assert err.count("error:") == 1 and "Traceback" not in err, (what, verb, err)
+            assert str(folder) in err, (what, verb, err)
+        assert not (tmp_path / "q").exists() and not (tmp_path / "hf").exists()
+
+
+def _with_d_model(folder: Path, d_model: int) -> dict:
+    import json
+    plan = json.loads((folder / "plan.json").read_text())
+    plan["spec"]["model"]["d_model"] = d_model
+    return plan

@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from llmc.compiler.errors import UserError
 
@@ -35,22 +35,26 @@ def load_for_inference(path, device="cpu", dtype=None):
     if not quant.is_file():
         model, plan, tokenizer = io.load_model(model_dir, device, dtype)
         return model.eval(), plan, tokenizer
-    cfg = QuantConfig(**json.loads(quant.read_text()))
-    plan = json.loads((model_dir / "plan.json").read_text())
+    try:
+        cfg = QuantConfig(**json.loads(quant.read_bytes()))
+    except (ValueError, TypeError) as e:  # not JSON, not an object, or not the fields of a QuantConfig
+        raise UserError(f"{quant}: not a readable {QUANT_FILE} ({e})") from None
+    plan = io.read_plan(model_dir)
     model = io.build_model(plan, device)
     model.mtp = torch.nn.ModuleList()       # not stored (see the module docstring)
     quantize_model(model, cfg, structure_only=True)
-    state = load_file(str(model_dir / "model.safetensors"), device=str(device))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    state = io.read_weights(model_dir / "model.safetensors", device)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shapes that differ from the plan's
+        detail = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), str(e))
+        raise UserError(f"{model_dir}: the quantized weights do not match plan.json: {detail}") from None
     missing = [k for k in missing if not k.endswith(".original")]   # empty placeholders, not saved
     if missing or unexpected:
         raise UserError(f"{model_dir}: the quantized weights do not match plan.json: "
                         f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
     set_compute_dtype(model, io._dtype(dtype) or torch.float32)
-    tokenizer = None
-    if (model_dir / "tokenizer.json").is_file():
-        from tokenizers import Tokenizer
-        tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    tokenizer = io.read_tokenizer(model_dir)
     return model.eval(), plan, tokenizer
 
 

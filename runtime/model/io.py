@@ -104,25 +104,63 @@ def build_model(plan: dict, device="cpu", dtype=None) -> Transformer:
     return model
 
 
+def read_plan(model_dir) -> dict:
+    """plan.json of a model folder, refused with its path when it is not a JSON object."""
+    path = Path(model_dir) / "plan.json"
+    try:
+        plan = json.loads(path.read_bytes())
+    except (ValueError, OSError) as e:  # (UnicodeDecodeError and JSONDecodeError are ValueErrors)
+        raise UserError(f"{path}: not a readable plan.json ({e})") from None
+    if not isinstance(plan, dict):
+        raise UserError(f"{path}: expected a JSON object, found {type(plan).__name__}")
+    return plan
+
+
+def read_weights(path, device="cpu") -> dict:
+    """The tensors of a safetensors file, refused with its path when the file is damaged."""
+    from safetensors import SafetensorError
+    try:
+        return load_file(str(path), device=str(device))
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def read_tokenizer(model_dir):
+    """tokenizer.json of a model folder (None when it has none), refused when it is damaged."""
+    path = Path(model_dir) / "tokenizer.json"
+    if not path.is_file():
+        return None
+    from tokenizers import Tokenizer
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # the tokenizers library raises plain Exceptions for malformed files
+        raise UserError(f"{path}: not a valid tokenizer.json ({e})") from None
+
+
+def load_state(model, state: dict, path) -> None:
+    """Load `state` into `model` (strict=False), refused when names or shapes differ from the plan's model."""
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shapes that differ from the plan's
+        detail = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), str(e))
+        raise UserError(f"{path} does not match its plan.json: {detail}") from None
+    if missing or unexpected:
+        raise UserError(f"{path} does not match its plan.json: "
+                        f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+
+
 def load_model(path, device="cpu", dtype=None):
     """(model, plan_dict, tokenizer or None) from a model folder or a run directory.
 
     dtype: torch dtype or "fp32" / "bf16"; default: as stored.
     """
     model_dir = resolve_model_dir(path)
-    plan = json.loads((model_dir / "plan.json").read_text())
+    plan = read_plan(model_dir)
     model = build_model(plan, device)
-    state = load_file(str(model_dir / "model.safetensors"), device=str(device))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise UserError(f"{model_dir / 'model.safetensors'} does not match its plan.json: "
-                        f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+    state = read_weights(model_dir / "model.safetensors", device)
+    load_state(model, state, model_dir / "model.safetensors")
     stored = {t.dtype for t in state.values() if t.is_floating_point()}
     target = _dtype(dtype) or (stored.pop() if len(stored) == 1 else None)
     if target is not None:
         model.to(target)
-    tokenizer = None
-    if (model_dir / "tokenizer.json").is_file():
-        from tokenizers import Tokenizer
-        tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
-    return model, plan, tokenizer
+    return model, plan, read_tokenizer(model_dir)
