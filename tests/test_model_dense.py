@@ -167,6 +167,55 @@ def test_mlp_activations_by_formula(activation, fn):
     assert (mlp.w3 is not None) == (activation in ("swiglu", "geglu"))
 
 
+def saved_for_backward(fn, *inputs):
+    """(shape, dtype) of each tensor autograd keeps for the backward of fn(*inputs), inputs included."""
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append((tuple(t.shape), t.dtype)) or t,
+                                                  lambda t: t):
+        fn(*inputs)
+    return saved
+
+
+@pytest.mark.parametrize("activation, act", [("swiglu", F.silu), ("geglu", F.gelu)])
+def test_gated_product_gradients_and_what_it_keeps(activation, act):
+    from llmc.runtime.model.mlp import gated
+    torch.manual_seed(6)
+    a, b = (torch.randn(3, 5, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    assert torch.autograd.gradcheck(lambda a, b: gated(activation, a, b), (a, b))
+    a16, b16 = (t.detach().to(torch.bfloat16).requires_grad_() for t in (a, b))
+    torch.testing.assert_close(gated(activation, a16, b16), act(a16) * b16, atol=0, rtol=0)
+    # the gate's input and the up projection; autograd through act(a) * b also keeps act(a)
+    assert saved_for_backward(lambda a, b: gated(activation, a, b), a16, b16) == [((3, 5), torch.bfloat16)] * 2
+    assert len(saved_for_backward(lambda a, b: act(a) * b, a16, b16)) == 3
+
+
+def test_rms_norm_gradients_and_what_it_keeps():
+    from llmc.runtime.model.norm import RMSNorm, _RMSNormFunction
+    torch.manual_seed(7)
+    norm = RMSNorm(6, eps=1e-5).double()
+    with torch.no_grad():
+        norm.weight.normal_()
+    x = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w: _RMSNormFunction.apply(x, w, 1e-5), (x, norm.weight))
+    # bf16 input: computed in fp32 and cast back (Llama's RMSNorm), against the formula with autograd
+    norm = norm.float()
+    x16 = x.detach().to(torch.bfloat16).requires_grad_()
+    ref_x = x16.detach().clone().requires_grad_()
+    ref_w = norm.weight.detach().clone().requires_grad_()
+    want = (ref_x.float() * torch.rsqrt(ref_x.float().pow(2).mean(-1, keepdim=True) + 1e-5)).bfloat16() \
+        * ref_w.bfloat16()
+    got = norm(x16)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    g = torch.randn_like(got)
+    want.backward(g)
+    got.backward(g)
+    torch.testing.assert_close(x16.grad, ref_x.grad, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(norm.weight.grad, ref_w.grad, atol=2e-2, rtol=2e-2)
+    # kept for the backward: x in bf16, 1/rms per row in fp32, the weight (no fp32 copy of x)
+    assert saved_for_backward(norm, x16) == [((2, 3, 6), torch.bfloat16), ((2, 3, 1), torch.float32),
+                                             ((6,), torch.float32)]
+
+
 def test_loss_is_mean_cross_entropy_over_unmasked_labels():
     m = build()
     tokens = torch.randint(0, 97, (2, 10))

@@ -1,5 +1,6 @@
 """Feed-forward networks: gated (SwiGLU, GeGLU: three matrices) and plain (two)."""
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 
@@ -12,6 +13,32 @@ ACTIVATIONS = {
     "relu": F.relu,
 }
 GATED = ("swiglu", "geglu")
+_GATE_BACKWARD = {  # d act(a) / da applied to a gradient
+    "swiglu": torch.ops.aten.silu_backward,
+    "geglu": lambda grad, a: torch.ops.aten.gelu_backward(grad, a),
+}
+
+
+class _GatedProduct(torch.autograd.Function):
+    """act(a) * b keeping a and b for the backward and recomputing act(a) there; autograd would
+    keep act(a) too: a third [tokens, hidden] tensor per gated FFN, which the plan does not count."""
+
+    @staticmethod
+    def forward(ctx, a, b, activation: str):
+        ctx.save_for_backward(a, b)
+        ctx.activation = activation
+        return ACTIVATIONS[activation](a) * b
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b = ctx.saved_tensors
+        grad_a = _GATE_BACKWARD[ctx.activation](grad * b, a)
+        return grad_a, grad * ACTIVATIONS[ctx.activation](a), None
+
+
+def gated(activation: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """act(a) * b of a gated FFN (`activation` in GATED), w1 x = a the gate, w3 x = b the up projection."""
+    return _GatedProduct.apply(a, b, activation)
 
 
 class MLP(nn.Module):
@@ -19,13 +46,11 @@ class MLP(nn.Module):
 
     def __init__(self, d_model: int, hidden: int, activation: str, bias: bool = False):
         super().__init__()
-        self.act = ACTIVATIONS[activation]
+        self.activation, self.act = activation, ACTIVATIONS[activation]
         self.w1 = nn.Linear(d_model, hidden, bias=bias)
         self.w3 = nn.Linear(d_model, hidden, bias=bias) if activation in GATED else None
         self.w2 = nn.Linear(hidden, d_model, bias=bias)
 
     def forward(self, x):
-        h = self.act(self.w1(x))
-        if self.w3 is not None:
-            h = h * self.w3(x)
+        h = gated(self.activation, self.w1(x), self.w3(x)) if self.w3 is not None else self.act(self.w1(x))
         return self.w2(h)

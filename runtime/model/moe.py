@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .mlp import ACTIVATIONS, GATED, MLP
+from .mlp import ACTIVATIONS, GATED, MLP, gated
 
 
 class Router(nn.Module):
@@ -87,7 +87,7 @@ class GroupedExperts(nn.Module):
 
     def __init__(self, n_experts: int, d_model: int, hidden: int, activation: str, bias: bool = False):
         super().__init__()
-        self.act = ACTIVATIONS[activation]
+        self.activation, self.act = activation, ACTIVATIONS[activation]
         E, D, H = n_experts, d_model, hidden
         self.w1 = nn.Parameter(torch.empty(E, H, D))  # gate (or up) projection, nn.Linear layout
         self.w2 = nn.Parameter(torch.empty(E, D, H))  # down projection
@@ -108,9 +108,11 @@ class GroupedExperts(nn.Module):
     def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert e's FFN on its tokens x [n, D]."""
         b = lambda p: None if p is None else p[e]  # noqa: E731
-        h = self.act(F.linear(x, self.w1[e], b(self.b1)))
+        h = F.linear(x, self.w1[e], b(self.b1))
         if self.w3 is not None:
-            h = h * F.linear(x, self.w3[e], b(self.b3))
+            h = gated(self.activation, h, F.linear(x, self.w3[e], b(self.b3)))
+        else:
+            h = self.act(h)
         return F.linear(h, self.w2[e], b(self.b2))
 
     def forward(self, x_sorted: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
@@ -128,9 +130,11 @@ class GroupedExperts(nn.Module):
         """The same FFNs as one grouped matmul per weight (no host sync, one kernel per matrix)."""
         offs = tokens_per_expert.cumsum(0).to(torch.int32)
         w = lambda p: p.to(x.dtype).transpose(-2, -1)  # noqa: E731  [E, in, out]; cast as autocast would
-        h = self.act(torch._grouped_mm(x, w(self.w1), offs=offs))
+        h = torch._grouped_mm(x, w(self.w1), offs=offs)
         if self.w3 is not None:
-            h = h * torch._grouped_mm(x, w(self.w3), offs=offs)
+            h = gated(self.activation, h, torch._grouped_mm(x, w(self.w3), offs=offs))
+        else:
+            h = self.act(h)
         return torch._grouped_mm(h, w(self.w2), offs=offs)
 
 
