@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from llmc.compiler.errors import UserError
@@ -151,14 +151,20 @@ class HFCheckpoint:
         self.fp8_block = fp8_block
         index = folder / "model.safetensors.index.json"
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            try:
+                document = json.loads(index.read_bytes())
+            except ValueError as e:
+                raise UserError(f"{index}: not valid JSON ({e})") from None
+            weight_map = document.get("weight_map") if isinstance(document, dict) else None
+            if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                raise UserError(f"{index}: expected an object with a 'weight_map' of tensor name -> file name")
             self.file_of = {name: folder / file for name, file in weight_map.items()}
         else:
             self.file_of = {}
             # Mistral's folders also hold consolidated.safetensors (its own format): prefer model*.
             files = sorted(folder.glob("model*.safetensors")) or sorted(folder.glob("*.safetensors"))
             for file in files:
-                with safe_open(str(file), "pt") as f:
+                with _open_safetensors(file) as f:
                     self.file_of.update({name: file for name in f.keys()})
         if not self.file_of:
             raise UserError(f"{folder}: no safetensors weights (model.safetensors or an index)")
@@ -177,8 +183,11 @@ class HFCheckpoint:
     def _read(self, name: str) -> torch.Tensor:
         file = self.file_of[name]
         if file not in self._open:
-            self._open[file] = safe_open(str(file), "pt")
-        return self._open[file].get_tensor(name)
+            self._open[file] = _open_safetensors(file)
+        try:
+            return self._open[file].get_tensor(name)
+        except SafetensorError as e:
+            raise UserError(f"{file}: cannot read tensor {name} ({e})") from None
 
     def get(self, name: str) -> torch.Tensor:
         """The tensor `name`; fp8 weights with a `name_scale_inv` beside them come back dequantised."""
@@ -186,6 +195,16 @@ class HFCheckpoint:
         if f"{name}_scale_inv" in self.file_of:
             t = dequantise_fp8(t, self._read(f"{name}_scale_inv"), self.fp8_block)
         return t
+
+
+def _open_safetensors(file: Path):
+    """safe_open, with a damaged or missing file (an index may name one) as a UserError naming it."""
+    if not file.is_file():
+        raise UserError(f"{file}: weights file not found")
+    try:
+        return safe_open(str(file), "pt")
+    except SafetensorError as e:
+        raise UserError(f"{file}: not a readable safetensors file ({e})") from None
 
 
 def dequantise_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
@@ -233,10 +252,14 @@ def import_checkpoint(folder: Path, out: Path, imported) -> None:
     from llmc.compiler.hf import import_spec
     from llmc.compiler.spec import Spec
 
+    from .data.tokenizer import load_tokenizer
     from .model import Transformer
     from .model.io import output_folder, save_model
 
     out = output_folder(out, folder)
+    tokenizer = Path(folder) / "tokenizer.json"
+    if tokenizer.is_file():
+        load_tokenizer(tokenizer)  # a damaged one is refused here, not copied into the model folder
     quantisation = imported.hf.get("quantization_config") or {}
     checkpoint = HFCheckpoint(Path(folder), tuple(quantisation.get("weight_block_size", (128, 128))))
     m = imported.model
@@ -260,7 +283,6 @@ def import_checkpoint(folder: Path, out: Path, imported) -> None:
     except RuntimeError as e:
         raise UserError(f"the checkpoint's tensors do not fit the model its config.json describes: {e}") from None
     plan = _plan_document(spec)
-    tokenizer = Path(folder) / "tokenizer.json"
     save_model(model, plan, out, tokenizer=tokenizer if tokenizer.is_file() else None)
 
 

@@ -255,3 +255,32 @@ def test_fp8_block_quantised_checkpoint(tmp_path):
     stored = safetensors_torch.load_file(str(tmp_path / "llmc" / "model.safetensors"))
     assert torch.equal(stored["layers.1.ffn.w3.weight"], expected["model.layers.1.mlp.up_proj.weight"])
     assert torch.equal(stored["layers.0.attn.wq.weight"], expected["model.layers.0.self_attn.q_proj.weight"])
+
+
+def test_damaged_hf_folder_is_one_error_line_and_writes_nothing(tmp_path, capsys):
+    """Truncated or empty safetensors, an index that is not JSON or names a missing file, and a
+    tokenizer.json that is not one: `llmc import hf` names the file in one error line (no
+    SafetensorError / JSONDecodeError traceback) and writes no model folder."""
+    reference = hf_model("llama")
+    reference.save_pretrained(tmp_path / "good")
+    weights = (tmp_path / "good" / "model.safetensors").read_bytes()
+    config = (tmp_path / "good" / "config.json").read_text()
+    damages = {
+        "model.safetensors": {"model.safetensors": weights[:5000]},
+        "model.safetensors ": {"model.safetensors": b""},
+        "model.safetensors.index.json": {"model.safetensors": weights, "model.safetensors.index.json": b"{nope"},
+        "missing.safetensors": {"model.safetensors.index.json":
+                                json.dumps({"weight_map": {"lm_head.weight": "missing.safetensors"}}).encode()},
+        "tokenizer.json": {"model.safetensors": weights, "tokenizer.json": b"garbage"},
+    }
+    for i, (named, files) in enumerate(damages.items()):
+        folder = tmp_path / f"hf{i}"
+        folder.mkdir()
+        (folder / "config.json").write_text(config)
+        for name, data in files.items():
+            (folder / name).write_bytes(data)
+        assert llmc(["import", "hf", str(folder), "-o", str(tmp_path / f"out{i}")]) == 1, named
+        err = capsys.readouterr().err
+        assert err.count("error:") == 1 and "Traceback" not in err, (named, err)
+        assert named.strip() in err, (named, err)
+        assert not (tmp_path / f"out{i}").exists(), named
