@@ -137,6 +137,8 @@ def test_bad_data_names_file_and_line(tmp_path, case):
         prepare(spec)
     assert expected in str(e.value)
     assert str(tmp_path / name) in str(e.value)
+    cache = tmp_path / "cache"
+    assert not cache.exists() or not list(cache.iterdir()), "a failed prepare left a folder behind"
 
 
 def test_bad_records_skipped_and_counted(tmp_path):
@@ -159,6 +161,34 @@ def test_cli_reports_bad_data_without_traceback(tmp_path):
     assert r.returncode == 1
     assert f"error: {tmp_path / 'd.jsonl'}:2: expected a JSON object, found list" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_ctrl_c_during_prepare_is_one_line_and_leaves_no_folder(tmp_path):
+    """Ctrl-C reaches the whole process group (the tokenizing workers too): the command says
+    "interrupted" with no worker's traceback, exits 130, and no half-prepared folder stays."""
+    import signal
+    import time
+
+    from llmc.runtime.data.tokenizer import train_tokenizer
+    train_tokenizer(["alpha beta gamma delta epsilon"] * 50, 300).save(str(tmp_path / "tok.json"))
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta"]
+    with open(tmp_path / "big.jsonl", "w") as f:
+        for i in range(200_000):
+            f.write(json.dumps({"text": " ".join(words[(i + j) % 6] for j in range(12))}) + "\n")
+    make_spec(tmp_path, '[[data.sources]]\npath = "big.jsonl"\nformat = "jsonl"\n',
+              extra=f'[data.tokenizer]\npath = "{tmp_path / "tok.json"}"\n')
+    proc = subprocess.Popen([sys.executable, "-m", "llmc.compiler.cli", "data", "prepare", str(tmp_path / "spec.toml")],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and not list((tmp_path / "cache").glob("*.tmp*/tokenizer.json")):
+        time.sleep(0.01)
+    time.sleep(0.3)  # the workers are starting or tokenizing
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and err.strip() == "interrupted", err
+    assert not list((tmp_path / "cache").iterdir())
 
 
 def test_given_tokenizer_is_used_and_must_fit_the_model(tmp_path):
