@@ -87,3 +87,35 @@ def test_checkpoint_carries_the_fp16_loss_scale(tmp_path):
     model, opt, sched, fresh = parts()
     step, _ = load_checkpoint(path, model, opt, sched, DistEnv(), fresh)
     assert step == 5 and fresh.get_scale() == 1024.0
+
+
+def test_resuming_a_finished_run_changes_nothing(tmp_path):
+    """--resume of a run that has trained all its steps has nothing to do: it says so and leaves
+    plan.json, report.json and the model as they were (it rewrote them, the report with 0 steps and
+    a NaN step time); a budget that ends before the checkpoint's step is refused; more steps train on."""
+    import hashlib
+
+    run = tmp_path / "run"
+    first = llmc_train(tmp_path, "run", "train.max_steps=2")
+    assert first.returncode == 0, first.stderr[-3000:]
+
+    def digests():
+        return {name: hashlib.sha256((run / name).read_bytes()).hexdigest()
+                for name in ("plan.json", "spec.toml", "report.json", "report.md", "metrics.jsonl",
+                             "model/model.safetensors", "model/plan.json")}
+    before = digests()
+
+    again = llmc_train(tmp_path, "run", "train.max_steps=2", resume=True)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "nothing to train" in again.stderr
+    assert digests() == before
+
+    fewer = llmc_train(tmp_path, "run", "train.max_steps=1", resume=True)
+    assert fewer.returncode == 1 and "Traceback" not in fewer.stderr
+    assert fewer.stderr.count("error:") == 1 and "step 2" in fewer.stderr
+    assert digests() == before
+
+    more = llmc_train(tmp_path, "run", "train.max_steps=3", resume=True)
+    assert more.returncode == 0, more.stderr[-3000:]
+    assert [m["step"] for m in metrics(run)] == [1, 2, 3]
+    assert json.loads((run / "report.json").read_text())["measured"]["steps"] == 1

@@ -137,10 +137,16 @@ def spec_differences(old_spec: dict, new_spec: dict) -> list[str]:
     return diffs
 
 
-def check_resumable(path: Path, plan: dict) -> None:
-    """Refuse to resume `path` under a plan whose spec differs in anything but the budget and cadence."""
+def check_resumable(path: Path, plan: dict, total_steps: int) -> int:
+    """Refuse to resume `path` under a plan whose spec differs in anything but the budget and cadence,
+    or whose budget of `total_steps` ends before the checkpoint's step; return that step."""
     meta = json.loads((path / "meta.json").read_text())
     diffs = spec_differences(meta["spec"], plan["spec"])
     if diffs:
         raise UserError(f"cannot resume {path}: the spec changed since it was written:\n  " + "\n  ".join(diffs)
                         + "\n(start a new run with another --out, or restore these values)")
+    step = int(meta["step"])
+    if step > total_steps:
+        raise UserError(f"cannot resume {path}: it is at step {step}, past this run's {total_steps} steps "
+                        "(expected train.max_steps / train.tokens of at least that many steps)")
+    return step

@@ -40,8 +40,11 @@ def main(args) -> int:
         ckpt = latest_checkpoint(run_dir)
         if ckpt is None:
             print(f"no complete checkpoint in {run_dir}: starting from step 0", file=sys.stderr)
-        else:
-            check_resumable(ckpt, plan)
+        elif check_resumable(ckpt, plan, spec.train.steps) == spec.train.steps and \
+                (run_dir / "model" / "model.safetensors").is_file():
+            print(f"{run_dir} has finished its {spec.train.steps} steps ({ckpt.name}): nothing to train; "
+                  "raise train.max_steps to continue it", file=sys.stderr)
+            return 0
     elif checkpoints(run_dir):
         raise UserError(f"{run_dir} already holds checkpoints of a run: pass --resume to continue it, "
                         "or --out for a new run directory")

@@ -132,7 +132,7 @@ class Trainer:
         self.scaler = _grad_scaler(self.t.precision, env)
         self.step = 0
         if resume and (ckpt := latest_checkpoint(self.run_dir)) is not None:
-            check_resumable(ckpt, plan)
+            check_resumable(ckpt, plan, self.total_steps)
             self.step, data_state = load_checkpoint(ckpt, self.model, self.optimizer, self.scheduler, env,
                                                     self.scaler)
             self.data.load_state_dict(data_state)
