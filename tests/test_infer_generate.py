@@ -140,3 +140,27 @@ def test_generate_verb_in_bf16(tmp_path, capsys):
     assert llmc(["generate", str(ckpt), "--prompt", "class", "--max-new-tokens", "5", "--json", "--dtype", "bf16"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["tokens"] <= 5 and out["tokens_per_s"] > 0
+
+
+def test_chat_prompt_holds_the_users_message_when_max_new_tokens_fills_the_context(tmp_path, monkeypatch, capsys):
+    """chat's default --max-new-tokens (256) equals tiny.toml's context: the conversation must still
+    reach the model (the prompt was cut to its last token, so every reply ignored what was typed)."""
+    import io
+
+    import llmc.runtime.infer.cli as infer_cli
+    from tokenizers import Tokenizer
+
+    ckpt = checkpoint(tmp_path)   # max_seq_len 256
+    seen = []
+    real_generate = infer_cli.generate
+
+    def recording(model, prompts, params, *args, **kwargs):
+        seen.append(prompts[0])
+        return real_generate(model, prompts, params, *args, **kwargs)
+
+    monkeypatch.setattr(infer_cli, "generate", recording)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("please write a function\n"))
+    assert llmc(["chat", str(ckpt), "--max-new-tokens", "256", "--temperature", "0"]) == 0
+    tok = Tokenizer.from_file(str(ckpt / "tokenizer.json"))
+    assert len(seen) == 1 and "please write a function" in tok.decode(seen[0], skip_special_tokens=False)
+    capsys.readouterr()

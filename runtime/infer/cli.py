@@ -123,7 +123,10 @@ def chat_main(args) -> int:
         if not line.strip():
             continue
         messages.append({"role": "user", "content": line.rstrip("\n")})
-        ids = _chat_prompt(messages, template, header, tokenizer, model.cfg.max_seq_len - params.max_new_tokens)
+        # The reply gets at most half the context, so the conversation always has the other half
+        # (generate caps the reply at the room the prompt leaves).
+        reply_room = min(params.max_new_tokens, model.cfg.max_seq_len // 2)
+        ids = _chat_prompt(messages, template, header, tokenizer, model.cfg.max_seq_len - reply_room)
         params.seed += 1
         reply = generate(model, [ids], params, tokenizer,
                          on_text=lambda _, chunk: (sys.stdout.write(chunk), sys.stdout.flush()))[0]
