@@ -164,3 +164,16 @@ def test_chat_prompt_holds_the_users_message_when_max_new_tokens_fills_the_conte
     tok = Tokenizer.from_file(str(ckpt / "tokenizer.json"))
     assert len(seen) == 1 and "please write a function" in tok.decode(seen[0], skip_special_tokens=False)
     capsys.readouterr()
+
+
+def test_chat_skips_a_line_that_is_not_utf8_and_goes_on(tmp_path):
+    """A line of stdin that does not decode is named and skipped; the next line is answered
+    (the tokenizer's TypeError ended the chat with a traceback)."""
+    ckpt = checkpoint(tmp_path)
+    out = subprocess.run([sys.executable, "-m", "llmc.compiler.cli", "chat", str(ckpt), "--max-new-tokens", "3",
+                          "--temperature", "0"], input=b"caf\xe9 au lait\nhello\n", capture_output=True,
+                         timeout=120, env={**__import__("os").environ, "PYTHONIOENCODING": "utf-8"})
+    err = out.stderr.decode("utf-8", "replace")
+    assert out.returncode == 0, err
+    assert "Traceback" not in err and err.count("error:") == 1 and "not UTF-8" in err
+    assert out.stdout.endswith(b"\n")   # the reply to "hello"

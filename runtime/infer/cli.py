@@ -114,6 +114,8 @@ def chat_main(args) -> int:
         params.stop_strings = (end_of_turn,)
     messages: list[dict] = []
     interactive = sys.stdin.isatty()
+    if hasattr(sys.stdin, "reconfigure"):  # an undecodable byte arrives as a lone surrogate, not an exception
+        sys.stdin.reconfigure(errors="surrogateescape")
     while True:
         if interactive:
             print("> ", end="", file=sys.stderr, flush=True)
@@ -121,6 +123,11 @@ def chat_main(args) -> int:
         if not line:
             break
         if not line.strip():
+            continue
+        try:
+            line.encode("utf-8")
+        except UnicodeEncodeError:
+            print("error: that line is not UTF-8 text; it was skipped", file=sys.stderr)
             continue
         messages.append({"role": "user", "content": line.rstrip("\n")})
         # The reply gets at most half the context, so the conversation always has the other half
