@@ -64,7 +64,10 @@ def test_greedy_is_argmax_and_seeded_sampling_repeats():
 
 
 @pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-2),
-                                 dict(repetition_penalty=0), dict(max_new_tokens=-1)])
+                                 dict(repetition_penalty=0), dict(max_new_tokens=-1),
+                                 # NaN passed every `< 0` check, and then torch.multinomial raised
+                                 dict(temperature=float("nan")), dict(temperature=float("inf")),
+                                 dict(repetition_penalty=float("nan")), dict(repetition_penalty=float("inf"))])
 def test_bad_sampling_parameters_are_user_errors(bad):
     with pytest.raises(UserError):
         SamplingParams(**bad)

@@ -28,14 +28,14 @@ class SamplingParams:
     def __post_init__(self):
         if self.max_new_tokens < 0:
             raise UserError(f"max new tokens must be >= 0 (found {self.max_new_tokens})")
-        if self.temperature < 0:
-            raise UserError(f"temperature must be >= 0 (found {self.temperature}); 0 is greedy")
+        if not 0 <= self.temperature < float("inf"):  # (NaN fails every comparison)
+            raise UserError(f"temperature must be a finite number >= 0 (found {self.temperature}); 0 is greedy")
         if self.top_k < 0:
             raise UserError(f"top-k must be >= 0 (found {self.top_k}); 0 disables it")
         if not 0 < self.top_p <= 1:
             raise UserError(f"top-p must be in (0, 1] (found {self.top_p})")
-        if self.repetition_penalty <= 0:
-            raise UserError(f"repetition penalty must be > 0 (found {self.repetition_penalty})")
+        if not 0 < self.repetition_penalty < float("inf"):
+            raise UserError(f"repetition penalty must be a finite number > 0 (found {self.repetition_penalty})")
         self.stop_tokens = tuple(int(t) for t in self.stop_tokens)
         self.stop_strings = tuple(s for s in self.stop_strings if s)
 
