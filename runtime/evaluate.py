@@ -53,9 +53,9 @@ def text_loss(model, ids: list[int], context: int, batch_size: int = 8, device="
 
 def main(args) -> int:
     """`llmc eval CKPT --text-file F [--json]`."""
-    from .model.io import load_model
+    from .infer.checkpoint import load_for_inference
     text = read_text(args.text_file)
-    model, plan, tokenizer = load_model(args.checkpoint, "cpu", "fp32")
+    model, plan, tokenizer = load_for_inference(args.checkpoint, "cpu", "fp32")  # plain or quantized
     if tokenizer is None:
         raise UserError(f"{args.checkpoint}: the model folder has no tokenizer.json")
     context = plan["spec"]["model"]["max_seq_len"]

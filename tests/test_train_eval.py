@@ -86,3 +86,16 @@ def test_eval_errors_are_clear(checkpoint, tmp_path):
     (tmp_path / "bad.txt").write_bytes(b"ok\n\xfe\n")
     r = run_eval(tmp / "random", "--text-file", tmp_path / "bad.txt")
     assert r.returncode == 1 and "bad.txt:2: invalid UTF-8" in r.stderr
+
+
+def test_eval_reads_a_quantized_checkpoint(checkpoint, tmp_path):
+    """`llmc quantize` writes a model folder that generate reads; eval reads it too (it refused
+    it as "does not match its plan.json"), with an int8 loss close to the original's."""
+    from llmc.compiler.cli import main as llmc
+    tmp, _ = checkpoint
+    assert llmc(["quantize", str(tmp / "random"), "--bits", "8", "--group-size", "16", "-o", str(tmp_path / "int8")]) == 0
+    plain = run_eval(tmp / "random", "--text-file", tmp / "text.txt", "--json")
+    quantized = run_eval(tmp_path / "int8", "--text-file", tmp / "text.txt", "--json")
+    assert quantized.returncode == 0, quantized.stderr
+    a, b = json.loads(plain.stdout), json.loads(quantized.stdout)
+    assert a["tokens"] == b["tokens"] and abs(a["loss"] - b["loss"]) < 0.02 and a["loss"] != b["loss"]
