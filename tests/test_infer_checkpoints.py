@@ -192,3 +192,34 @@ def _with_d_model(folder: Path, d_model: int) -> dict:
     plan = json.loads((folder / "plan.json").read_text())
     plan["spec"]["model"]["d_model"] = d_model
     return plan
+
+
+def test_output_into_a_folder_that_holds_files_is_refused_and_kept(tmp_path, capsys):
+    """quantize, export hf and import hf -o naming another run or model folder replaced its
+    plan.json and weights (or left its old tokenizer.json beside new weights): refused, kept."""
+    import hashlib
+
+    from llmc.compiler.cli import main as llmc
+    from llmc.runtime.hf_weights import export_checkpoint
+
+    src = checkpoint(tmp_path, name="src")
+    other = tmp_path / "other_run"
+    checkpoint(other, name="model", seed=1)
+    (other / "plan.json").write_text("{}")
+    export_checkpoint(src, tmp_path / "hf")
+
+    def digest(folder):
+        return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+    before = digest(other)
+    for verb in (["quantize", str(src), "--bits", "8", "-o", str(other)],
+                 ["export", "hf", str(src), "-o", str(other)],
+                 ["import", "hf", str(tmp_path / "hf"), "-o", str(other)],
+                 ["quantize", str(src), "--bits", "8", "-o", str(other / "model")]):
+        assert llmc(verb) == 1, verb
+        err = capsys.readouterr().err
+        assert err.count("error:") == 1 and "already holds files" in err, (verb, err)
+    assert digest(other) == before
+    (tmp_path / "empty").mkdir()   # an empty folder is fine
+    assert llmc(["quantize", str(src), "--bits", "8", "-o", str(tmp_path / "empty")]) == 0
+    assert (tmp_path / "empty" / "model.safetensors").is_file()
