@@ -300,6 +300,9 @@ def export_checkpoint(checkpoint, out: Path) -> dict:
     from .model.io import load_model, output_folder, resolve_model_dir
 
     out = output_folder(out, checkpoint, resolve_model_dir(checkpoint))
+    if (resolve_model_dir(checkpoint) / "quantization.json").is_file():
+        raise UserError(f"{checkpoint} is a quantized checkpoint (llmc quantize); export the checkpoint it was "
+                        "quantized from")
     model, _, _ = load_model(checkpoint)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     dtypes = {t.dtype for t in state.values() if t.is_floating_point() and t.dim() > 1}

@@ -127,6 +127,9 @@ def test_quantized_checkpoint_size_and_round_trip(tmp_path, bits, symmetric, gro
     assert llmc(["generate", str(out), "--prompt", "def", "--max-new-tokens", "4", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["tokens"] <= 4
     assert llmc(["quantize", str(out), "--bits", "8", "-o", str(tmp_path / "again")]) == 1
+    # export hf takes the original: it refused the quantized folder as "does not match its plan.json"
+    assert llmc(["export", "hf", str(out), "-o", str(tmp_path / "hf")]) == 1
+    assert "quantized checkpoint" in capsys.readouterr().err and not (tmp_path / "hf").exists()
 
 
 @pytest.mark.parametrize("bits,symmetric,in_features", [(4, True, 256), (4, False, 256), (4, True, 704),
