@@ -119,3 +119,13 @@ def test_resuming_a_finished_run_changes_nothing(tmp_path):
     assert more.returncode == 0, more.stderr[-3000:]
     assert [m["step"] for m in metrics(run)] == [1, 2, 3]
     assert json.loads((run / "report.json").read_text())["measured"]["steps"] == 1
+
+
+def test_out_naming_a_file_is_one_error_line_and_keeps_the_file(tmp_path):
+    """--out naming an existing file (not a run directory): one error line before any work,
+    the file untouched (it prepared the data, then died with FileExistsError's traceback)."""
+    (tmp_path / "notes.txt").write_text("mine")
+    r = llmc_train(tmp_path, "notes.txt", "train.max_steps=1")
+    assert r.returncode == 1 and "Traceback" not in r.stderr and r.stderr.count("error:") == 1, r.stderr[-2000:]
+    assert "notes.txt exists and is not a folder" in r.stderr
+    assert (tmp_path / "notes.txt").read_text() == "mine" and not (tmp_path / "cache").exists()

@@ -36,6 +36,8 @@ def main(args) -> int:
     plan = build_plan(spec).model_dump(mode="json")
     run_dir = Path(args.out) if args.out else Path(spec.job.out_dir) / spec.job.name
     nproc = args.nproc or (plan.get("layout") or {}).get("world_size") or spec.world_size
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"{run_dir} exists and is not a folder (expected a run directory: give --out another path)")
     if args.resume:
         ckpt = latest_checkpoint(run_dir)
         if ckpt is None:
