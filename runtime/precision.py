@@ -1,9 +1,17 @@
-"""`train.precision` as the runtime computes it: the autocast a training forward runs under.
+"""`train.precision` as the runtime computes it: the autocast a training forward runs under,
+and the dtype of the residual stream.
 
 One table for every path that runs a training or validation forward: the training loop's model
 and the pipeline's stages (runtime/parallel/pipeline.py), so that a layout never changes the
 precision a spec asked for. Weights stay fp32 (the master copy); FSDP2's param_dtype, where the
 layout has it, is applied on top by runtime/parallel and does not replace the autocast.
+
+Under bf16 the residual stream is bf16 in every layout, as FSDP2's bf16 param_dtype makes it
+and as Megatron keeps it: the model casts its embeddings to the autocast dtype
+(`stream_dtype`). Otherwise, with fp32 weights, autocast would leave the stream in fp32, and each
+block would keep fp32 norm inputs and a bf16 copy of a norm's output per projection reading it
+(q, k and v; gate and up): 1.5x the activations of the same block under FSDP2, and pipeline
+stages would send fp32. fp16 keeps an fp32 stream (fp16's range is too narrow for it).
 """
 
 import contextlib
@@ -13,6 +21,23 @@ import torch
 # fp8 computes as bf16 here: there are no fp8 matmuls in this runtime yet (the plan still sizes
 # fp8's activation memory); fp32 runs without autocast
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp8": torch.bfloat16, "fp16": torch.float16}
+
+
+STREAM_DTYPES = {"bf16": torch.bfloat16, "fp8": torch.bfloat16}
+
+
+def stream_dtype(precision: str) -> torch.dtype:
+    """The residual stream's dtype under `precision` (what pipeline stages send each other)."""
+    return STREAM_DTYPES.get(precision, torch.float32)
+
+
+def autocast_stream_dtype(t: torch.Tensor) -> torch.dtype:
+    """The residual stream's dtype for a forward running now on `t`'s device: bf16 under a bf16
+    autocast (however the weights are stored), else `t`'s own dtype."""
+    device = t.device.type
+    if torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.bfloat16:
+        return torch.bfloat16
+    return t.dtype
 
 
 def autocast(device: torch.device, precision: str):

@@ -85,7 +85,13 @@ def causal_attention(q, k, v, scale: float, start_pos: int = 0, mask=None):
     if mask is None and t_q == t_k:
         if _use_matmul_attention(q, k):
             return ShortCausalAttention.apply(q, k, v, scale)
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+        dv = v.shape[-1]
+        if dv < q.shape[-1] and q.device.type == "cpu":
+            # MLA's narrower values: the CPU flash kernel wants one head dim, and SDPA's fallback
+            # keeps the [T, S] fp32 scores (CUDA's memory-efficient kernel takes the two dims)
+            v = F.pad(v, (0, q.shape[-1] - dv))
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+        return out[..., :dv]
     if mask is None and t_q == 1:  # one new query sees every cached key
         return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
     if mask is None:

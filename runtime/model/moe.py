@@ -191,8 +191,11 @@ class MoE(nn.Module):
         order = flat.argsort(stable=True)
         token_of = order // k  # which token each sorted row came from
         y = self.experts(x[token_of], tokens_per_expert)
-        y = y * weights.reshape(-1)[order, None].to(y.dtype)
-        out = torch.zeros_like(x, dtype=y.dtype).index_add_(0, token_of, y)
+        # back to (token, slot) order, then the router-weighted sum over each token's k slots; an
+        # index_add_ of the weighted rows would keep those rows too, beside the experts' outputs
+        unsort = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+        y = y[unsort].view(N, k, -1)
+        out = (y * weights.to(y.dtype)[..., None]).sum(1)
         return out.to(x.dtype), tokens_per_expert
 
     def update_bias(self, counts: torch.Tensor):

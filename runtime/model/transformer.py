@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..precision import autocast_stream_dtype
 from .attention import Attention
 from .mlp import MLP
 from .norm import build_norm
@@ -138,10 +139,8 @@ class Transformer(nn.Module):
         if positions is None:
             positions = torch.arange(T, device=tokens.device)
         start_pos = int(positions.reshape(-1)[0]) if cache is not None else 0
-        h = self.embed(tokens)
-        if self.pos_embed is not None:
-            h = h + self.pos_embed(positions)
-        cos, sin = self.rope(positions, torch.float32)
+        h = self.embed_tokens(tokens, positions)
+        cos, sin = self.rope(positions, h.dtype)  # cast once, not in every layer
         for layer_id, layer in self.layers.items():
             layer_cache = cache[int(layer_id)] if cache is not None else None
             h = layer(h, cos, sin, cache=layer_cache, start_pos=start_pos)
@@ -175,6 +174,14 @@ class Transformer(nn.Module):
                   if isinstance(m, Block) and m.attn.indexer.last_loss is not None]
         return torch.stack(losses).sum() if losses else None
 
+    def embed_tokens(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """The residual stream's start: token (+ learned position) embeddings, bf16 under a bf16
+        autocast (runtime/precision.py says why). MTP's embeddings of later tokens come here too."""
+        h = self.embed(tokens)
+        if self.pos_embed is not None and positions is not None:
+            h = h + self.pos_embed(positions)
+        return h.to(autocast_stream_dtype(h))
+
     def output(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm and head (the embedding matrix when tied)."""
         h = self.norm(h)
@@ -187,7 +194,7 @@ class Transformer(nn.Module):
             next_tokens = tokens.roll(-k, dims=1)          # token t+k (last k positions wrap: ignored)
             targets = labels.roll(-k, dims=1).clone()      # token t+k+1
             targets[:, -k:] = -100
-            h = module(h, self.embed(next_tokens), cos, sin)
+            h = module(h, self.embed_tokens(next_tokens), cos, sin)
             losses.append(cross_entropy(module.output(h, self), targets))
         return torch.stack(losses).mean()
 

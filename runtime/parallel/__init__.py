@@ -2,10 +2,11 @@
 
     pdims = build_mesh(Layout.from_plan(plan))          # after init_distributed()
     stage = build_pipeline(model, pdims, ...)           # pp > 1 only: keeps this rank's layers
-    model = parallelize(model, pdims, ...)              # TP, EP, recompute, compile, FSDP/DDP
+    model = parallelize(model, pdims, ...)              # TP, EP, then FSDP/DDP
 
-Order as in torchtitan: tensor parallel, expert parallel, activation checkpointing, compile,
-then data parallel (FSDP2 or DDP) outermost. The model code knows nothing of any of it.
+Tensor parallel, expert parallel, then data parallel (FSDP2 or DDP) outermost. Activation
+checkpointing and torch.compile wrap the blocks before (runtime/train/loop.py). The model code
+knows nothing of any of it.
 """
 
 from __future__ import annotations
@@ -17,32 +18,11 @@ from .mesh import Layout, ParallelDims, build_mesh, init_distributed, rank_group
 from .state import clip_grad_norm_, measure_state_bytes, reduce_expert_counts
 
 __all__ = ["Layout", "ParallelDims", "build_mesh", "init_distributed", "rank_groups", "parallelize",
-           "apply_recompute", "apply_compile", "clip_grad_norm_", "measure_state_bytes", "reduce_expert_counts"]
+           "clip_grad_norm_", "measure_state_bytes", "reduce_expert_counts"]
 
 
-def apply_recompute(model: nn.Module, mode: str):
-    """Activation checkpointing per block: "full" recomputes every block in backward, "selective"
-    every other block (a coarse stand-in for op-level selective recompute). Module names are kept
-    (the block's forward is wrapped, not the block), so state dicts are unchanged."""
-    from torch.utils.checkpoint import checkpoint
-
-    blocks = list(model.layers.values())
-    every = {"full": 1, "selective": 2}[mode]
-    for i, block in enumerate(blocks):
-        if i % every == 0:
-            inner = block.forward
-            block.forward = lambda *a, _f=inner, **k: checkpoint(_f, *a, use_reentrant=False, **k)
-
-
-def apply_compile(model: nn.Module):
-    """torch.compile each block in place (names unchanged; one graph reused by identical blocks)."""
-    for block in model.layers.values():
-        block.compile()
-
-
-def parallelize(model: nn.Module, pdims: ParallelDims, *, param_dtype: torch.dtype | None = None,
-                recompute: str = "none", compile: bool = False) -> nn.Module:
-    """Apply the layout's TP, EP, recompute, compile and data parallelism to `model` (already
+def parallelize(model: nn.Module, pdims: ParallelDims, *, param_dtype: torch.dtype | None = None) -> nn.Module:
+    """Apply the layout's TP, EP and data parallelism to `model` (already
     initialised identically on every rank, and already cut to its pipeline stage when pp > 1).
 
     Returns the module to train (a DDP wrapper for zero 0 with dp > 1, else `model` itself)."""
@@ -53,10 +33,6 @@ def parallelize(model: nn.Module, pdims: ParallelDims, *, param_dtype: torch.dty
     if layout.ep > 1:
         from .expert import apply_ep
         apply_ep(model, pdims)
-    if recompute != "none":
-        apply_recompute(model, recompute)
-    if compile:
-        apply_compile(model)
     if layout.dp > 1:
         from .data_parallel import apply_ddp, apply_fsdp, apply_replicate
         if layout.zero == 0 and layout.tp > 1:

@@ -81,12 +81,10 @@ def _stage_compute(self, x, tokens, labels):
     T = tokens.shape[1]
     positions = torch.arange(T, device=tokens.device)
     if self._llmc_first:
-        h = self.embed(x)
-        if self.pos_embed is not None:
-            h = h + self.pos_embed(positions)
+        h = self.embed_tokens(x, positions)
     else:
         h = x
-    cos, sin = self.rope(positions, torch.float32)
+    cos, sin = self.rope(positions, h.dtype)  # cast once, not in every layer
     for layer in self.layers.values():
         h = layer(h, cos, sin)
     # rows: the model's MoE layers, then its MoE MTP blocks (as Transformer.forward returns them)
@@ -343,10 +341,10 @@ def build_pipeline(model: nn.Module, pdims, n_microbatches: int, micro_batch_siz
 
     The stages' input and output shapes are given statically (tokens [mb, T] into the first
     stage, hidden [mb, T, D] of `activation_dtype` between stages (this rank's T / tp slice
-    under sequence parallelism), a scalar loss out of the last), so the schedule runs no placeholder forward/backward to infer them (that pass
-    corrupts DDP's bucket bookkeeping). Autocast does not change `activation_dtype`: the residual
-    stream between stages stays in the weights' dtype (fp32 weights, or FSDP2's param_dtype),
-    since each block adds its autocast output to it, and the loss is fp32."""
+    under sequence parallelism), a scalar loss out of the last), so the schedule runs no
+    placeholder forward/backward to infer them (that pass corrupts DDP's bucket bookkeeping).
+    `activation_dtype` is the residual stream's (runtime/precision.py: bf16 under bf16, else
+    fp32); the loss is fp32."""
     lay = pdims.layout
     stages = lay.stages
     n_stages = len(stages)

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..precision import stream_dtype
 from . import parallelize
 from .mesh import Layout, build_mesh
 from .state import clip_grad_norm_, measure_state_bytes, reduce_expert_counts
@@ -47,22 +48,20 @@ class ParallelRun:
         fsdp = self.layout.zero > 0 and self.layout.dp > 1
         return torch.bfloat16 if self.precision in ("bf16", "fp8") and fsdp else None
 
-    def wrap(self, model: nn.Module, recompute: str = "none", compile: bool = False) -> nn.Module:
+    def wrap(self, model: nn.Module) -> nn.Module:
         """Apply the layout (pp = 1) to an initialised model; returns the module to train."""
         if self.layout.pp > 1:
             raise ValueError("pipeline parallelism runs through ParallelRun.pipeline, not wrap")
-        return parallelize(model, self.pdims, param_dtype=self.param_dtype, recompute=recompute, compile=compile)
+        return parallelize(model, self.pdims, param_dtype=self.param_dtype)
 
-    def pipeline(self, model: nn.Module, micro_batch_size: int, seq_len: int, recompute: str = "none"):
+    def pipeline(self, model: nn.Module, micro_batch_size: int, seq_len: int):
         """This rank's pipeline stages (from the plan's stages) and their schedule."""
         from .pipeline import build_pipeline
 
-        dtype = self.param_dtype or torch.float32
         return build_pipeline(model, self.pdims, n_microbatches=self.layout.grad_accum,
-                              micro_batch_size=micro_batch_size, seq_len=seq_len,
-                              schedule=self.layout.pp_schedule, activation_dtype=dtype, precision=self.precision,
-                              wrap=lambda m: parallelize(m, self.pdims, param_dtype=self.param_dtype,
-                                                         recompute=recompute))
+                              micro_batch_size=micro_batch_size, seq_len=seq_len, schedule=self.layout.pp_schedule,
+                              activation_dtype=stream_dtype(self.precision), precision=self.precision,
+                              wrap=lambda m: parallelize(m, self.pdims, param_dtype=self.param_dtype))
 
     def clip_grad_norm_(self, modules, max_norm: float) -> float:
         """Clip to a global norm over every parallel dimension (max_norm <= 0: measure only)."""

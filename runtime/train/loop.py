@@ -44,13 +44,20 @@ def build_model(spec: Spec, device: torch.device, seed: int):
 
 def apply_recompute(model, mode: str) -> None:
     """Activation checkpointing around blocks, from outside the model: `full` wraps every block,
-    `selective` every second one (half the activation memory saved for half the recompute)."""
+    `selective` the even ones, by block id over the whole model (layers 0, 2, 4, ..., then MTP
+    block k as block n_layers + k), whatever stage a pipeline later puts them in: half the
+    activation memory saved for half a forward recomputed. The plan counts the same blocks
+    (compiler/plan/activations.py, recomputed_blocks)."""
     if mode == "none":
         return
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+    wrap = lambda block: checkpoint_wrapper(block, preserve_rng_state=True)  # noqa: E731
     for i, key in enumerate(list(model.layers.keys())):
         if mode == "full" or i % 2 == 0:
-            model.layers[key] = checkpoint_wrapper(model.layers[key], preserve_rng_state=True)
+            model.layers[key] = wrap(model.layers[key])
+    for k, module in enumerate(model.mtp, start=len(model.layers)):
+        if mode == "full" or k % 2 == 0:
+            module.block = wrap(module.block)
 
 
 def apply_compile(model) -> None:
@@ -173,6 +180,7 @@ class Trainer:
                     out = model(tokens, labels)
                 share = StepShare(token_weight=counts[i] * dp / max(n_global, 1.0), batch_weight=1.0 / len(micro))
                 loss = self.objective.loss(out, share)
+                out.logits = None  # [tokens, vocab], which the backward does not read (the plan counts it so)
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
             sums[0] += out.lm_loss.detach().double().cpu() * counts[i]
             sums[1] += (out.aux_loss.detach().double().cpu() if out.aux_loss is not None else 0.0) / len(micro)
