@@ -9,11 +9,18 @@ gated FFNs, MoE top-k routed copies) and sort them into two kinds:
   dropout masks): replicated over the TP group unless sequence parallelism shards them;
 - *split* tensors (q/k/v, attention output, FFN hidden states, score matrices): sharded by TP.
 
-Recompute: `none` keeps everything; `selective` recomputes the attention core (score matrices,
-softmax, attention dropout, the DSA indexer's score matrix), as in the paper; `full` keeps each
-block's input only and rebuilds one block at a time in the backward (that block's working set is
-a temporary). Flash attention keeps no score matrix, only a float32 log-sum-exp per head.
-Bytes are those of bf16 activations (2 per value); masks 1 byte; fp32 statistics 4.
+These are the tensors llmc's runtime keeps (tests/test_plan_activations.py measures them):
+its RMSNorm keeps its input and 1/rms, a gated FFN its gate and up outputs, flash attention no
+score matrix, only a float32 log-sum-exp per head. Bytes per value follow `train.precision`
+(`value_bytes`): bf16 (and fp8's bf16 compute) 2, fp32 4; under fp16 the residual stream, and so
+each norm's input, stays fp32. fp8 keeps the inputs of linear layers in 1 byte. Masks are 1 byte.
+
+Recompute, as the runtime checkpoints blocks (runtime/train/loop.py): `none` keeps everything;
+`full` keeps each block's input only and rebuilds one block at a time in the backward (that
+block's working set is a temporary); `selective` does so for every other block, the even block
+ids (`recomputed`), which halves the activations for half a forward more. (Korthikanti's
+selective recompute of the attention core alone would keep almost as much as `none` under flash
+attention, which keeps no score matrix.)
 """
 
 from __future__ import annotations
@@ -27,6 +34,17 @@ if TYPE_CHECKING:
 ACT = 2     # bytes per activation value (bf16/fp16)
 MASK = 1    # bytes per dropout-mask value
 FP32 = 4
+INT64 = 8
+
+
+def value_bytes(precision: str) -> tuple[int, int]:
+    """(bytes per activation, bytes per value of the residual stream) under `precision`."""
+    return {"fp32": (FP32, FP32), "fp16": (ACT, FP32)}.get(precision, (ACT, ACT))
+
+
+def recomputed(recompute: str, block_id: int) -> bool:
+    """Whether block `block_id` (MTP block k is n_layers + k) is checkpointed under `recompute`."""
+    return recompute == "full" or (recompute == "selective" and block_id % 2 == 0)
 
 
 @dataclass(frozen=True)
@@ -41,7 +59,7 @@ class BlockActivations:
 
 
 def block_activations(m: ModelSpec, moe_layer: bool, *, flash: bool = True, dropout: bool = False,
-                      fp8_linear_inputs: bool = False) -> BlockActivations:
+                      precision: str = "bf16") -> BlockActivations:
     """What one block of `m` saves for its backward, per token (see the module docstring).
 
     fp8 training keeps the inputs of linear layers in fp8 (1 byte) for the weight-gradient GEMM,
@@ -50,40 +68,43 @@ def block_activations(m: ModelSpec, moe_layer: bool, *, flash: bool = True, drop
     h = m.d_model
     a = m.attention
     H = m.n_heads
-    lin = 1 if fp8_linear_inputs else ACT
+    act, stream = value_bytes(precision)
+    lin = 1 if precision == "fp8" else act
     mask = MASK * h if dropout else 0
-    # two norm inputs + the two norm outputs that feed attention and FFN + residual dropout masks
-    block_level = 2 * ACT * h + 2 * lin * h + 2 * mask
+    # two norm inputs (the residual stream) + the two norm outputs that feed attention and FFN
+    # + residual dropout masks
+    block_level = 2 * stream * h + 2 * lin * h + 2 * mask
     if a.kind == "mla":
         qk = a.qk_nope_head_dim + a.qk_rope_head_dim
-        q_latent = (ACT + lin) * a.q_lora_rank                                # q_norm input and output
-        kv_latent = ACT * (a.kv_lora_rank + a.qk_rope_head_dim) + lin * a.kv_lora_rank
+        q_latent = (act + lin) * a.q_lora_rank                                # q_norm input and output
+        kv_latent = act * (a.kv_lora_rank + a.qk_rope_head_dim) + lin * a.kv_lora_rank
         block_level += q_latent + kv_latent
-        split = ACT * H * (2 * qk + a.v_head_dim) + lin * H * a.v_head_dim    # q, k, v; attention output
+        split = act * H * (2 * qk + a.v_head_dim) + lin * H * a.v_head_dim    # q, k, v; attention output
     else:
         dh, kv = m.dim_per_head, m.kv_heads
-        split = ACT * (H * dh + 2 * kv * dh) + lin * H * dh
+        split = act * (H * dh + 2 * kv * dh) + lin * H * dh
     split_per_key = 0.0
     if flash:
         split += FP32 * H                                                   # log-sum-exp per head
     else:
-        split_per_key = ACT * H + (MASK * H + ACT * H if dropout else 0)    # softmax (+ dropout mask, output)
+        split_per_key = act * H + (MASK * H + act * H if dropout else 0)    # softmax (+ dropout mask, output)
     indexer_per_key = 0.0
     if a.sparse:
         # q, k, head weights, and the chosen top-k key positions (int32); the fp32 score matrix
-        # over all keys is kept for the indexer's loss unless the attention core is recomputed
-        block_level += ACT * (a.index_n_heads * a.index_head_dim + a.index_head_dim + a.index_n_heads)
+        # over all keys is kept for the indexer's loss
+        block_level += act * (a.index_n_heads * a.index_head_dim + a.index_head_dim + a.index_n_heads)
         block_level += FP32 * a.index_topk
         indexer_per_key = FP32
 
     def ffn(hidden: int) -> float:  # gated: w1 and w3 outputs + w2 input; plain: activation input + w2 input
-        return ((2 * ACT) if m.gated else ACT) * hidden + lin * hidden
+        return ((2 * act) if m.gated else act) * hidden + lin * hidden
 
     moe = 0.0
     if moe_layer:
         e = m.moe
-        # router scores (fp32); per routed copy: its input, its FFN, its output (kept to weight the combine)
-        moe = FP32 * e.n_experts + e.top_k * (lin * h + ffn(e.expert_hidden) + ACT * h)
+        # router scores (fp32); per routed copy: its input, its FFN, its output (kept to weight the
+        # combine), and its routing: expert id, sort position and its inverse (int64), weight (fp32)
+        moe = FP32 * e.n_experts + e.top_k * (lin * h + ffn(e.expert_hidden) + act * h + 3 * INT64 + FP32)
         if e.shared_hidden:
             split += ffn(e.shared_hidden)
     else:
@@ -91,20 +112,18 @@ def block_activations(m: ModelSpec, moe_layer: bool, *, flash: bool = True, drop
     return BlockActivations(block_level, split, split_per_key, indexer_per_key, moe)
 
 
-def block_bytes(act: BlockActivations, *, b: int, s: int, tp: int, sp: bool, recompute: str,
-                h: int) -> tuple[float, float]:
+def block_bytes(act: BlockActivations, *, b: int, s: int, tp: int, sp: bool, checkpointed: bool,
+                h: int, stream: int = ACT) -> tuple[float, float]:
     """(saved, working) bytes of one block for a micro-batch of b x s tokens on one TP rank.
 
     `saved` stays until the block's backward; `working` is what the backward of this block
-    needs at once beyond `saved` (nonzero under full recompute: the rebuilt block).
+    needs at once beyond `saved` (nonzero when checkpointed: the rebuilt block). A checkpointed
+    block keeps its input only, `stream` bytes a value.
     """
     tokens = b * s
     shard = tp if sp else 1
     full = (act.block_level / shard + act.split / tp + act.moe / shard
             + s * (act.split_per_key / tp + act.indexer_per_key / shard)) * tokens
-    if recompute == "none":
+    if not checkpointed:
         return full, 0.0
-    if recompute == "selective":
-        core = s * (act.split_per_key / tp + act.indexer_per_key / shard) * tokens
-        return full - core, core
-    return ACT * h * tokens / shard, full   # full: the block input only; rebuild one block at a time
+    return stream * h * tokens / shard, full   # rebuilt one block at a time in the backward

@@ -1,8 +1,9 @@
 """The step-time cost model that ranks layouts.
 
-Per micro-batch, the slowest pipeline rank computes its chunks at the assumed MFU and waits for
-its tensor-parallel all-reduces (4 per block: 2 forward, 2 backward, on the node's links), its
-MoE all-to-alls (dispatch and combine, forward and backward) and its pipeline sends. A step is
+Per micro-batch, the slowest pipeline rank computes its chunks at the assumed MFU (the forward
+of its checkpointed blocks twice) and waits for its tensor-parallel all-reduces (4 per block:
+2 forward, 2 backward, on the node's links), its MoE all-to-alls (dispatch and combine, forward
+and backward) and its pipeline sends. A step is
 (m + p - 1) such micro-batch slots for 1F1B / GPipe, (m + (p - 1)/v) interleaved: the bubble is
 (p - 1)/(m + p - 1). Data-parallel gradient synchronisation (ring all-reduce, or reduce-scatter +
 all-gather under ZeRO) overlaps with the backward of the last micro-batch; only the excess is
@@ -56,7 +57,7 @@ class StepTime:
 class RankWork:
     """Per-token work of one pipeline rank (all its chunks)."""
 
-    flops: float          # training FLOPs per token
+    flops: float          # training FLOPs per token, the checkpointed blocks' second forward included
     blocks: int           # Transformer blocks (MTP blocks included)
     moe_blocks: int
     dense_params: float   # parameters to synchronise over dp (before TP division)

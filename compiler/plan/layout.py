@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from pydantic import BaseModel, Field
 
 from ..spec.spec import tensor_parallel_limits
+from .activations import recomputed
 from .cost import Links, RankWork, StepTime, step_time
 from .flops import head_params, layer_train_flops, mtp_train_flops
 from .formatting import exceeds
@@ -119,6 +120,10 @@ class LayoutSearch:
         self.layer_flops = [layer_train_flops(m, params, "moe" if m.is_moe_layer(i) else "dense", t.seq_len)
                             for i in range(m.n_layers)]
         self.tail_flops = 6 * head_params(m) + mtp_train_flops(m, params, t.seq_len)
+        # a checkpointed block runs its forward twice: a third of its training FLOPs again
+        self.block_flops = self.layer_flops + [
+            layer_train_flops(m, params, "moe" if m.is_moe_layer(j) else "dense", t.seq_len)
+            for j in range(m.n_layers, m.n_layers + m.mtp.depth)]
         self._shares: dict = {}
         self.rejected: dict[str, int] = {}
         self.examples: dict[str, str] = {}
@@ -138,12 +143,11 @@ class LayoutSearch:
             for sh in shares:
                 mine = [j for chunk in sh.chunks for j in chunk]
                 flops = sum(self.layer_flops[j] for j in mine)
-                blocks, moe_blocks = len(mine), sum(m.is_moe_layer(j) for j in mine)
                 if sh.last:
                     flops += self.tail_flops
-                    blocks += m.mtp.depth
-                    moe_blocks += sum(m.is_moe_layer(m.n_layers + k) for k in range(m.mtp.depth))
-                work.append(RankWork(flops, blocks, moe_blocks, sh.dense, sh.expert))
+                    mine += list(range(m.n_layers, m.n_layers + m.mtp.depth))  # MTP blocks
+                flops += sum(self.block_flops[j] for j in mine if recomputed(self.spec.train.recompute, j)) / 3
+                work.append(RankWork(flops, len(mine), sum(m.is_moe_layer(j) for j in mine), sh.dense, sh.expert))
             self._shares[key] = (layers, shares, work)
         return self._shares[key]
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, Field
 
-from .activations import ACT, FP32, block_activations, block_bytes
+from .activations import ACT, FP32, block_activations, block_bytes, recomputed, value_bytes
 from .hardware import lookup
 from .params import ParamCount, block, norm, shapes
 
@@ -76,8 +76,8 @@ class TrainMemory(BaseModel):
     gradients: int
     optimizer: int
     activations: int = Field(description="Saved activations of all micro-batches in flight on the stage.")
-    temporary: int = Field(description="Buffers alive at the peak: fp32 logits, gathered FSDP units, the "
-                                       "block being recomputed.")
+    temporary: int = Field(description="Buffers alive at the peak: the loss's fp32 gradient over the logits, "
+                                       "gathered FSDP units, the block being recomputed.")
     overhead: int = Field(description="hardware.memory_reserve x capacity: CUDA context, allocator fragmentation.")
     peak: int
     capacity: int
@@ -145,12 +145,14 @@ class TrainMemoryModel:
         self.spec, self.p = spec, p
         m, t = spec.model, spec.train
         self.h, self.s, self.V = m.d_model, t.seq_len, m.vocab_size
+        self.rope_dim = 0 if m.positions != "rope" else (
+            m.attention.qk_rope_head_dim if m.attention.kind == "mla" else m.dim_per_head)
         d = shapes(m)
         kinds = {False: block(m, d, False)}
         if m.moe:
             kinds[True] = block(m, d, True)
         self.layer_dense, self.layer_expert, self.layer_act = [], [], []
-        acts = {k: block_activations(m, k, fp8_linear_inputs=t.precision == "fp8") for k in kinds}
+        acts = {k: block_activations(m, k, precision=t.precision) for k in kinds}
         for i in range(m.n_layers):
             moe = m.is_moe_layer(i)
             self.layer_dense.append(sum(kinds[moe].values()) - kinds[moe]["experts"])
@@ -219,8 +221,8 @@ class TrainMemoryModel:
         in_flight = self.in_flight(deg, share.rank)
         act = saved * in_flight
         temporary = working
-        if share.last:
-            temporary += FP32 * self.V / tp * deg.micro_batch_size * self.s  # fp32 logits for the loss
+        if share.last:  # the loss's fp32 gradient over one head's logits (full vocabulary: see below)
+            temporary += FP32 * self.V * deg.micro_batch_size * self.s
         if deg.zero >= 3:
             unit = share.unit_dense / tp + share.unit_expert / ep
             temporary += 3 * unit * self.bytes_w  # gathered: this unit and the prefetched next; its full grads
@@ -240,19 +242,29 @@ class TrainMemoryModel:
         if key in self._cache:
             return self._cache[key]
         b, s, h, tp, sp = deg.micro_batch_size, self.s, self.h, deg.tp, deg.sequence_parallel and deg.tp > 1
-        recompute = self.spec.train.recompute
-        saved = working = 0.0
-        acts = [self.layer_act[j] for chunk in share.chunks for j in chunk]
+        recompute, (act, stream) = self.spec.train.recompute, value_bytes(self.spec.train.precision)
+        n_layers = len(self.layer_act)
+        blocks = [j for chunk in share.chunks for j in chunk]
         if share.last:
-            acts += self.mtp_act
-        for act in acts:
-            kept, work = block_bytes(act, b=b, s=s, tp=tp, sp=sp, recompute=recompute, h=h)
+            blocks += [n_layers + k for k in range(len(self.mtp_act))]
+        saved = working = 0.0
+        for j in blocks:
+            kept, work = block_bytes(self.layer_act[j] if j < n_layers else self.mtp_act[j - n_layers], b=b, s=s,
+                                     tp=tp, sp=sp, checkpointed=recomputed(recompute, j), h=h, stream=stream)
             saved += kept
             working = max(working, work)
+        if self.rope_dim and blocks:  # cos and sin, built once per forward and read by every block
+            saved += 2 * stream * self.rope_dim * s
         if share.last:
-            heads = 1 + len(self.mtp_act)
-            per_token = ACT * 2 * h / (tp if sp else 1) + heads * ACT * self.V / tp  # norm+head inputs, logits
-            per_token += len(self.mtp_act) * 4 * ACT * h / (tp if sp else 1)          # MTP norms and eh_proj input
+            shard = tp if sp else 1
+            depth = len(self.mtp_act)
+            # the final norm's input (the stream), the head's (gathered over the sequence under SP),
+            # and each head's fp32 log-probabilities, which the loss keeps over the full vocabulary
+            # (TP gathers the logits); the logits themselves are freed before the backward
+            per_token = stream * h / shard + act * h + (1 + depth) * FP32 * self.V
+            # per MTP depth: its enorm input (the stream), eh_proj input (2h, gathered under SP),
+            # final norm input (the stream) and head input
+            per_token += depth * (2 * stream * h / shard + 3 * act * h)
             saved += per_token * b * s
         self._cache[key] = (saved, working)
         return self._cache[key]

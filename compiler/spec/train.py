@@ -51,7 +51,10 @@ class TrainSpec(Table):
     tokens: int | None = Field(None, ge=1, description="Token budget of the run (tokens); sets max_steps.")
     precision: Literal["fp32", "bf16", "fp16", "fp8"] = Field("bf16", description="Compute precision "
                                                                                    "(bf16/fp16/fp8 with fp32 master weights).")
-    recompute: Literal["none", "selective", "full"] = Field("none", description="Activation checkpointing.")
+    recompute: Literal["none", "selective", "full"] = Field(
+        "none", description="Activation checkpointing: \"full\" recomputes every block's forward in the backward, "
+                            "keeping only its input; \"selective\" every other block (the even ones, MTP blocks "
+                            "numbered after the layers): about half the activations for half a forward more.")
     grad_clip: float = Field(1.0, ge=0, description="Global gradient-norm clip (0 = off).")
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec, description="Optimizer settings.")
     schedule: ScheduleSpec = Field(default_factory=ScheduleSpec, description="Learning-rate schedule.")

@@ -1,0 +1,99 @@
+"""The plan's activation memory against what llmc's runtime keeps for the backward, measured.
+
+Every tensor autograd saves during a training forward (model and loss, as the training loop runs
+it) is caught with `saved_tensors_hooks` and counted once per storage, leaving out the weights
+and their bf16 copies under autocast (the plan counts those as weights). That sum is what the
+device holds for the backward at the end of the forward; the plan's `activations` (one
+micro-batch, pp = 1) must equal it, for each precision and recompute mode.
+"""
+
+import pytest
+import torch
+
+from llmc.compiler.plan import build_plan
+from llmc.compiler.spec import load_spec
+from llmc.runtime.model import Transformer
+from llmc.runtime.precision import autocast
+from llmc.runtime.train.loop import apply_recompute
+
+torch.set_num_threads(2)
+
+T = 1024  # beyond the CPU's bf16 short-sequence attention (runtime/model/attention.py): flash, as on GPUs
+BASE = "vocab_size = 512\nd_model = 256\nn_layers = 4\nn_heads = 4\nffn_hidden = 512\nmax_seq_len = 1024\n"
+MOE = "[model.moe]\nn_experts = 4\ntop_k = 2\nexpert_hidden = 128\nn_shared_experts = 1\nfirst_dense_layers = 1\n"
+MODELS = {
+    "gqa_swiglu": BASE + "n_kv_heads = 2\n",
+    "mha_gelu_learned": BASE + 'activation = "gelu"\npositions = "learned"\n',
+    "moe_mtp": BASE + MOE + "[model.mtp]\ndepth = 1\n",
+    "mla_moe": BASE + MOE + "[model.attention]\nkind = \"mla\"\nq_lora_rank = 64\nkv_lora_rank = 32\n"
+                            "qk_nope_head_dim = 32\nqk_rope_head_dim = 16\nv_head_dim = 32\n",
+}
+
+
+def spec_for(tmp_path, model: str, precision: str, recompute: str):
+    path = tmp_path / "spec.toml"
+    path.write_text(f"[model]\n{model}\n[train]\nseq_len = {T}\nmicro_batch_size = 1\nglobal_batch_size = 1\n"
+                    f"max_steps = 1\nprecision = \"{precision}\"\nrecompute = \"{recompute}\"\n"
+                    "[hardware]\naccelerator = \"CPU\"\ngpus_per_node = 1\n")
+    return load_spec(path)
+
+
+def _casts_a_weight(t: torch.Tensor) -> bool:
+    """t is a parameter seen through casts, transposes and views (autocast's bf16 weight copies)."""
+    fn = t.grad_fn
+    while fn is not None and type(fn).__name__ in ("ToCopyBackward0", "TBackward0", "TransposeBackward0",
+                                                     "ViewBackward0", "PermuteBackward0"):
+        fn = fn.next_functions[0][0]
+    return fn is not None and type(fn).__name__ == "AccumulateGrad"
+
+
+def kept_for_backward(spec) -> int:
+    """Bytes a one-micro-batch training forward (with its loss) of the runtime keeps for the backward."""
+    torch.manual_seed(0)
+    model = Transformer(spec.model)
+    model.init_weights()
+    apply_recompute(model, spec.train.recompute)
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in weights and not _casts_a_weight(t):
+            kept[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    tokens = torch.randint(0, spec.model.vocab_size, (1, T))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+            autocast(torch.device("cpu"), spec.train.precision):
+        out = model(tokens, tokens)
+    out.logits = None  # as the training loop drops them before the backward
+    return sum(kept.values())
+
+
+def cpu_mla_padding(spec) -> int:
+    """On CPU, MLA's values are padded to the query/key head dim for the flash kernel
+    (runtime/model/attention.py), which then also keeps its padded output apart from the output
+    projection's input: bf16 bytes per MLA block beyond what a CUDA kernel keeps."""
+    a, H = spec.model.attention, spec.model.n_heads
+    qk = a.qk_nope_head_dim + a.qk_rope_head_dim
+    return 2 * H * ((qk - a.v_head_dim) + qk) * T * (spec.model.n_layers + spec.model.mtp.depth)
+
+
+@pytest.mark.parametrize("recompute", ["none", "selective", "full"])
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+@pytest.mark.parametrize("name", ["gqa_swiglu", "moe_mtp"])
+def test_plan_counts_what_the_runtime_keeps(tmp_path, name, precision, recompute):
+    spec = spec_for(tmp_path, MODELS[name], precision, recompute)
+    plan = build_plan(spec).memory.train
+    assert plan.in_flight_micro_batches == 1
+    # within 0.5%: the plan leaves out a few int64 index tensors (tokens, labels, routing positions)
+    assert kept_for_backward(spec) == pytest.approx(plan.activations, rel=5e-3)
+
+
+@pytest.mark.parametrize("name", ["mha_gelu_learned", "mla_moe"])
+def test_plan_counts_what_other_blocks_keep(tmp_path, name):
+    spec = spec_for(tmp_path, MODELS[name], "bf16", "none")
+    expected = build_plan(spec).memory.train.activations
+    if spec.model.attention.kind == "mla":
+        expected += cpu_mla_padding(spec)
+    assert kept_for_backward(spec) == pytest.approx(expected, rel=5e-3)
