@@ -7,6 +7,12 @@ device holds for the backward at the end of the forward; the plan's `activations
 micro-batch, pp = 1) must equal it, for each precision and recompute mode.
 """
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -15,6 +21,8 @@ from llmc.compiler.spec import load_spec
 from llmc.runtime.model import Transformer
 from llmc.runtime.precision import autocast
 from llmc.runtime.train.loop import apply_recompute
+
+from parallel_helpers import free_port
 
 torch.set_num_threads(2)
 
@@ -30,12 +38,21 @@ MODELS = {
 }
 
 
-def spec_for(tmp_path, model: str, precision: str, recompute: str):
-    path = tmp_path / "spec.toml"
-    path.write_text(f"[model]\n{model}\n[train]\nseq_len = {T}\nmicro_batch_size = 1\nglobal_batch_size = 1\n"
+def spec_for(folder, name: str, precision: str, recompute: str, tp: int = 1, sequence_parallel: bool = False):
+    path = folder / "spec.toml"
+    path.write_text(f"[model]\n{MODELS[name]}\n[train]\nseq_len = {T}\nmicro_batch_size = 1\nglobal_batch_size = 1\n"
                     f"max_steps = 1\nprecision = \"{precision}\"\nrecompute = \"{recompute}\"\n"
-                    "[hardware]\naccelerator = \"CPU\"\ngpus_per_node = 1\n")
+                    f"[parallel]\ntp = {tp}\nsequence_parallel = {str(sequence_parallel).lower()}\n"
+                    f"[hardware]\naccelerator = \"CPU\"\ngpus_per_node = {tp}\n")
     return load_spec(path)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's tensor behind a DTensor, or behind a collective's not yet awaited result."""
+    from torch.distributed._functional_collectives import AsyncCollectiveTensor
+    from torch.distributed.tensor import DTensor
+    t = t._local_tensor if isinstance(t, DTensor) else t
+    return t.elem if isinstance(t, AsyncCollectiveTensor) else t
 
 
 def _casts_a_weight(t: torch.Tensor) -> bool:
@@ -47,18 +64,20 @@ def _casts_a_weight(t: torch.Tensor) -> bool:
     return fn is not None and type(fn).__name__ == "AccumulateGrad"
 
 
-def kept_for_backward(spec) -> int:
-    """Bytes a one-micro-batch training forward (with its loss) of the runtime keeps for the backward."""
+def kept_for_backward(spec, wrap=lambda model: model) -> int:
+    """Bytes a one-micro-batch training forward (with its loss) of the runtime keeps for the
+    backward, on this rank after `wrap` (the layout's parallelism)."""
     torch.manual_seed(0)
     model = Transformer(spec.model)
     model.init_weights()
     apply_recompute(model, spec.train.recompute)
-    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    model = wrap(model)
+    weights = {_local(p).untyped_storage().data_ptr() for p in model.parameters()}
     kept = {}
 
     def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in weights and not _casts_a_weight(t):
+        storage = _local(t).untyped_storage()
+        if storage.data_ptr() not in weights and not _casts_a_weight(t) and not _casts_a_weight(_local(t)):
             kept[storage.data_ptr()] = storage.nbytes()
         return t
 
@@ -70,20 +89,21 @@ def kept_for_backward(spec) -> int:
     return sum(kept.values())
 
 
-def cpu_mla_padding(spec) -> int:
+def cpu_mla_padding(spec, tp: int = 1) -> int:
     """On CPU, MLA's values are padded to the query/key head dim for the flash kernel
     (runtime/model/attention.py), which then also keeps its padded output apart from the output
-    projection's input: bf16 bytes per MLA block beyond what a CUDA kernel keeps."""
+    projection's input: bf16 bytes of the MLA blocks beyond what a CUDA kernel keeps (per TP rank:
+    the heads are split)."""
     a, H = spec.model.attention, spec.model.n_heads
     qk = a.qk_nope_head_dim + a.qk_rope_head_dim
-    return 2 * H * ((qk - a.v_head_dim) + qk) * T * (spec.model.n_layers + spec.model.mtp.depth)
+    return 2 * H // tp * ((qk - a.v_head_dim) + qk) * T * (spec.model.n_layers + spec.model.mtp.depth)
 
 
 @pytest.mark.parametrize("recompute", ["none", "selective", "full"])
 @pytest.mark.parametrize("precision", ["bf16", "fp32"])
 @pytest.mark.parametrize("name", ["gqa_swiglu", "moe_mtp"])
 def test_plan_counts_what_the_runtime_keeps(tmp_path, name, precision, recompute):
-    spec = spec_for(tmp_path, MODELS[name], precision, recompute)
+    spec = spec_for(tmp_path, name, precision, recompute)
     plan = build_plan(spec).memory.train
     assert plan.in_flight_micro_batches == 1
     # within 0.5%: the plan leaves out a few int64 index tensors (tokens, labels, routing positions)
@@ -92,8 +112,26 @@ def test_plan_counts_what_the_runtime_keeps(tmp_path, name, precision, recompute
 
 @pytest.mark.parametrize("name", ["mha_gelu_learned", "mla_moe"])
 def test_plan_counts_what_other_blocks_keep(tmp_path, name):
-    spec = spec_for(tmp_path, MODELS[name], "bf16", "none")
+    spec = spec_for(tmp_path, name, "bf16", "none")
     expected = build_plan(spec).memory.train.activations
     if spec.model.attention.kind == "mla":
         expected += cpu_mla_padding(spec)
     assert kept_for_backward(spec) == pytest.approx(expected, rel=5e-3)
+
+
+@pytest.mark.parametrize("name, sequence_parallel", [("gqa_swiglu", False), ("moe_mtp", True), ("mla_moe", True)])
+def test_plan_counts_what_each_tensor_parallel_rank_keeps(tmp_path, name, sequence_parallel):
+    """tp = 2 on two gloo processes: attention and dense FFN split by heads and columns, the MoE
+    replicated on the whole sequence, and under sequence parallelism the norms' inputs split by
+    the sequence while the projections keep their gathered inputs (runtime/parallel/tensor.py)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(free_port()), str(Path(__file__).parent / "activation_worker.py"), name,
+           str(int(sequence_parallel)), str(tmp_path)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    for rank in range(2):
+        result = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        expected = result["plan"]
+        if name.startswith("mla"):
+            expected += cpu_mla_padding(spec_for(tmp_path, name, "bf16", "none"), tp=2)
+        assert result["kept"] == pytest.approx(expected, rel=1e-2)

@@ -5,9 +5,14 @@ of b sequences of s tokens, 34·s·b·h + 5·a·s²·b bytes for a GPT block (fp
 no flash attention). We count the same tensors for the actual block (GQA / MLA / DSA indexer,
 gated FFNs, MoE top-k routed copies) and sort them into two kinds:
 
-- *block-level* tensors (norm inputs, norm outputs feeding the projections, MLA latents, residual
-  dropout masks): replicated over the TP group unless sequence parallelism shards them;
-- *split* tensors (q/k/v, attention output, FFN hidden states, score matrices): sharded by TP.
+- *block-level* tensors (norm inputs, residual dropout masks): replicated over the TP group
+  unless sequence parallelism shards them;
+- *whole* tensors, kept in full on every TP rank: the norm outputs the projections read (under
+  sequence parallelism they are all-gathered first and the projections keep the gathered copy,
+  where Megatron keeps the shard and gathers again in the backward), MLA's low-rank latents (its
+  down-projections are replicated), and the MoE's (the runtime replicates it over TP and runs it
+  on the whole sequence);
+- *split* tensors (q/k/v, attention output, dense FFN hidden states, score matrices): sharded by TP.
 
 These are the tensors llmc's runtime keeps (tests/test_plan_activations.py measures them):
 its RMSNorm keeps its input and 1/rms, a gated FFN its gate and up outputs, flash attention no
@@ -52,10 +57,10 @@ class BlockActivations:
     """Bytes per token of one block, by kind; score terms are per token *and* per key (x s)."""
 
     block_level: float       # replicated over TP unless sequence parallel
+    whole: float             # in full on every TP rank, with or without sequence parallelism
     split: float             # sharded over TP
     split_per_key: float     # attention score matrices: bytes per token per key (x s), sharded over TP
     indexer_per_key: float   # DSA indexer score matrix: bytes per token per key (x s), replicated
-    moe: float               # routed-expert tensors: token-sharded by SP (tokens are split), else replicated
 
 
 def block_activations(m: ModelSpec, moe_layer: bool, *, flash: bool = True, dropout: bool = False,
@@ -71,14 +76,13 @@ def block_activations(m: ModelSpec, moe_layer: bool, *, flash: bool = True, drop
     act, stream = value_bytes(precision)
     lin = 1 if precision == "fp8" else act
     mask = MASK * h if dropout else 0
-    # two norm inputs (the residual stream) + the two norm outputs that feed attention and FFN
-    # + residual dropout masks
-    block_level = 2 * stream * h + 2 * lin * h + 2 * mask
+    block_level = 2 * stream * h + 2 * mask  # two norm inputs (the residual stream), residual dropout masks
+    whole = 2 * lin * h                      # the two norm outputs that feed attention and FFN
     if a.kind == "mla":
         qk = a.qk_nope_head_dim + a.qk_rope_head_dim
         q_latent = (act + lin) * a.q_lora_rank                                # q_norm input and output
         kv_latent = act * (a.kv_lora_rank + a.qk_rope_head_dim) + lin * a.kv_lora_rank
-        block_level += q_latent + kv_latent
+        whole += q_latent + kv_latent
         split = act * H * (2 * qk + a.v_head_dim) + lin * H * a.v_head_dim    # q, k, v; attention output
     else:
         dh, kv = m.dim_per_head, m.kv_heads
@@ -92,24 +96,24 @@ def block_activations(m: ModelSpec, moe_layer: bool, *, flash: bool = True, drop
     if a.sparse:
         # q, k, head weights, and the chosen top-k key positions (int32); the fp32 score matrix
         # over all keys is kept for the indexer's loss
-        block_level += act * (a.index_n_heads * a.index_head_dim + a.index_head_dim + a.index_n_heads)
-        block_level += FP32 * a.index_topk
+        whole += act * (a.index_n_heads * a.index_head_dim + a.index_head_dim + a.index_n_heads)
+        whole += FP32 * a.index_topk
         indexer_per_key = FP32
 
     def ffn(hidden: int) -> float:  # gated: w1 and w3 outputs + w2 input; plain: activation input + w2 input
         return ((2 * act) if m.gated else act) * hidden + lin * hidden
 
-    moe = 0.0
     if moe_layer:
         e = m.moe
         # router scores (fp32); per routed copy: its input, its FFN, its output (kept to weight the
-        # combine), and its routing: expert id, sort position and its inverse (int64), weight (fp32)
-        moe = FP32 * e.n_experts + e.top_k * (lin * h + ffn(e.expert_hidden) + act * h + 3 * INT64 + FP32)
+        # combine), and its routing: expert id, sort position and its inverse (int64), weight (fp32);
+        # the shared experts
+        whole += FP32 * e.n_experts + e.top_k * (lin * h + ffn(e.expert_hidden) + act * h + 3 * INT64 + FP32)
         if e.shared_hidden:
-            split += ffn(e.shared_hidden)
+            whole += ffn(e.shared_hidden)
     else:
         split += ffn(m.ffn_hidden)
-    return BlockActivations(block_level, split, split_per_key, indexer_per_key, moe)
+    return BlockActivations(block_level, whole, split, split_per_key, indexer_per_key)
 
 
 def block_bytes(act: BlockActivations, *, b: int, s: int, tp: int, sp: bool, checkpointed: bool,
@@ -122,8 +126,8 @@ def block_bytes(act: BlockActivations, *, b: int, s: int, tp: int, sp: bool, che
     """
     tokens = b * s
     shard = tp if sp else 1
-    full = (act.block_level / shard + act.split / tp + act.moe / shard
-            + s * (act.split_per_key / tp + act.indexer_per_key / shard)) * tokens
+    full = (act.block_level / shard + act.whole + act.split / tp
+            + s * (act.split_per_key / tp + act.indexer_per_key)) * tokens
     if not checkpointed:
         return full, 0.0
     return stream * h * tokens / shard, full   # rebuilt one block at a time in the backward
