@@ -7,11 +7,12 @@ precision a spec asked for. Weights stay fp32 (the master copy); FSDP2's param_d
 layout has it, is applied on top by runtime/parallel and does not replace the autocast.
 
 Under bf16 the residual stream is bf16 in every layout, as FSDP2's bf16 param_dtype makes it
-and as Megatron keeps it: the model casts its embeddings to the autocast dtype
-(`stream_dtype`). Otherwise, with fp32 weights, autocast would leave the stream in fp32, and each
-block would keep fp32 norm inputs and a bf16 copy of a norm's output per projection reading it
-(q, k and v; gate and up): 1.5x the activations of the same block under FSDP2, and pipeline
-stages would send fp32. fp16 keeps an fp32 stream (fp16's range is too narrow for it).
+and as Megatron keeps it: the model casts its embeddings to bf16 under a bf16 autocast
+(`autocast_stream_dtype`), and pipeline stages exchange bf16 (`stream_dtype`). Otherwise, with
+fp32 weights, autocast would leave the stream in fp32, and each block would keep fp32 norm
+inputs and a bf16 copy of a norm's output per projection reading it (q, k and v; gate and up):
+1.5x the activations of the same block under FSDP2, and pipeline stages would send fp32. fp16
+keeps an fp32 stream (fp16's range is too narrow for it).
 """
 
 import contextlib
@@ -21,8 +22,6 @@ import torch
 # fp8 computes as bf16 here: there are no fp8 matmuls in this runtime yet (the plan still sizes
 # fp8's activation memory); fp32 runs without autocast
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp8": torch.bfloat16, "fp16": torch.float16}
-
-
 STREAM_DTYPES = {"bf16": torch.bfloat16, "fp8": torch.bfloat16}
 
 

@@ -47,7 +47,7 @@ def apply_recompute(model, mode: str) -> None:
     `selective` the even ones, by block id over the whole model (layers 0, 2, 4, ..., then MTP
     block k as block n_layers + k), whatever stage a pipeline later puts them in: half the
     activation memory saved for half a forward recomputed. The plan counts the same blocks
-    (compiler/plan/activations.py, recomputed_blocks)."""
+    (compiler/plan/activations.py, `recomputed`)."""
     if mode == "none":
         return
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
