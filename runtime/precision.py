@@ -30,13 +30,16 @@ def stream_dtype(precision: str) -> torch.dtype:
     return STREAM_DTYPES.get(precision, torch.float32)
 
 
+def compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype matmuls on `t` run in now: the autocast's on `t`'s device, else `t`'s own."""
+    device = t.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else t.dtype
+
+
 def autocast_stream_dtype(t: torch.Tensor) -> torch.dtype:
     """The residual stream's dtype for a forward running now on `t`'s device: bf16 under a bf16
     autocast (however the weights are stored), else `t`'s own dtype."""
-    device = t.device.type
-    if torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.bfloat16:
-        return torch.bfloat16
-    return t.dtype
+    return torch.bfloat16 if compute_dtype(t) == torch.bfloat16 else t.dtype
 
 
 def autocast(device: torch.device, precision: str):

@@ -110,9 +110,10 @@ def test_plan_counts_what_the_runtime_keeps(tmp_path, name, precision, recompute
     assert kept_for_backward(spec) == pytest.approx(plan.activations, rel=5e-3)
 
 
-@pytest.mark.parametrize("name", ["mha_gelu_learned", "mla_moe"])
-def test_plan_counts_what_other_blocks_keep(tmp_path, name):
-    spec = spec_for(tmp_path, name, "bf16", "none")
+@pytest.mark.parametrize("name, precision", [("mha_gelu_learned", "bf16"), ("mla_moe", "bf16"),
+                                             ("gqa_swiglu", "fp16")])  # fp16: fp16 values, an fp32 stream
+def test_plan_counts_what_other_blocks_keep(tmp_path, name, precision):
+    spec = spec_for(tmp_path, name, precision, "none")
     expected = build_plan(spec).memory.train.activations
     if spec.model.attention.kind == "mla":
         expected += cpu_mla_padding(spec)

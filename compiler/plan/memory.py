@@ -254,7 +254,7 @@ class TrainMemoryModel:
             saved += kept
             working = max(working, work)
         if self.rope_dim and blocks:  # cos and sin, built once per forward and read by every block
-            saved += 2 * stream * self.rope_dim * s
+            saved += 2 * act * self.rope_dim * s
         if share.last:
             shard = tp if sp else 1
             depth = len(self.mtp_act)

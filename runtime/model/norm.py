@@ -3,6 +3,8 @@
 import torch
 from torch import nn
 
+from ..precision import compute_dtype
+
 
 class _RMSNormFunction(torch.autograd.Function):
     """y = (x / sqrt(mean(x^2) + eps)).to(dtype) * weight.to(dtype), in fp32, y in x's dtype.
@@ -17,6 +19,10 @@ class _RMSNormFunction(torch.autograd.Function):
         wide = torch.promote_types(x.dtype, torch.float32)  # fp32, or fp64 for a gradcheck
         rstd = torch.rsqrt(x.to(wide).pow(2).mean(-1, keepdim=True) + eps)
         ctx.save_for_backward(x, rstd, weight)
+        if x.dtype == wide and compute_dtype(x) != wide:
+            # an fp32 stream under autocast (fp16): the output only feeds projections, which
+            # would each keep their own cast of it; cast it once
+            return (x * rstd * weight.to(wide)).to(compute_dtype(x))
         return (x.to(wide) * rstd).to(x.dtype) * weight.to(x.dtype)
 
     @staticmethod

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..precision import autocast_stream_dtype
+from ..precision import autocast_stream_dtype, compute_dtype
 from .attention import Attention
 from .mlp import MLP
 from .norm import build_norm
@@ -140,7 +140,7 @@ class Transformer(nn.Module):
             positions = torch.arange(T, device=tokens.device)
         start_pos = int(positions.reshape(-1)[0]) if cache is not None else 0
         h = self.embed_tokens(tokens, positions)
-        cos, sin = self.rope(positions, h.dtype)  # cast once, not in every layer
+        cos, sin = self.rope(positions, compute_dtype(h))  # cast once, not in every layer
         for layer_id, layer in self.layers.items():
             layer_cache = cache[int(layer_id)] if cache is not None else None
             h = layer(h, cos, sin, cache=layer_cache, start_pos=start_pos)

@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
-from ..precision import autocast
+from ..precision import autocast, compute_dtype
 
 SCHEDULES = {"1f1b": Schedule1F1B, "gpipe": ScheduleGPipe, "interleaved": ScheduleInterleaved1F1B}
 
@@ -84,7 +84,7 @@ def _stage_compute(self, x, tokens, labels):
         h = self.embed_tokens(x, positions)
     else:
         h = x
-    cos, sin = self.rope(positions, h.dtype)  # cast once, not in every layer
+    cos, sin = self.rope(positions, compute_dtype(h))  # cast once, not in every layer
     for layer in self.layers.values():
         h = layer(h, cos, sin)
     # rows: the model's MoE layers, then its MoE MTP blocks (as Transformer.forward returns them)
