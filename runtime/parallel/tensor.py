@@ -152,16 +152,17 @@ def apply_tp(model: nn.Module, tp_mesh, sequence_parallel: bool = False) -> nn.M
         # DTensor's embedding backward yields a replicated (full) gradient for the vocabulary-
         # sharded weight; keep only this rank's rows so gradients are sharded like the weight.
         model.embed.weight.register_post_accumulate_grad_hook(_shard_grad_like_param)
-    blocks = [inner(b) for b in model.layers.values()] + [m.block for m in getattr(model, "mtp", [])]
+    blocks = [inner(b) for b in model.layers.values()] + [inner(m.block) for m in getattr(model, "mtp", [])]
     for block in blocks:
         if hasattr(block.attn, "wkv_a"):
             _reduce_rope_key_grad(block.attn, tp_mesh.get_group())
     for block in model.layers.values():
         parallelize_module(inner(block), tp_mesh, _block_plan(inner(block), tp, sp))
     for mtp in getattr(model, "mtp", []):
-        plan = {f"block.{k}": v for k, v in _block_plan(mtp.block, tp, sp).items()}
+        block = inner(mtp.block)  # recompute may have wrapped it
+        parallelize_module(block, tp_mesh, _block_plan(block, tp, sp))
         if sp:
-            plan.update({"enorm": SequenceParallel(), "hnorm": SequenceParallel(), "norm": SequenceParallel(),
-                         "eh_proj": ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(1))})
-        parallelize_module(mtp, tp_mesh, plan)
+            parallelize_module(mtp, tp_mesh, {"enorm": SequenceParallel(), "hnorm": SequenceParallel(),
+                                              "norm": SequenceParallel(),
+                                              "eh_proj": ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(1))})
     return model
