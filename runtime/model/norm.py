@@ -7,7 +7,8 @@ from ..precision import compute_dtype
 
 
 class _RMSNormFunction(torch.autograd.Function):
-    """y = (x / sqrt(mean(x^2) + eps)).to(dtype) * weight.to(dtype), in fp32, y in x's dtype.
+    """y = (x / sqrt(mean(x^2) + eps)).to(dtype) * weight.to(dtype), in fp32, y in x's dtype
+    (in the autocast's for an fp32 x under fp16 autocast).
 
     Autograd through these ops would keep x's fp32 copy and the normalised x for the backward
     (with bf16 x: 6 bytes a value beside x itself); this keeps x, in its own dtype, and the fp32
