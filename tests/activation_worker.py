@@ -1,6 +1,10 @@
-"""One rank of tests/test_plan_activations.py's tensor-parallel case (launched through torchrun):
-the bytes this rank's training forward keeps for the backward, and the plan's activations, to
-OUT/rank{r}.json. Arguments: MODEL (a key of MODELS) SEQUENCE_PARALLEL (0 or 1) RECOMPUTE OUT."""
+"""One rank of tests/test_plan_activations.py's two-process cases (launched through torchrun):
+the most bytes this rank keeps for the backward, and the plan's activations for its stage, to
+OUT/rank{r}.json.
+
+    activation_worker.py tp MODEL SEQUENCE_PARALLEL(0|1) RECOMPUTE OUT    tp = 2: one forward
+    activation_worker.py pp MODEL SCHEDULE MICRO_BATCHES OUT              pp = 2: a schedule step
+"""
 
 import json
 import sys
@@ -10,24 +14,45 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_plan_activations import kept_for_backward, spec_for  # noqa: E402
+from test_plan_activations import T, SavedForBackward, kept_for_backward, spec_for  # noqa: E402
 
 from llmc.compiler.plan import build_plan  # noqa: E402
+from llmc.runtime.model import Transformer  # noqa: E402
 from llmc.runtime.parallel import Layout, build_mesh, init_distributed, parallelize  # noqa: E402
+from llmc.runtime.parallel.run import pipeline_for_plan  # noqa: E402
+from llmc.runtime.precision import autocast  # noqa: E402
+
+
+def tensor_parallel(folder: Path, name: str, sp: str, recompute: str) -> tuple[int, object]:
+    spec = spec_for(folder, name, "bf16", recompute, tp=2, sequence_parallel=sp == "1")
+    plan = build_plan(spec)
+    pdims = build_mesh(Layout.from_plan(plan.model_dump(mode="json")))
+    return kept_for_backward(spec, wrap=lambda model: parallelize(model, pdims)), plan.memory.train
+
+
+def pipeline(folder: Path, name: str, schedule: str, micro_batches: str) -> tuple[int, object]:
+    spec = spec_for(folder, name, "bf16", "none", pp=2, schedule=schedule, micro_batches=int(micro_batches))
+    plan = build_plan(spec)
+    torch.manual_seed(0)
+    model = Transformer(spec.model)
+    model.init_weights()
+    pipe = pipeline_for_plan(model, plan.model_dump(mode="json"), micro_batch_size=1, seq_len=T)
+    tokens = torch.randint(0, spec.model.vocab_size, (int(micro_batches), T))
+    with SavedForBackward(pipe.modules) as saved, autocast(torch.device("cpu"), "bf16"):
+        pipe.step(tokens, tokens)
+    return saved.peak, plan.memory.train_stages[dist.get_rank()]
 
 
 def main():
-    name, sp, recompute, out = sys.argv[1], sys.argv[2] == "1", sys.argv[3], Path(sys.argv[4])
+    mode, *args, out = sys.argv[1:]
     init_distributed(timeout_s=120)
     torch.set_num_threads(1)
     rank = dist.get_rank()
-    folder = out / f"spec{rank}"
+    folder = Path(out) / f"spec{rank}"
     folder.mkdir(parents=True, exist_ok=True)
-    spec = spec_for(folder, name, "bf16", recompute, tp=dist.get_world_size(), sequence_parallel=sp)
-    plan = build_plan(spec)
-    pdims = build_mesh(Layout.from_plan(plan.model_dump(mode="json")))
-    kept = kept_for_backward(spec, wrap=lambda model: parallelize(model, pdims))
-    (out / f"rank{rank}.json").write_text(json.dumps({"kept": kept, "plan": plan.memory.train.activations}))
+    kept, memory = {"tp": tensor_parallel, "pp": pipeline}[mode](folder, *args)
+    (Path(out) / f"rank{rank}.json").write_text(json.dumps(
+        {"kept": kept, "plan": memory.activations, "in_flight": memory.in_flight_micro_batches}))
     dist.destroy_process_group()
 
 

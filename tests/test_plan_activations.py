@@ -1,10 +1,11 @@
 """The plan's activation memory against what llmc's runtime keeps for the backward, measured.
 
-Every tensor autograd saves during a training forward (model and loss, as the training loop runs
-it) is caught with `saved_tensors_hooks` and counted once per storage, leaving out the weights
-and their bf16 copies under autocast (the plan counts those as weights). That sum is what the
-device holds for the backward at the end of the forward; the plan's `activations` (one
-micro-batch, pp = 1) must equal it, for each precision and recompute mode.
+Every tensor autograd saves during a training step (model and loss, as the training loop runs
+it) is caught with `saved_tensors_hooks` and counted once per storage while some graph node
+holds it, leaving out the weights and their bf16 copies under autocast (the plan counts those as
+weights). The peak of that sum is what the device holds for the backward; the plan's
+`activations` must equal it, for each precision, recompute mode, tensor parallelism and
+pipeline schedule (the micro-batches in flight on each stage).
 """
 
 import json
@@ -38,12 +39,14 @@ MODELS = {
 }
 
 
-def spec_for(folder, name: str, precision: str, recompute: str, tp: int = 1, sequence_parallel: bool = False):
+def spec_for(folder, name: str, precision: str, recompute: str, tp: int = 1, sequence_parallel: bool = False,
+             pp: int = 1, schedule: str = "1f1b", micro_batches: int = 1):
     path = folder / "spec.toml"
-    path.write_text(f"[model]\n{MODELS[name]}\n[train]\nseq_len = {T}\nmicro_batch_size = 1\nglobal_batch_size = 1\n"
-                    f"max_steps = 1\nprecision = \"{precision}\"\nrecompute = \"{recompute}\"\n"
-                    f"[parallel]\ntp = {tp}\nsequence_parallel = {str(sequence_parallel).lower()}\n"
-                    f"[hardware]\naccelerator = \"CPU\"\ngpus_per_node = {tp}\n")
+    path.write_text(f"[model]\n{MODELS[name]}\n[train]\nseq_len = {T}\nmicro_batch_size = 1\n"
+                    f"global_batch_size = {micro_batches}\nmax_steps = 1\nprecision = \"{precision}\"\n"
+                    f"recompute = \"{recompute}\"\n[parallel]\ntp = {tp}\npp = {pp}\npp_schedule = \"{schedule}\"\n"
+                    f"sequence_parallel = {str(sequence_parallel).lower()}\n"
+                    f"[hardware]\naccelerator = \"CPU\"\ngpus_per_node = {tp * pp}\n")
     return load_spec(path)
 
 
@@ -64,6 +67,53 @@ def _casts_a_weight(t: torch.Tensor) -> bool:
     return fn is not None and type(fn).__name__ == "AccumulateGrad"
 
 
+class SavedForBackward:
+    """Hooks counting the bytes of the tensors autograd holds for the backward, once per storage,
+    while any graph node holds them; `peak` is the most held at once. Weights and their casts
+    (the parameters of `modules`) are left out."""
+
+    def __init__(self, modules):
+        self.weights = {_local(p).untyped_storage().data_ptr() for m in modules for p in m.parameters()}
+        self.now = self.peak = 0
+        self.holders: dict[int, int] = {}
+        self.hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+
+    def __enter__(self):
+        self.hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.hooks.__exit__(*exc)
+
+    def _pack(self, t):
+        storage = _local(t).untyped_storage()
+        if storage.data_ptr() in self.weights or _casts_a_weight(t) or _casts_a_weight(_local(t)):
+            return t
+        return _Held(self, t, storage.data_ptr(), storage.nbytes())
+
+    @staticmethod
+    def _unpack(held):
+        return held.tensor if isinstance(held, _Held) else held
+
+
+class _Held:
+    """A saved tensor while a graph node keeps it (released with the node)."""
+
+    def __init__(self, count: SavedForBackward, tensor, key: int, nbytes: int):
+        self.count, self.tensor, self.key, self.nbytes = count, tensor, key, nbytes
+        count.holders[key] = count.holders.get(key, 0) + 1
+        if count.holders[key] == 1:
+            count.now += nbytes
+            count.peak = max(count.peak, count.now)
+
+    def __del__(self):
+        holders = self.count.holders
+        holders[self.key] -= 1
+        if holders[self.key] == 0:
+            del holders[self.key]
+            self.count.now -= self.nbytes
+
+
 def kept_for_backward(spec, wrap=lambda model: model) -> int:
     """Bytes a one-micro-batch training forward (with its loss) of the runtime keeps for the
     backward, on this rank after `wrap` (the layout's parallelism)."""
@@ -72,21 +122,11 @@ def kept_for_backward(spec, wrap=lambda model: model) -> int:
     model.init_weights()
     apply_recompute(model, spec.train.recompute)
     model = wrap(model)
-    weights = {_local(p).untyped_storage().data_ptr() for p in model.parameters()}
-    kept = {}
-
-    def pack(t):
-        storage = _local(t).untyped_storage()
-        if storage.data_ptr() not in weights and not _casts_a_weight(t) and not _casts_a_weight(_local(t)):
-            kept[storage.data_ptr()] = storage.nbytes()
-        return t
-
     tokens = torch.randint(0, spec.model.vocab_size, (1, T))
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
-            autocast(torch.device("cpu"), spec.train.precision):
+    with SavedForBackward([model]) as saved, autocast(torch.device("cpu"), spec.train.precision):
         out = model(tokens, tokens)
     out.logits = None  # as the training loop drops them before the backward
-    return sum(kept.values())
+    return saved.peak
 
 
 def cpu_mla_padding(spec, tp: int = 1) -> int:
@@ -120,6 +160,16 @@ def test_plan_counts_what_other_blocks_keep(tmp_path, name, precision):
     assert kept_for_backward(spec) == pytest.approx(expected, rel=5e-3)
 
 
+def run_activation_worker(tmp_path, *args: str) -> list[dict]:
+    """tests/activation_worker.py on two gloo ranks; each rank's result."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(free_port()), str(Path(__file__).parent / "activation_worker.py"), *args,
+           str(tmp_path)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    return [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+
+
 @pytest.mark.parametrize("name, sequence_parallel, recompute", [
     ("gqa_swiglu", False, "none"), ("moe_mtp", True, "none"), ("mla_moe", True, "none"),
     ("moe_mtp", True, "selective")])  # its MTP block checkpointed, then sharded
@@ -127,13 +177,7 @@ def test_plan_counts_what_each_tensor_parallel_rank_keeps(tmp_path, name, sequen
     """tp = 2 on two gloo processes: attention and dense FFN split by heads and columns, the MoE
     replicated on the whole sequence, and under sequence parallelism the norms' inputs split by
     the sequence while the projections keep their gathered inputs (runtime/parallel/tensor.py)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(free_port()), str(Path(__file__).parent / "activation_worker.py"), name,
-           str(int(sequence_parallel)), recompute, str(tmp_path)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    for rank in range(2):
-        result = json.loads((tmp_path / f"rank{rank}.json").read_text())
+    for result in run_activation_worker(tmp_path, "tp", name, str(int(sequence_parallel)), recompute):
         expected = result["plan"]
         if name.startswith("mla"):
             expected += cpu_mla_padding(spec_for(tmp_path, name, "bf16", "none"), tp=2)
@@ -142,3 +186,14 @@ def test_plan_counts_what_each_tensor_parallel_rank_keeps(tmp_path, name, sequen
             # that keeps the whole sequence's storage alive: the other half, bf16
             expected += 2 * 256 * T // 2
         assert result["kept"] == pytest.approx(expected, rel=5e-3)
+
+
+@pytest.mark.parametrize("schedule", ["1f1b", "gpipe"])
+def test_plan_counts_the_micro_batches_each_pipeline_stage_holds(tmp_path, schedule):
+    """pp = 2, 4 micro-batches on two gloo processes, a whole training step through the schedule:
+    under 1F1B the first stage holds 2 micro-batches at its peak and the last 1, under GPipe both
+    hold all 4 (Korthikanti et al. §4.2.3); the plan's per-stage activations match each peak."""
+    in_flight = {"1f1b": [2, 1], "gpipe": [4, 4]}[schedule]
+    for rank, result in enumerate(run_activation_worker(tmp_path, "pp", "moe_mtp", schedule, "4")):
+        assert result["in_flight"] == in_flight[rank]
+        assert result["kept"] == pytest.approx(result["plan"], rel=5e-3)
