@@ -182,8 +182,9 @@ def test_plan_counts_what_each_tensor_parallel_rank_keeps(tmp_path, name, sequen
         if name.startswith("mla"):
             expected += cpu_mla_padding(spec_for(tmp_path, name, "bf16", "none"), tp=2)
         if sequence_parallel and "mtp" in name:
-            # the MTP block's input is this rank's sequence slice of eh_proj's output, a view
-            # that keeps the whole sequence's storage alive: the other half, bf16
+            # eh_proj's output goes from its column shard to a sequence shard by an all-to-all,
+            # which gloo lacks: DTensor all-gathers and keeps a slice, a view that holds the whole
+            # sequence's storage (the other half, bf16) where NCCL's all-to-all would not
             expected += 2 * 256 * T // 2
         assert result["kept"] == pytest.approx(expected, rel=5e-3)
 
