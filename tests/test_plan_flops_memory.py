@@ -228,3 +228,16 @@ def test_recomputed_blocks_cost_their_forward_again(recompute, recomputed_layers
     tokens_per_step = 8 * 256
     extra = plan.layout.time_breakdown["compute"] - base.layout.time_breakdown["compute"]
     assert extra == pytest.approx(tokens_per_step * again / (1e12 * 0.5))
+
+
+def test_tensor_parallel_all_reduces_of_recomputed_blocks_and_fp32():
+    """tp = 2 on tiny (4 blocks): 4 all-reduces per block (2 forward, 2 backward), 2 more for each
+    checkpointed block (its forward again): 16, 20 under selective (blocks 0 and 2), 24 under
+    full; each one of the micro-batch's [tokens, d_model] activations, twice the bytes in fp32."""
+    def tp_seconds(*sets):
+        spec = load_spec("specs/tiny.toml", ["hardware.gpus_per_node=2", "parallel.tp=2", "parallel.dp=1", *sets])
+        return build_plan(spec).layout.time_breakdown["tp_comm"]
+    none = tp_seconds("train.recompute=none")
+    assert tp_seconds("train.recompute=selective") == pytest.approx(none * 20 / 16)
+    assert tp_seconds("train.recompute=full") == pytest.approx(none * 24 / 16)
+    assert tp_seconds("train.recompute=none", 'train.precision="fp32"') == pytest.approx(2 * none)

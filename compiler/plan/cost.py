@@ -2,9 +2,10 @@
 
 Per micro-batch, the slowest pipeline rank computes its chunks at the assumed MFU (the forward
 of its checkpointed blocks twice) and waits for its tensor-parallel all-reduces (4 per block:
-2 forward, 2 backward, on the node's links), its MoE all-to-alls (dispatch and combine, forward
-and backward) and its pipeline sends. A step is
-(m + p - 1) such micro-batch slots for 1F1B / GPipe, (m + (p - 1)/v) interleaved: the bubble is
+2 forward, 2 backward, on the node's links; 2 more for a checkpointed block), its MoE
+all-to-alls (dispatch and combine, forward and backward) and its pipeline sends, of
+activations in the training precision. A step is (m + p - 1) such micro-batch slots for
+1F1B / GPipe, (m + (p - 1)/v) interleaved: the bubble is
 (p - 1)/(m + p - 1). Data-parallel gradient synchronisation (ring all-reduce, or reduce-scatter +
 all-gather under ZeRO) overlaps with the backward of the last micro-batch; only the excess is
 exposed. ZeRO-3 all-gathers the weights twice per micro-batch (forward and backward), overlapped
@@ -62,25 +63,25 @@ class RankWork:
     moe_blocks: int
     dense_params: float   # parameters to synchronise over dp (before TP division)
     expert_params: float  # routed-expert parameters (before EP division)
+    recomputed: int = 0   # checkpointed blocks: their forward's 2 TP all-reduces run again
 
 
 def step_time(work: list[RankWork], *, dp: int, tp: int, pp: int, ep: int, zero: int, micro_batch_size: int,
               grad_accum: int, seq_len: int, d_model: int, top_k: int, peak_flops: float, mfu: float,
-              links: Links, world: int, grad_bytes: int, weight_bytes: int, recompute_full: bool,
+              links: Links, world: int, grad_bytes: int, weight_bytes: int, activation_bytes: int = 2,
               schedule: str = "1f1b", virtual_stages: int = 1) -> StepTime:
     """Estimated seconds per step of one layout (see the module docstring)."""
     tokens = micro_batch_size * seq_len
-    activation = tokens * d_model * 2
+    activation = tokens * d_model * activation_bytes
     bw_tp, bw_ep = links.bandwidth(tp), links.bandwidth(ep)
     bw_dp = links.bandwidth(dp, tp)
     bw_pp = links.bandwidth(2, world // pp)
-    tp_collectives = 6 if recompute_full else 4
     slot = comp_slot = tp_s = ep_s = pp_s = 0.0
     dp_s = 0.0
     for w in work:
         compute = w.flops * tokens / (tp * peak_flops * mfu)
-        t_tp = w.blocks * tp_collectives * ring_all_reduce_s(activation, tp, bw_tp)
-        a2a_bytes = tokens / tp * top_k * d_model * 2 * (ep - 1) / ep
+        t_tp = (4 * w.blocks + 2 * w.recomputed) * ring_all_reduce_s(activation, tp, bw_tp)
+        a2a_bytes = tokens / tp * top_k * d_model * activation_bytes * (ep - 1) / ep
         t_ep = w.moe_blocks * 4 * a2a_bytes / (bw_ep * 1e9) if ep > 1 else 0.0
         t_pp = 2 * activation / tp / (bw_pp * 1e9) if pp > 1 else 0.0
         if compute + t_tp + t_ep + t_pp > slot:

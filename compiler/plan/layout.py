@@ -146,8 +146,10 @@ class LayoutSearch:
                 if sh.last:
                     flops += self.tail_flops
                     mine += list(range(m.n_layers, m.n_layers + m.mtp.depth))  # MTP blocks
-                flops += sum(self.block_flops[j] for j in mine if recomputed(self.spec.train.recompute, j)) / 3
-                work.append(RankWork(flops, len(mine), sum(m.is_moe_layer(j) for j in mine), sh.dense, sh.expert))
+                again = [j for j in mine if recomputed(self.spec.train.recompute, j)]
+                flops += sum(self.block_flops[j] for j in again) / 3
+                work.append(RankWork(flops, len(mine), sum(m.is_moe_layer(j) for j in mine), sh.dense, sh.expert,
+                                     len(again)))
             self._shares[key] = (layers, shares, work)
         return self._shares[key]
 
@@ -224,9 +226,8 @@ class LayoutSearch:
                          micro_batch_size=deg.micro_batch_size, grad_accum=deg.grad_accum, seq_len=t.seq_len,
                          d_model=m.d_model, top_k=m.moe.top_k if m.moe else 0, peak_flops=self.peak,
                          mfu=self.spec.hardware.mfu, links=self.links, world=self.spec.world_size,
-                         grad_bytes=precision_bytes, weight_bytes=precision_bytes,
-                         recompute_full=t.recompute == "full", schedule=deg.schedule,
-                         virtual_stages=deg.virtual_stages)
+                         grad_bytes=precision_bytes, weight_bytes=precision_bytes, activation_bytes=precision_bytes,
+                         schedule=deg.schedule, virtual_stages=deg.virtual_stages)
         return _Fit(deg, time, worst, worst_rank, layers)
 
     def run(self) -> tuple[_Fit | None, list[_Fit], Search, _Fit | None]:
