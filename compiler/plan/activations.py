@@ -3,7 +3,7 @@
 "Reducing Activation Recomputation in Large Transformer Models" counts, per block and micro-batch
 of b sequences of s tokens, 34·s·b·h + 5·a·s²·b bytes for a GPT block (fp16, dropout, 4h GeLU FFN,
 no flash attention). We count the same tensors for the actual block (GQA / MLA / DSA indexer,
-gated FFNs, MoE top-k routed copies) and sort them into two kinds:
+gated FFNs, MoE top-k routed copies) and sort them into three kinds:
 
 - *block-level* tensors (norm inputs, residual dropout masks): replicated over the TP group
   unless sequence parallelism shards them;
@@ -18,7 +18,8 @@ These are the tensors llmc's runtime keeps (tests/test_plan_activations.py measu
 its RMSNorm keeps its input and 1/rms, a gated FFN its gate and up outputs, flash attention no
 score matrix, only a float32 log-sum-exp per head. Bytes per value follow `train.precision`
 (`value_bytes`): bf16 (and fp8's bf16 compute) 2, fp32 4; under fp16 the residual stream, and so
-each norm's input, stays fp32. fp8 keeps the inputs of linear layers in 1 byte. Masks are 1 byte.
+each norm's input, stays fp32. fp8 keeps the inputs of linear layers in 1 byte, as fp8 training
+does (llmc's runtime computes fp8 as bf16 for now, so that one is not measured). Masks: 1 byte.
 
 Recompute, as the runtime checkpoints blocks (runtime/train/loop.py): `none` keeps everything;
 `full` keeps each block's input only and rebuilds one block at a time in the backward (that
