@@ -3,7 +3,7 @@ the most bytes this rank keeps for the backward, and the plan's activations for 
 OUT/rank{r}.json.
 
     activation_worker.py tp MODEL SEQUENCE_PARALLEL(0|1) RECOMPUTE OUT    tp = 2: one forward
-    activation_worker.py pp MODEL SCHEDULE MICRO_BATCHES OUT              pp = 2: a schedule step
+    activation_worker.py pp MODEL SCHEDULE VIRTUAL_STAGES MICRO_BATCHES OUT    pp = 2: a schedule step
 """
 
 import json
@@ -30,8 +30,9 @@ def tensor_parallel(folder: Path, name: str, sp: str, recompute: str) -> tuple[i
     return kept_for_backward(spec, wrap=lambda model: parallelize(model, pdims)), plan.memory.train
 
 
-def pipeline(folder: Path, name: str, schedule: str, micro_batches: str) -> tuple[int, object]:
-    spec = spec_for(folder, name, "bf16", "none", pp=2, schedule=schedule, micro_batches=int(micro_batches))
+def pipeline(folder: Path, name: str, schedule: str, virtual_stages: str, micro_batches: str) -> tuple[int, object]:
+    spec = spec_for(folder, name, "bf16", "none", pp=2, schedule=schedule, virtual_stages=int(virtual_stages),
+                    micro_batches=int(micro_batches))
     plan = build_plan(spec)
     torch.manual_seed(0)
     model = Transformer(spec.model)

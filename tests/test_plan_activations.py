@@ -40,11 +40,12 @@ MODELS = {
 
 
 def spec_for(folder, name: str, precision: str, recompute: str, tp: int = 1, sequence_parallel: bool = False,
-             pp: int = 1, schedule: str = "1f1b", micro_batches: int = 1):
+             pp: int = 1, schedule: str = "1f1b", virtual_stages: int = 1, micro_batches: int = 1):
     path = folder / "spec.toml"
     path.write_text(f"[model]\n{MODELS[name]}\n[train]\nseq_len = {T}\nmicro_batch_size = 1\n"
                     f"global_batch_size = {micro_batches}\nmax_steps = 1\nprecision = \"{precision}\"\n"
                     f"recompute = \"{recompute}\"\n[parallel]\ntp = {tp}\npp = {pp}\npp_schedule = \"{schedule}\"\n"
+                    f"pp_virtual_stages = {virtual_stages}\n"
                     f"sequence_parallel = {str(sequence_parallel).lower()}\n"
                     f"[hardware]\naccelerator = \"CPU\"\ngpus_per_node = {tp * pp}\n")
     return load_spec(path)
@@ -189,12 +190,16 @@ def test_plan_counts_what_each_tensor_parallel_rank_keeps(tmp_path, name, sequen
         assert result["kept"] == pytest.approx(expected, rel=5e-3)
 
 
-@pytest.mark.parametrize("schedule", ["1f1b", "gpipe"])
-def test_plan_counts_the_micro_batches_each_pipeline_stage_holds(tmp_path, schedule):
+@pytest.mark.parametrize("schedule, virtual_stages, in_flight", [
+    ("1f1b", 1, [2, 1]), ("gpipe", 1, [4, 4]),
+    # torch's interleaved 1F1B: (v - 1) p + 2 (p - 1 - rank) warm-up forwards of 1/v of the
+    # rank's layers each, and one more
+    ("interleaved", 1, [3, 1]), ("interleaved", 2, [2.5, 1.5])])
+def test_plan_counts_the_micro_batches_each_pipeline_stage_holds(tmp_path, schedule, virtual_stages, in_flight):
     """pp = 2, 4 micro-batches on two gloo processes, a whole training step through the schedule:
-    under 1F1B the first stage holds 2 micro-batches at its peak and the last 1, under GPipe both
-    hold all 4 (Korthikanti et al. §4.2.3); the plan's per-stage activations match each peak."""
-    in_flight = {"1f1b": [2, 1], "gpipe": [4, 4]}[schedule]
-    for rank, result in enumerate(run_activation_worker(tmp_path, "pp", "moe_mtp", schedule, "4")):
+    under 1F1B the first stage holds 2 micro-batches at its peak and the last 1 (Korthikanti et
+    al. §4.2.3), under GPipe both hold all 4; the plan's per-stage activations match each peak."""
+    results = run_activation_worker(tmp_path, "pp", "moe_mtp", schedule, str(virtual_stages), "4")
+    for rank, result in enumerate(results):
         assert result["in_flight"] == in_flight[rank]
         assert result["kept"] == pytest.approx(result["plan"], rel=5e-3)

@@ -200,14 +200,19 @@ class TrainMemoryModel:
                                  rank == 0, (n - 1) % pp == rank, unit_d, unit_e))
         return out
 
-    def in_flight(self, deg: Degrees, rank: int) -> float:
-        """Micro-batches whose activations a pipeline rank holds at its peak."""
-        p, m = deg.pp, deg.grad_accum
+    def in_flight(self, deg: Degrees, rank: int) -> list[float]:
+        """Micro-batches of each of the rank's chunks whose activations it holds at its peak: all
+        of them under GPipe; p - rank under 1F1B (its warm-up forwards and one more). Interleaved
+        over v chunks, torch's ScheduleInterleaved1F1B runs (v - 1) p + 2 (p - 1 - rank) warm-up
+        chunk forwards and one more before its first backward, p micro-batches of a chunk after
+        another, so the early chunks hold more of them."""
+        p, m, v = deg.pp, deg.grad_accum, deg.virtual_stages
         if deg.schedule == "gpipe":
-            return m
-        if deg.schedule == "interleaved" and p > 1:
-            return min(m, (p - rank) + (p - 1) / deg.virtual_stages)
-        return min(m, p - rank)
+            return [m]
+        if deg.schedule != "interleaved" or p == 1:
+            return [min(m, p - rank)]
+        forwards = min((v - 1) * p + 2 * (p - 1 - rank) + 1, m * v)
+        return [sum(1 for k in range(forwards) if (k // p) % v == c) for c in range(v)]
 
     def rank_bytes(self, deg: Degrees, share: RankShare) -> tuple[float, ...]:
         """(weights, gradients, optimizer, activations, temporary, overhead, peak, in-flight) of one rank."""
@@ -217,9 +222,10 @@ class TrainMemoryModel:
                                        optimizer=self.bytes_o)
         we, ge, oe = model_state_bytes(expert, dp=deg.edp, zero=deg.zero, weight=self.bytes_w, grad=self.bytes_g,
                                        optimizer=self.bytes_o)
-        saved, working = self._activations(deg, share)
-        in_flight = self.in_flight(deg, share.rank)
-        act = saved * in_flight
+        chunks, working = self._activations(deg, share)
+        counts = self.in_flight(deg, share.rank)
+        act = sum(n * saved for n, saved in zip(counts, chunks))
+        in_flight = sum(counts) / len(counts)  # in micro-batches of the whole rank
         temporary = working
         if share.last:  # the loss's fp32 gradient over one head's logits (full vocabulary: see below)
             temporary += FP32 * self.V * deg.micro_batch_size * self.s
@@ -236,35 +242,38 @@ class TrainMemoryModel:
                            temporary=int(temporary), overhead=int(overhead), peak=int(peak), capacity=self.capacity,
                            fits=peak <= self.capacity, stage=rank, in_flight_micro_batches=in_flight)
 
-    def _activations(self, deg: Degrees, share: RankShare) -> tuple[float, float]:
-        """(saved bytes of all the rank's chunks for one micro-batch, the largest working set)."""
+    def _activations(self, deg: Degrees, share: RankShare) -> tuple[list[float], float]:
+        """(saved bytes of each of the rank's chunks for one micro-batch, the largest working set).
+        The last stage's final norm, head and MTP modules belong to its last chunk."""
         key = (deg.tp, deg.sequence_parallel, deg.micro_batch_size, share.chunks, share.last)
         if key in self._cache:
             return self._cache[key]
         b, s, h, tp, sp = deg.micro_batch_size, self.s, self.h, deg.tp, deg.sequence_parallel and deg.tp > 1
         recompute, (act, stream) = self.spec.train.recompute, value_bytes(self.spec.train.precision)
         n_layers = len(self.layer_act)
-        blocks = [j for chunk in share.chunks for j in chunk]
-        if share.last:
-            blocks += [n_layers + k for k in range(len(self.mtp_act))]
-        saved = working = 0.0
-        for j in blocks:
-            kept, work = block_bytes(self.layer_act[j] if j < n_layers else self.mtp_act[j - n_layers], b=b, s=s,
-                                     tp=tp, sp=sp, checkpointed=recomputed(recompute, j), h=h, stream=stream)
-            saved += kept
-            working = max(working, work)
-        if self.rope_dim and blocks:  # cos and sin, built once per forward and read by every block
-            saved += 2 * act * self.rope_dim * s
-        if share.last:
-            shard = tp if sp else 1
-            depth = len(self.mtp_act)
-            # the final norm's input (the stream), the head's (gathered over the sequence under SP),
-            # and each head's fp32 log-probabilities, which the loss keeps over the full vocabulary
-            # (TP gathers the logits); the logits themselves are freed before the backward
-            per_token = stream * h / shard + act * h + (1 + depth) * FP32 * self.V
-            # per MTP depth: its enorm input (the stream), eh_proj input (2h, gathered under SP),
-            # final norm input (the stream) and head input
-            per_token += depth * (2 * stream * h / shard + 3 * act * h)
-            saved += per_token * b * s
-        self._cache[key] = (saved, working)
+        chunks, working = [], 0.0
+        for c, chunk in enumerate(share.chunks):
+            tail = share.last and c == len(share.chunks) - 1
+            blocks = list(chunk) + ([n_layers + k for k in range(len(self.mtp_act))] if tail else [])
+            saved = 0.0
+            for j in blocks:
+                kept, work = block_bytes(self.layer_act[j] if j < n_layers else self.mtp_act[j - n_layers], b=b,
+                                         s=s, tp=tp, sp=sp, checkpointed=recomputed(recompute, j), h=h, stream=stream)
+                saved += kept
+                working = max(working, work)
+            if self.rope_dim and blocks:  # cos and sin, built once per forward and read by every block
+                saved += 2 * act * self.rope_dim * s
+            if tail:
+                shard = tp if sp else 1
+                depth = len(self.mtp_act)
+                # the final norm's input (the stream), the head's (gathered over the sequence under
+                # SP), and each head's fp32 log-probabilities, which the loss keeps over the full
+                # vocabulary (TP gathers the logits); the logits themselves are freed before the backward
+                per_token = stream * h / shard + act * h + (1 + depth) * FP32 * self.V
+                # per MTP depth: its enorm input (the stream), eh_proj input (2h, gathered under SP),
+                # final norm input (the stream) and head input
+                per_token += depth * (2 * stream * h / shard + 3 * act * h)
+                saved += per_token * b * s
+            chunks.append(saved)
+        self._cache[key] = (chunks, working)
         return self._cache[key]
