@@ -43,16 +43,8 @@ def load_for_inference(path, device="cpu", dtype=None):
     model = io.build_model(plan, device)
     model.mtp = torch.nn.ModuleList()       # not stored (see the module docstring)
     quantize_model(model, cfg, structure_only=True)
-    state = io.read_weights(model_dir / "model.safetensors", device)
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as e:  # shapes that differ from the plan's
-        detail = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), str(e))
-        raise UserError(f"{model_dir}: the quantized weights do not match plan.json: {detail}") from None
-    missing = [k for k in missing if not k.endswith(".original")]   # empty placeholders, not saved
-    if missing or unexpected:
-        raise UserError(f"{model_dir}: the quantized weights do not match plan.json: "
-                        f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+    weights = model_dir / "model.safetensors"
+    io.load_state(model, io.read_weights(weights, device), weights, unsaved=".original")  # empty placeholders
     set_compute_dtype(model, io._dtype(dtype) or torch.float32)
     tokenizer = io.read_tokenizer(model_dir)
     return model.eval(), plan, tokenizer

@@ -141,13 +141,16 @@ def read_tokenizer(model_dir):
         raise UserError(f"{path}: not a valid tokenizer.json ({e})") from None
 
 
-def load_state(model, state: dict, path) -> None:
-    """Load `state` into `model` (strict=False), refused when names or shapes differ from the plan's model."""
+def load_state(model, state: dict, path, unsaved: str | None = None) -> None:
+    """Load `state` into `model` (strict=False), refused when names or shapes differ from the plan's
+    model; parameters named `*{unsaved}` may be absent (placeholders that are not stored)."""
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as e:  # shapes that differ from the plan's
         detail = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), str(e))
         raise UserError(f"{path} does not match its plan.json: {detail}") from None
+    if unsaved:
+        missing = [k for k in missing if not k.endswith(unsaved)]
     if missing or unexpected:
         raise UserError(f"{path} does not match its plan.json: "
                         f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
