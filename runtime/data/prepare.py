@@ -136,9 +136,62 @@ def _source_bytes(spec, source) -> int:
     return min(total, spec.data.max_bytes) if spec.data.max_bytes else total
 
 
+def _write_prepared(spec, tmp: Path, fp: str, console: Console) -> None:
+    """The tokenizer, the shards of every source and the manifest, into the folder `tmp`."""
+    data, sft = spec.data, _is_sft(spec)
+    template = ChatTemplate(data.tokenizer.chat_template)
+
+    if data.tokenizer.path:
+        tok = load_tokenizer(data.tokenizer.path)
+        where = data.tokenizer.path
+    else:
+        vocab = data.tokenizer.vocab_size or spec.model.vocab_size
+        with console.status(f"training a byte-level BPE tokenizer ({vocab} tokens)"):
+            tok = train_tokenizer(_tokenizer_texts(spec, template), vocab)
+        where = "data.tokenizer.vocab_size"
+    check_vocab(tok, spec.model.vocab_size, where)
+    tok.save(str(tmp / "tokenizer.json"))
+    special = special_ids(tok)
+    dtype = token_dtype(tok.get_vocab_size(with_added_tokens=True))
+    every = max(2, round(1 / data.val_fraction)) if data.val_fraction > 0 else 0
+
+    manifest = {"version": FORMAT_VERSION, "fingerprint": fp, "tokenizer": "tokenizer.json", "special": special,
+                "vocab_size": tok.get_vocab_size(with_added_tokens=True), "dtype": dtype.name, "sft": sft,
+                "sources": []}
+    ctx = multiprocessing.get_context("spawn")  # no fork after tokenizers/torch started threads
+    columns = [TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn()]
+    with _worker_pool(ctx, tok.to_str(), data.tokenizer.chat_template) as pool, \
+            Progress(*columns, console=console, transient=True) as progress:
+        for i, source in enumerate(data.sources):
+            task = progress.add_task(f"tokenizing {source.path}", total=_source_bytes(spec, source))
+            bad, hasher = BadRecords(data.on_bad_record), hashlib.sha256()
+            writers = {split: ShardWriter(tmp / f"source{i}-{split}", dtype, special["eos"], sft)
+                       for split in ("train", "val")}
+            n_docs = 0
+            for encoded in pool.imap(_encode, _batches(_documents(spec, source, bad), hasher, progress, task)):
+                for ids, mask in encoded:
+                    if not ids or (mask is not None and not any(mask)):
+                        continue
+                    split = "val" if every and n_docs % every == every - 1 else "train"
+                    writers[split].add(ids, mask)
+                    n_docs += 1
+            train, val = writers["train"].close(), writers["val"].close()
+            if n_docs == 0:
+                raise DataError(f"{source.path}: no documents with text found"
+                                + (f" ({bad.total} bad records skipped)" if bad.total else ""))
+            if every and val["documents"] == 0:
+                train, val = split_tail(tmp / train["name"], tmp / val["name"], data.val_fraction, dtype, sft)
+            manifest["sources"].append({
+                "path": source.path, "format": source.format, "field": _field(source, sft), "documents": n_docs,
+                "sha256": hasher.hexdigest(), "skipped": dict(bad.counts), "train": train,
+                "val": val if every else None})
+            if bad.total:
+                console.print(f"[yellow]{source.path}: skipped {bad.total} bad records: {dict(bad.counts)}")
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+
+
 def prepare(spec, *, console: Console | None = None) -> Path:
     """Tokenize the spec's sources into shards (unless already prepared); return the folder."""
-    data, sft = spec.data, _is_sft(spec)
     out = prepared_dir(spec)
     fp = fingerprint(spec)
     if (out / "manifest.json").is_file() and load_manifest(out).get("fingerprint") == fp:
@@ -148,55 +201,7 @@ def prepare(spec, *, console: Console | None = None) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        template = ChatTemplate(data.tokenizer.chat_template)
-
-        if data.tokenizer.path:
-            tok = load_tokenizer(data.tokenizer.path)
-            where = data.tokenizer.path
-        else:
-            vocab = data.tokenizer.vocab_size or spec.model.vocab_size
-            with console.status(f"training a byte-level BPE tokenizer ({vocab} tokens)"):
-                tok = train_tokenizer(_tokenizer_texts(spec, template), vocab)
-            where = "data.tokenizer.vocab_size"
-        check_vocab(tok, spec.model.vocab_size, where)
-        tok.save(str(tmp / "tokenizer.json"))
-        special = special_ids(tok)
-        dtype = token_dtype(tok.get_vocab_size(with_added_tokens=True))
-        every = max(2, round(1 / data.val_fraction)) if data.val_fraction > 0 else 0
-
-        manifest = {"version": FORMAT_VERSION, "fingerprint": fp, "tokenizer": "tokenizer.json", "special": special,
-                    "vocab_size": tok.get_vocab_size(with_added_tokens=True), "dtype": dtype.name, "sft": sft,
-                    "sources": []}
-        ctx = multiprocessing.get_context("spawn")  # no fork after tokenizers/torch started threads
-        columns = [TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn()]
-        with _worker_pool(ctx, tok.to_str(), data.tokenizer.chat_template) as pool, \
-                Progress(*columns, console=console, transient=True) as progress:
-            for i, source in enumerate(data.sources):
-                task = progress.add_task(f"tokenizing {source.path}", total=_source_bytes(spec, source))
-                bad, hasher = BadRecords(data.on_bad_record), hashlib.sha256()
-                writers = {split: ShardWriter(tmp / f"source{i}-{split}", dtype, special["eos"], sft)
-                           for split in ("train", "val")}
-                n_docs = 0
-                for encoded in pool.imap(_encode, _batches(_documents(spec, source, bad), hasher, progress, task)):
-                    for ids, mask in encoded:
-                        if not ids or (mask is not None and not any(mask)):
-                            continue
-                        split = "val" if every and n_docs % every == every - 1 else "train"
-                        writers[split].add(ids, mask)
-                        n_docs += 1
-                train, val = writers["train"].close(), writers["val"].close()
-                if n_docs == 0:
-                    raise DataError(f"{source.path}: no documents with text found"
-                                    + (f" ({bad.total} bad records skipped)" if bad.total else ""))
-                if every and val["documents"] == 0:
-                    train, val = split_tail(tmp / train["name"], tmp / val["name"], data.val_fraction, dtype, sft)
-                manifest["sources"].append({
-                    "path": source.path, "format": source.format, "field": _field(source, sft), "documents": n_docs,
-                    "sha256": hasher.hexdigest(), "skipped": dict(bad.counts), "train": train,
-                    "val": val if every else None})
-                if bad.total:
-                    console.print(f"[yellow]{source.path}: skipped {bad.total} bad records: {dict(bad.counts)}")
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        _write_prepared(spec, tmp, fp, console)
     except BaseException:  # bad data, Ctrl-C: no half-prepared folder stays behind
         shutil.rmtree(tmp, ignore_errors=True)
         raise
