@@ -145,8 +145,7 @@ class TrainMemoryModel:
         self.spec, self.p = spec, p
         m, t = spec.model, spec.train
         self.h, self.s, self.V = m.d_model, t.seq_len, m.vocab_size
-        self.rope_dim = 0 if m.positions != "rope" else (
-            m.attention.qk_rope_head_dim if m.attention.kind == "mla" else m.dim_per_head)
+        self.rope_dim = m.rope_dim if m.positions == "rope" else 0
         d = shapes(m)
         kinds = {False: block(m, d, False)}
         if m.moe:

@@ -204,6 +204,11 @@ class ModelSpec(Table):
         return self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
 
     @property
+    def rope_dim(self) -> int:
+        """Dims per head that carry RoPE: all of them, or MLA's decoupled qk_rope_head_dim."""
+        return self.attention.qk_rope_head_dim if self.attention.kind == "mla" else self.dim_per_head
+
+    @property
     def gated(self) -> bool:
         return self.activation in ("swiglu", "geglu")
 

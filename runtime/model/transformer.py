@@ -43,11 +43,6 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return losses.sum() / (labels != -100).sum().clamp(min=1)
 
 
-def rope_dim(cfg) -> int:
-    """Dims per head that carry RoPE: all of them, or MLA's decoupled qk_rope_head_dim."""
-    return cfg.attention.qk_rope_head_dim if cfg.attention.kind == "mla" else cfg.dim_per_head
-
-
 class Block(nn.Module):
     """Pre-norm residual block: h = x + attn(norm(x)); out = h + ffn(norm(h))."""
 
@@ -92,7 +87,7 @@ class Transformer(nn.Module):
         self.moe_layer_ids = [i for i in range(cfg.n_layers) if cfg.is_moe_layer(i)]
         self.mtp_moe_depths = [k for k, m in enumerate(self.mtp) if m.block.is_moe]  # 0-based
         self.rope_attention_factor = rope_attention_factor(cfg.rope)
-        self.register_buffer("inv_freq", rope_inv_freq(rope_dim(cfg), cfg.rope), persistent=False)
+        self.register_buffer("inv_freq", rope_inv_freq(cfg.rope_dim, cfg.rope), persistent=False)
 
     # ---------------------------------------------------------------- init
     @torch.no_grad()
@@ -105,7 +100,7 @@ class Transformer(nn.Module):
         """
         std = self.cfg.init_std
         out_std = std / math.sqrt(2 * self.cfg.n_layers)
-        self.inv_freq.copy_(rope_inv_freq(rope_dim(self.cfg), self.cfg.rope).to(self.inv_freq.device))
+        self.inv_freq.copy_(rope_inv_freq(self.cfg.rope_dim, self.cfg.rope).to(self.inv_freq.device))
         for name, module in self.named_modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 is_out = name.endswith(("attn.wo", ".w2"))

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from ...compiler.plan.activations import recomputed
 from ...compiler.spec import Spec
 from ..allocator import keep_freed_memory
 from ..data.dataset import TrainData
@@ -46,17 +47,16 @@ def apply_recompute(model, mode: str) -> None:
     """Activation checkpointing around blocks, from outside the model: `full` wraps every block,
     `selective` the even ones, by block id over the whole model (layers 0, 2, 4, ..., then MTP
     block k as block n_layers + k), whatever stage a pipeline later puts them in: half the
-    activation memory saved for half a forward recomputed. The plan counts the same blocks
-    (compiler/plan/activations.py, `recomputed`)."""
+    activation memory saved for half a forward recomputed: the plan's rule (`recomputed`)."""
     if mode == "none":
         return
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
     wrap = lambda block: checkpoint_wrapper(block, preserve_rng_state=True)  # noqa: E731
     for i, key in enumerate(list(model.layers.keys())):
-        if mode == "full" or i % 2 == 0:
+        if recomputed(mode, i):
             model.layers[key] = wrap(model.layers[key])
     for k, module in enumerate(model.mtp, start=len(model.layers)):
-        if mode == "full" or k % 2 == 0:
+        if recomputed(mode, k):
             module.block = wrap(module.block)
 
 
