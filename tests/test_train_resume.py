@@ -7,7 +7,7 @@ import time
 import pytest
 from safetensors.torch import load_file
 
-from train_helpers import llmc_train, metrics
+from train_helpers import llmc_train, metrics, train_args
 
 RUN = ["train.max_steps=14", "train.checkpoint_every=3", "train.eval_every=7", "train.keep_checkpoints=2",
        "train.global_batch_size=4", "train.micro_batch_size=2"]
@@ -118,7 +118,50 @@ def test_resuming_a_finished_run_changes_nothing(tmp_path):
     more = llmc_train(tmp_path, "run", "train.max_steps=3", resume=True)
     assert more.returncode == 0, more.stderr[-3000:]
     assert [m["step"] for m in metrics(run)] == [1, 2, 3]
-    assert json.loads((run / "report.json").read_text())["measured"]["steps"] == 1
+    report = json.loads((run / "report.json").read_text())
+    assert report["steps"] == 3 and report["measured"]["steps"] == 1  # the run's steps, this process's
+
+
+class Killed(BaseException):
+    """The process dying between its last checkpoint and the final model save."""
+
+
+def test_resume_after_a_kill_before_the_final_save_saves_and_reports_the_true_steps(tmp_path, monkeypatch):
+    """A run killed after its last checkpoint, before the final model and report: --resume saves the
+    model and reports the checkpoint's steps, tokens and validation (it reported 0 steps, no validation
+    and no checkpoint); and when an earlier session's model and report are there, it does not take
+    them for this step's ("nothing to train", with the model of step 2 under a checkpoint of step 3)."""
+    from llmc.compiler.cli import main
+    from llmc.runtime.train.loop import Trainer
+
+    run, save = tmp_path / "run", Trainer.save_final_model
+
+    def session(steps: int, kill: bool = False) -> int:
+        def killed(*args, **kwargs):
+            raise Killed
+        monkeypatch.setattr(Trainer, "save_final_model", killed if kill else save)
+        return main(train_args(tmp_path, "run", f"train.max_steps={steps}", resume=True))
+
+    with pytest.raises(Killed):
+        session(2, kill=True)
+    assert (run / "checkpoints" / "step-00000002").is_dir()
+    assert not (run / "model").exists() and not (run / "report.json").exists()
+
+    assert session(2) == 0
+    report = json.loads((run / "report.json").read_text())
+    assert "Steps: 2 (1,024 tokens)" in (run / "report.md").read_text()  # global batch 8 x seq_len 64
+    assert (report.get("steps"), report.get("tokens"), report["last_checkpoint_step"]) == (2, 1024, 2)
+    assert report["measured"]["steps"] == 0 and report["measured"]["tokens_per_s"] is None
+    assert report["validation"]["val_loss"] == pytest.approx(metrics(run)[-1]["val_loss"], rel=1e-6)
+    step2 = load_file(str(run / "model" / "model.safetensors"))
+
+    with pytest.raises(Killed):  # the model and report of step 2 stay; the checkpoint is of step 3
+        session(3, kill=True)
+    assert session(3) == 0
+    assert json.loads((run / "report.json").read_text()).get("steps") == 3
+    step3 = load_file(str(run / "model" / "model.safetensors"))
+    assert any(not (step2[k] == step3[k]).all() for k in step2)
+    assert [m["step"] for m in metrics(run)] == [1, 2, 3]
 
 
 def test_out_naming_a_file_is_one_error_line_and_keeps_the_file(tmp_path):

@@ -27,6 +27,17 @@ def _spec_for(args):
     return load_spec(args.spec, args.overrides)
 
 
+def _finished(run_dir: Path, step: int) -> bool:
+    """The run's final model and report are of `step` (the report is written last; a run killed
+    after its last checkpoint has none, or an earlier session's)."""
+    try:
+        report = json.loads((run_dir / "report.json").read_text())
+    except (OSError, ValueError):
+        return False
+    model = run_dir / "model" / "model.safetensors"
+    return isinstance(report, dict) and report.get("steps") == step and model.is_file()
+
+
 def main(args) -> int:
     from ...compiler.plan import build_plan
     from ..data.prepare import prepare, summary
@@ -42,8 +53,7 @@ def main(args) -> int:
         ckpt = latest_checkpoint(run_dir)
         if ckpt is None:
             print(f"no complete checkpoint in {run_dir}: starting from step 0", file=sys.stderr)
-        elif check_resumable(ckpt, plan, spec.train.steps) == spec.train.steps and \
-                (run_dir / "model" / "model.safetensors").is_file():
+        elif (step := check_resumable(ckpt, plan, spec.train.steps)) == spec.train.steps and _finished(run_dir, step):
             print(f"{run_dir} has finished its {spec.train.steps} steps ({ckpt.name}): nothing to train; "
                   "raise train.max_steps to continue it", file=sys.stderr)
             return 0
@@ -60,7 +70,8 @@ def main(args) -> int:
         from .loop import train
         report = train(plan, run_dir, init_distributed(), resume=args.resume)
         val = report.get("validation") or {}
-        print(f"run directory: {run_dir}  ({report['measured']['tokens_per_s']:,.0f} tokens/s"
+        tps = report["measured"]["tokens_per_s"]
+        print(f"run directory: {run_dir}  (step {report['steps']}" + (f", {tps:,.0f} tokens/s" if tps else "")
               + (f", val_loss {val['val_loss']:.4f}" if val else "") + ")", file=sys.stderr)
         return 0
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",

@@ -225,7 +225,7 @@ class Trainer:
         log = MetricsLog(self.run_dir, env.is_main)
         progress = ProgressDisplay(self.total_steps, self.step, t.log_every, env.is_main)
         tokens_per_step = t.global_batch_size * t.seq_len
-        last_eval, last_saved = None, None
+        last_eval, last_saved = None, self.step or None  # (a resumed run's: the one it started from)
         self.model.train()
         try:
             while self.step < self.total_steps:
@@ -237,10 +237,7 @@ class Trainer:
                 record["tokens_per_s"] = tokens_per_step / step_time
                 record["mfu"] = self.flops_per_token * record["tokens_per_s"] / self.peak
                 if t.eval_every and self.step % t.eval_every == 0 or self.step == self.total_steps:
-                    if self.pipe is None:
-                        last_eval = evaluate(self.model, self.val_batches, env, t.precision)
-                    else:  # parallel runtime: the schedule's forward-only pass over the stages
-                        last_eval = self.pipe.evaluate(self.val_batches)
+                    last_eval = self.evaluate()
                     if last_eval:
                         record.update(last_eval)
                         progress.note(f"step {self.step}: val_loss {last_eval['val_loss']:.4f} "
@@ -254,15 +251,23 @@ class Trainer:
         finally:
             progress.close()
             log.close()
+        if last_eval is None:  # resumed with no steps left (killed before the final save): the final figures
+            last_eval = self.evaluate()
         final_state = full_state_dict(self.model)  # gathered from shards: every rank takes part
         if env.is_main:
             self.save_final_model(final_state)
-            report = write_report(self.run_dir, self.plan, self.clock, last_eval, env, last_saved)
+            report = write_report(self.run_dir, self.plan, self.clock, last_eval, env, last_saved, self.step)
             if getattr(self, "model_states", None):  # parallel runtime: measured vs planned bytes
                 report["model_states"] = self.model_states
                 (self.run_dir / "report.json").write_text(json.dumps(report, indent=2))
             return report
         return {}
+
+    def evaluate(self) -> dict | None:
+        """Validation loss and perplexity over every rank's validation batches (None without any)."""
+        if self.pipe is None:
+            return evaluate(self.model, self.val_batches, self.env, self.t.precision)
+        return self.pipe.evaluate(self.val_batches)  # parallel runtime: the schedule's forward-only pass
 
     def save_final_model(self, full_state: dict | None = None) -> Path:
         """RUN_DIR/model/: plan.json, model.safetensors, tokenizer.json (the model folder contract)."""

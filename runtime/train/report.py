@@ -1,7 +1,9 @@
 """The run report: measured throughput, step time and peak memory beside the plan's predictions.
 
-Written by rank 0 as RUN_DIR/report.json and RUN_DIR/report.md at the end of a run. Peak memory is
-`torch.cuda.max_memory_allocated` on a GPU and the peak resident set size of the process on a CPU.
+Written by rank 0 as RUN_DIR/report.json and RUN_DIR/report.md at the end of a run. `steps` and
+`tokens` are the run's (a resumed run's counted from step 0), `measured` what this process ran.
+Peak memory is `torch.cuda.max_memory_allocated` on a GPU and the peak resident set size of the
+process on a CPU.
 FLOPs per token and the device peak come from the plan when it states them, else from the estimate
 6 x (non-embedding active parameters) + 12 x layers x heads x head_dim x seq_len (forward + backward).
 """
@@ -94,25 +96,28 @@ def _predictions(plan: dict, world_size: int, tokens_per_step: int, fpt: float) 
             "memory_bytes": per_device if isinstance(per_device, (int, float)) else None}
 
 
-def write_report(run_dir: Path, plan: dict, clock: RunClock, val: dict | None, env, last_checkpoint) -> dict:
-    """report.json + report.md; returns the report."""
+def write_report(run_dir: Path, plan: dict, clock: RunClock, val: dict | None, env, last_checkpoint,
+                 step: int) -> dict:
+    """report.json + report.md; returns the report. `step`: the step the run has reached (its
+    checkpoint's, for a resumed run), of which this process timed `clock.times`."""
     spec = plan["spec"]
     tokens_per_step = spec["train"]["global_batch_size"] * spec["train"]["seq_len"]
     timed = clock.times[2:] if len(clock.times) > 4 else clock.times  # the first steps include warm-up
-    step_time = statistics.median(timed) if timed else float("nan")
     fpt = flops_per_token(plan)
     mem, kind = peak_memory(env.device)
-    tps = tokens_per_step / step_time if timed else 0.0
+    # a resumed run with no steps left measured no speed: None, not 0 tokens/s
+    step_time = statistics.median(timed) if timed else None
+    tps = tokens_per_step / step_time if timed else None
     measured = {"steps": len(clock.times), "measured_steps": len(timed), "step_time_s": step_time,
-                "tokens_per_s": tps, "mfu": fpt * tps / (peak_flops(plan) * env.world_size),
+                "tokens_per_s": tps, "mfu": fpt * tps / (peak_flops(plan) * env.world_size) if timed else None,
                 "peak_memory_bytes": mem, "peak_memory_kind": kind}
     predicted = _predictions(plan, env.world_size, tokens_per_step, fpt)
     report = {"name": spec["job"]["name"], "world_size": env.world_size, "plan_hash": plan.get("spec_hash"),
-              "flops_per_token": fpt, "measured": measured,
+              "steps": step, "tokens": step * tokens_per_step, "flops_per_token": fpt, "measured": measured,
               "plan": {"tokens_per_s": predicted["tokens_per_s_value"], "step_time_s": predicted["step_time_value"],
                        "mfu": predicted["mfu_value"], "memory_bytes_per_device": predicted["memory_bytes"]},
               "validation": val, "last_checkpoint_step": last_checkpoint}
     (Path(run_dir) / "report.json").write_text(json.dumps(report, indent=2))
     (Path(run_dir) / "report.md").write_text(
-        _render_markdown(name=report["name"], m=measured, p=predicted, world_size=env.world_size, val=val))
+        _render_markdown(r=report, m=measured, p=predicted, world_size=env.world_size, val=val))
     return report
