@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from llmc.compiler.errors import UserError
 from llmc.compiler.spec import ModelSpec
 
+from .folders import output_folder, staged_folder
 from .hf_tables import DEEPSEEK_MTP_COPIES, IGNORED_HF, TABLES, Rule
 
 _FIELDS = {"i": r"(?P<i>\d+)", "k": r"(?P<k>\d+)", "p": r"(?P<p>weight|bias)"}
@@ -254,7 +255,7 @@ def import_checkpoint(folder: Path, out: Path, imported) -> None:
 
     from .data.tokenizer import load_tokenizer
     from .model import Transformer
-    from .model.io import output_folder, save_model
+    from .model.io import save_model
 
     out = output_folder(out, folder)
     tokenizer = Path(folder) / "tokenizer.json"
@@ -283,7 +284,8 @@ def import_checkpoint(folder: Path, out: Path, imported) -> None:
     except RuntimeError as e:
         raise UserError(f"the checkpoint's tensors do not fit the model its config.json describes: {e}") from None
     plan = _plan_document(spec)
-    save_model(model, plan, out, tokenizer=tokenizer if tokenizer.is_file() else None)
+    with staged_folder(out) as tmp:
+        save_model(model, plan, tmp, tokenizer=tokenizer if tokenizer.is_file() else None)
 
 
 def _plan_document(spec) -> dict:
@@ -297,7 +299,7 @@ def export_checkpoint(checkpoint, out: Path) -> dict:
     """Write the llmc model folder (or run directory) `checkpoint` as a HF model folder; its config."""
     from llmc.compiler.hf import model_to_hf
 
-    from .model.io import load_model, output_folder, resolve_model_dir
+    from .model.io import load_model, resolve_model_dir
 
     out = output_folder(out, checkpoint, resolve_model_dir(checkpoint))
     if (resolve_model_dir(checkpoint) / "quantization.json").is_file():
@@ -313,13 +315,14 @@ def export_checkpoint(checkpoint, out: Path) -> dict:
         print("warning: MTP modules dropped (only DeepSeek's format stores them)", file=sys.stderr)
         state = {k: v for k, v in state.items() if not k.startswith("mtp.")}
     tensors = Adapter(family, model.cfg).state_to_hf(state)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     tokenizer = resolve_model_dir(checkpoint) / "tokenizer.json"
-    if tokenizer.is_file():
-        shutil.copyfile(tokenizer, out / "tokenizer.json")
-        (out / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}) + "\n")
+    with staged_folder(out) as tmp:
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if tokenizer.is_file():
+            shutil.copyfile(tokenizer, tmp / "tokenizer.json")
+            tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast"}
+            (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config) + "\n")
     return config
 
 

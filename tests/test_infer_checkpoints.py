@@ -223,3 +223,78 @@ def test_output_into_a_folder_that_holds_files_is_refused_and_kept(tmp_path, cap
     (tmp_path / "empty").mkdir()   # an empty folder is fine
     assert llmc(["quantize", str(src), "--bits", "8", "-o", str(tmp_path / "empty")]) == 0
     assert (tmp_path / "empty" / "model.safetensors").is_file()
+
+
+WRITES = {  # verb: (arguments before the output folder, the module whose weights writer it calls, files written)
+    "quantize": (["quantize", "{src}", "--bits", "8", "-o"], "llmc.runtime.infer.checkpoint",
+                 ["model.safetensors", "plan.json", "quantization.json", "tokenizer.json"]),
+    "export": (["export", "hf", "{src}", "-o"], "llmc.runtime.hf_weights",
+               ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]),
+    "import": (["import", "hf", "{hf}", "-o"], "llmc.runtime.model.io", ["model.safetensors", "plan.json", "tokenizer.json"]),
+}
+
+
+@pytest.mark.parametrize("verb", WRITES)
+def test_a_failure_while_writing_leaves_no_partial_output_folder(tmp_path, monkeypatch, verb):
+    """quantize, export hf and import hf wrote straight into -o: one that failed or was interrupted
+    while writing left a partial folder, which a re-run then refused ("already holds files"). Now
+    -o stays as it was (absent, or the empty folder given) with nothing left beside it, and a
+    re-run writes the whole model (into the folder given: the same folder, the same files)."""
+    import importlib
+
+    from safetensors.torch import load_file, save_file
+
+    from llmc.compiler.cli import main as llmc
+    from llmc.runtime.hf_weights import export_checkpoint
+
+    src = checkpoint(tmp_path, name="src")
+    export_checkpoint(src, tmp_path / "hf")
+    words, module, files = WRITES[verb]
+    args = [w.format(src=src, hf=tmp_path / "hf") for w in words]
+    writer = importlib.import_module(module)
+
+    def failing(error):
+        def write(tensors, path, metadata=None):
+            save_file(tensors, path, metadata=metadata)  # the weights are on disk,
+            raise error                                   # the rest is not
+        return write
+
+    before = sorted(p.name for p in tmp_path.iterdir())
+    out = tmp_path / "out"
+    monkeypatch.setattr(writer, "save_file", failing(OSError(28, "No space left on device")))
+    with pytest.raises(OSError, match="No space left"):
+        llmc(args + [str(out)])
+    assert not out.exists()
+    out.mkdir()
+    monkeypatch.setattr(writer, "save_file", failing(KeyboardInterrupt()))
+    assert llmc(args + [str(out)]) == 130
+    assert out.is_dir() and not any(out.iterdir())
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(before + ["out"])  # no temporary folder left
+
+    monkeypatch.undo()
+    inode = out.stat().st_ino
+    assert llmc(args + [str(out)]) == 0 and llmc(args + [str(tmp_path / "new" / "out")]) == 0
+    assert sorted(p.name for p in out.iterdir()) == files and out.stat().st_ino == inode
+    for name in files:  # (safetensors orders its metadata at random: the tensors are compared)
+        a, b = out / name, tmp_path / "new" / "out" / name
+        if name == "model.safetensors":
+            a, b = load_file(a), load_file(b)
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        else:
+            assert a.read_bytes() == b.read_bytes(), name
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(before + ["new", "out"])
+
+
+def test_a_folder_filled_meanwhile_is_neither_replaced_nor_mixed_into(tmp_path):
+    """Another process wrote `out` while this one was writing (e.g. two `data prepare` of the same
+    data): the rename is refused in one error line, their folder is kept and ours removed."""
+    from llmc.compiler.errors import UserError
+    from llmc.runtime.folders import staged_folder
+
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match="could not put the written files there"):
+        with staged_folder(out) as tmp:
+            (tmp / "ours").write_text("ours")
+            out.mkdir()
+            (out / "theirs").write_text("theirs")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and [p.name for p in out.iterdir()] == ["theirs"]

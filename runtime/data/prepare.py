@@ -22,6 +22,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
+from ...compiler.errors import UserError
+from ..folders import staged_folder
 from .chat import ChatTemplate, render_chat
 from .shards import ShardWriter, split_tail, token_dtype
 from .sources import BadRecords, DataError, iter_documents, source_files
@@ -190,27 +192,23 @@ def _write_prepared(spec, tmp: Path, fp: str, console: Console) -> None:
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
 
 
+def _is_prepared(out: Path, fp: str) -> bool:
+    return (out / "manifest.json").is_file() and load_manifest(out).get("fingerprint") == fp
+
+
 def prepare(spec, *, console: Console | None = None) -> Path:
     """Tokenize the spec's sources into shards (unless already prepared); return the folder."""
     out = prepared_dir(spec)
     fp = fingerprint(spec)
-    if (out / "manifest.json").is_file() and load_manifest(out).get("fingerprint") == fp:
+    if _is_prepared(out, fp):
         return out
     console = console or Console(stderr=True, quiet=not sys.stderr.isatty())
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    shutil.rmtree(out, ignore_errors=True)  # a damaged one (no manifest, or another fingerprint's)
     try:
-        _write_prepared(spec, tmp, fp, console)
-    except BaseException:  # bad data, Ctrl-C: no half-prepared folder stays behind
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(out, ignore_errors=True)
-    try:
-        os.replace(tmp, out)
-    except OSError:  # another process prepared the same data meanwhile: keep theirs
-        shutil.rmtree(tmp, ignore_errors=True)
-        if load_manifest(out).get("fingerprint") != fp:
+        with staged_folder(out) as tmp:  # bad data, Ctrl-C: no half-prepared folder stays behind
+            _write_prepared(spec, tmp, fp, console)
+    except UserError:
+        if not _is_prepared(out, fp):  # (else another process prepared the same data meanwhile: keep theirs)
             raise
     return out
 

@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 
 from llmc.compiler.errors import UserError
 
+from ..folders import output_folder, staged_folder
 from .quantize import QuantConfig, quantize_model, set_compute_dtype
 
 QUANT_FILE = "quantization.json"
@@ -54,7 +55,7 @@ def quantize_checkpoint(src, out, cfg: QuantConfig) -> Path:
     """Write a quantized copy of the checkpoint at `src` into `out`; returns the folder."""
     io = _model_io()
     model_dir = io.resolve_model_dir(src)
-    out = io.output_folder(out, src, model_dir)
+    out = output_folder(out, src, model_dir)
     if (model_dir / QUANT_FILE).is_file():
         raise UserError(f"{model_dir} is already quantized; quantize the original checkpoint")
     model, plan, _ = io.load_model(model_dir, "cpu", torch.float32)
@@ -66,11 +67,12 @@ def quantize_checkpoint(src, out, cfg: QuantConfig) -> Path:
             continue  # the placeholder under a parametrization: its data lives in the quantized buffers
         state[name] = (t.to(torch.bfloat16) if t.is_floating_point() and t.dtype != torch.bfloat16 else t)
         state[name] = state[name].contiguous()
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt", "llmc_quantization": f"int{cfg.bits}"})
-    (out / "plan.json").write_text(json.dumps(plan, indent=2))
-    (out / QUANT_FILE).write_text(json.dumps({"bits": cfg.bits, "group_size": cfg.group_size,
-                                              "symmetric": cfg.symmetric}))
-    if (model_dir / "tokenizer.json").is_file():
-        shutil.copyfile(model_dir / "tokenizer.json", out / "tokenizer.json")
+    with staged_folder(out) as tmp:
+        save_file(state, str(tmp / "model.safetensors"),
+                  metadata={"format": "pt", "llmc_quantization": f"int{cfg.bits}"})
+        (tmp / "plan.json").write_text(json.dumps(plan, indent=2))
+        (tmp / QUANT_FILE).write_text(json.dumps({"bits": cfg.bits, "group_size": cfg.group_size,
+                                                  "symmetric": cfg.symmetric}))
+        if (model_dir / "tokenizer.json").is_file():
+            shutil.copyfile(model_dir / "tokenizer.json", tmp / "tokenizer.json")
     return out

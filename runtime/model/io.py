@@ -50,23 +50,6 @@ def resolve_model_dir(path) -> Path:
                     f"in it or in {path / 'model'})")
 
 
-def output_folder(out, *inputs) -> Path:
-    """`out` as the folder a command writes a model into, refused when it is one of the folders the
-    command reads (the checkpoint, its run directory): the new files would replace the input; and
-    when it already holds files (another model, a run): they would be replaced or mixed with the new."""
-    out = Path(out)
-    for folder in inputs:
-        if out.resolve() == Path(folder).resolve():
-            raise UserError(f"-o {out} is the input folder {folder}: writing there would replace what is read; "
-                            f"give another output folder")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"-o {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()):  # another model or run: its files would be replaced or mixed in
-        held = ", ".join(sorted(p.name for p in out.iterdir())[:4])
-        raise UserError(f"-o {out} is a folder that already holds files ({held}); give a new or empty folder")
-    return out
-
-
 def plain_name(name: str) -> str:
     """A state-dict name without the parts wrappers insert (torch.compile's _orig_mod, DDP's module)."""
     return ".".join(p for p in name.split(".") if p not in WRAPPER_PARTS)

@@ -1,0 +1,60 @@
+"""The folders commands write their results into: `llmc quantize`, `export hf` and `import hf`
+(`-o OUT`), and `data prepare` (the cache folder of the prepared data).
+
+`output_folder` refuses an `-o` that would replace or mix with other files; `staged_folder` writes
+through a temporary sibling, so that a command that fails or is killed midway never leaves a
+partial folder under the final name (which a re-run would then refuse). No torch here: the data
+preparation and its tokenizing workers import this module.
+"""
+
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from llmc.compiler.errors import UserError
+
+
+def output_folder(out, *inputs) -> Path:
+    """`out` as the folder a command writes a model into, refused when it is one of the folders the
+    command reads (the checkpoint, its run directory): the new files would replace the input; and
+    when it already holds files (another model, a run): they would be replaced or mixed with the new."""
+    out = Path(out)
+    for folder in inputs:
+        if out.resolve() == Path(folder).resolve():
+            raise UserError(f"-o {out} is the input folder {folder}: writing there would replace what is read; "
+                            f"give another output folder")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"-o {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()):  # another model or run: its files would be replaced or mixed in
+        held = ", ".join(sorted(p.name for p in out.iterdir())[:4])
+        raise UserError(f"-o {out} is a folder that already holds files ({held}); give a new or empty folder")
+    return out
+
+
+@contextmanager
+def staged_folder(out) -> Iterator[Path]:
+    """A new folder to write into, beside `out` (`.NAME.tmp-PID`), that becomes `out` when the block
+    ends: renamed to it when `out` is absent, its files moved into `out` when `out` is an empty folder
+    (kept, for it may be a mount point or a shell's working directory). When the block raises (or is
+    interrupted by Ctrl-C) the folder is removed and `out` is left as it was; a process killed outright
+    leaves only the hidden folder. Raises UserError when `out` has been filled by another process."""
+    out = Path(out).absolute()  # (`-o .` has no name to put beside)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    given = out.is_dir()
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a killed process that had this pid
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        try:
+            if given:
+                for entry in tmp.iterdir():
+                    shutil.move(entry, out / entry.name)  # a rename on one filesystem
+            else:
+                os.replace(tmp, out)  # one atomic rename; refused if `out` appeared with files in it
+        except OSError as e:
+            raise UserError(f"{out}: could not put the written files there ({e.strerror or e}); "
+                            "they were removed") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
