@@ -19,8 +19,8 @@ import contextlib
 
 import torch
 
-# fp8 computes as bf16 here: there are no fp8 matmuls in this runtime yet (the plan still sizes
-# fp8's activation memory); fp32 runs without autocast
+# fp8 runs under a bf16 autocast; its blocks' linear layers multiply in fp8 (runtime/float8.py).
+# fp32 runs without autocast
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp8": torch.bfloat16, "fp16": torch.float16}
 STREAM_DTYPES = {"bf16": torch.bfloat16, "fp8": torch.bfloat16}
 

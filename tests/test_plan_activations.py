@@ -4,8 +4,9 @@ Every tensor autograd saves during a training step (model and loss, as the train
 it) is caught with `saved_tensors_hooks` and counted once per storage while some graph node
 holds it, leaving out the weights and their bf16 copies under autocast (the plan counts those as
 weights). The peak of that sum is what the device holds for the backward; the plan's
-`activations` must equal it, for each precision, recompute mode, tensor parallelism and
-pipeline schedule (the micro-batches in flight on each stage).
+`activations` must equal it, for each precision (fp8's linear layers keeping their inputs in
+fp8), recompute mode, tensor parallelism and pipeline schedule (the micro-batches in flight on
+each stage).
 """
 
 import json
@@ -21,7 +22,7 @@ from llmc.compiler.plan import build_plan
 from llmc.compiler.spec import load_spec
 from llmc.runtime.model import Transformer
 from llmc.runtime.precision import autocast
-from llmc.runtime.train.loop import apply_recompute
+from llmc.runtime.train.loop import apply_train_modes
 
 from parallel_helpers import free_port
 
@@ -37,6 +38,7 @@ MODELS = {
     "mla_moe": BASE + MOE + "[model.attention]\nkind = \"mla\"\nq_lora_rank = 64\nkv_lora_rank = 32\n"
                             "qk_nope_head_dim = 32\nqk_rope_head_dim = 16\nv_head_dim = 32\n",
 }
+
 
 
 def spec_for(folder, name: str, precision: str, recompute: str, tp: int = 1, sequence_parallel: bool = False,
@@ -121,7 +123,7 @@ def kept_for_backward(spec, wrap=lambda model: model) -> int:
     torch.manual_seed(0)
     model = Transformer(spec.model)
     model.init_weights()
-    apply_recompute(model, spec.train.recompute)
+    apply_train_modes(model, spec.train)
     model = wrap(model)
     tokens = torch.randint(0, spec.model.vocab_size, (1, T))
     with SavedForBackward([model]) as saved, autocast(torch.device("cpu"), spec.train.precision):
@@ -132,16 +134,18 @@ def kept_for_backward(spec, wrap=lambda model: model) -> int:
 
 def cpu_mla_padding(spec, tp: int = 1) -> int:
     """On CPU, MLA's values are padded to the query/key head dim for the flash kernel
-    (runtime/model/attention.py), which then also keeps its padded output apart from the output
-    projection's input: bf16 bytes of the MLA blocks beyond what a CUDA kernel keeps (per TP rank:
-    the heads are split)."""
+    (runtime/model/attention.py), which then keeps its padded output: bf16 bytes of the MLA blocks
+    beyond what a CUDA kernel keeps (per TP rank: the heads are split). Under bf16 that output is
+    apart from the output projection's input (a CUDA kernel's output is that input); under fp8 it
+    replaces the bf16 output the plan counts beside the projection's fp8 copy."""
     a, H = spec.model.attention, spec.model.n_heads
-    qk = a.qk_nope_head_dim + a.qk_rope_head_dim
-    return 2 * H // tp * ((qk - a.v_head_dim) + qk) * T * (spec.model.n_layers + spec.model.mtp.depth)
+    qk, dv = a.qk_nope_head_dim + a.qk_rope_head_dim, a.v_head_dim
+    output = qk - dv if spec.train.precision == "fp8" else qk
+    return 2 * H // tp * ((qk - dv) + output) * T * (spec.model.n_layers + spec.model.mtp.depth)
 
 
 @pytest.mark.parametrize("recompute", ["none", "selective", "full"])
-@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+@pytest.mark.parametrize("precision", ["bf16", "fp32", "fp8"])
 @pytest.mark.parametrize("name", ["gqa_swiglu", "moe_mtp"])
 def test_plan_counts_what_the_runtime_keeps(tmp_path, name, precision, recompute):
     spec = spec_for(tmp_path, name, precision, recompute)
@@ -152,7 +156,8 @@ def test_plan_counts_what_the_runtime_keeps(tmp_path, name, precision, recompute
 
 
 @pytest.mark.parametrize("name, precision", [("mha_gelu_learned", "bf16"), ("mla_moe", "bf16"),
-                                             ("gqa_swiglu", "fp16")])  # fp16: fp16 values, an fp32 stream
+                                             ("gqa_swiglu", "fp16"),  # fp16: fp16 values, an fp32 stream
+                                             ("mha_gelu_learned", "fp8"), ("mla_moe", "fp8")])
 def test_plan_counts_what_other_blocks_keep(tmp_path, name, precision):
     spec = spec_for(tmp_path, name, precision, "none")
     expected = build_plan(spec).memory.train.activations

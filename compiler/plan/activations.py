@@ -18,8 +18,10 @@ These are the tensors llmc's runtime keeps (tests/test_plan_activations.py measu
 its RMSNorm keeps its input and 1/rms, a gated FFN its gate and up outputs, flash attention no
 score matrix, only a float32 log-sum-exp per head. Bytes per value follow `train.precision`
 (`value_bytes`): bf16 (and fp8's bf16 compute) 2, fp32 4; under fp16 the residual stream, and so
-each norm's input, stays fp32. fp8 keeps the inputs of linear layers in 1 byte, as fp8 training
-does (llmc's runtime computes fp8 as bf16 for now, so that one is not measured). Masks: 1 byte.
+each norm's input, stays fp32. fp8 keeps the inputs of the blocks' linear layers in 1 byte (one
+copy per input, runtime/float8.py); where something else also keeps such an input, it keeps it
+in bf16 beside: flash attention its output (the output projection's input), the MoE router and
+the DSA indexer's head weights, which stay bf16, the norm's output that they read. Masks: 1 byte.
 
 Recompute, as the runtime checkpoints blocks (runtime/train/loop.py): `none` keeps everything;
 `full` keeps each block's input only and rebuilds one block at a time in the backward (that
@@ -69,25 +71,28 @@ def block_activations(m: ModelSpec, moe_layer: bool, *, flash: bool = True, drop
     """What one block of `m` saves for its backward, per token (see the module docstring).
 
     fp8 training keeps the inputs of linear layers in fp8 (1 byte) for the weight-gradient GEMM,
-    as DeepSeek-V3 and torchao's float8 linears do; everything else stays bf16.
+    as DeepSeek-V3 does; everything else stays bf16.
     """
     h = m.d_model
     a = m.attention
     H = m.n_heads
     act, stream = value_bytes(precision)
     lin = 1 if precision == "fp8" else act
+    also = lin if lin != act else 0  # an fp8 copy beside a bf16 tensor kept anyway (shared otherwise)
     mask = MASK * h if dropout else 0
     block_level = 2 * stream * h + 2 * mask  # two norm inputs (the residual stream), residual dropout masks
-    whole = 2 * lin * h                      # the two norm outputs that feed attention and FFN
+    # the two norm outputs that feed attention and FFN; the MoE router reads its norm's in bf16
+    whole = lin * h + ((act + (also if m.moe.shared_hidden else 0)) if moe_layer else lin) * h
+    attention_out = act + also if flash else lin    # flash attention keeps its output for its backward
     if a.kind == "mla":
         qk = a.qk_nope_head_dim + a.qk_rope_head_dim
         q_latent = (act + lin) * a.q_lora_rank                                # q_norm input and output
         kv_latent = act * (a.kv_lora_rank + a.qk_rope_head_dim) + lin * a.kv_lora_rank
         whole += q_latent + kv_latent
-        split = act * H * (2 * qk + a.v_head_dim) + lin * H * a.v_head_dim    # q, k, v; attention output
+        split = act * H * (2 * qk + a.v_head_dim) + attention_out * H * a.v_head_dim  # q, k, v; output
     else:
         dh, kv = m.dim_per_head, m.kv_heads
-        split = act * (H * dh + 2 * kv * dh) + lin * H * dh
+        split = act * (H * dh + 2 * kv * dh) + attention_out * H * dh
     split_per_key = 0.0
     if flash:
         split += FP32 * H                                                   # log-sum-exp per head
@@ -97,7 +102,7 @@ def block_activations(m: ModelSpec, moe_layer: bool, *, flash: bool = True, drop
     if a.sparse:
         # q, k, head weights, and the chosen top-k key positions (int32); the fp32 score matrix
         # over all keys is kept for the indexer's loss
-        whole += act * (a.index_n_heads * a.index_head_dim + a.index_head_dim + a.index_n_heads)
+        whole += act * (a.index_n_heads * a.index_head_dim + a.index_head_dim + a.index_n_heads) + also * h
         whole += FP32 * a.index_topk
         indexer_per_key = FP32
 

@@ -25,6 +25,7 @@ from .checkpoint import check_resumable, latest_checkpoint, load_checkpoint, sav
 from .distributed import DistEnv, all_reduce_sum, layout_of, parallelize, unwrap
 from ..parallel.run import (clip_grad_norm, data_rank, full_state_dict, model_states,  # parallel-runtime hooks
                             pipeline_for_plan)
+from ..float8 import apply_float8
 from ..precision import autocast
 from .metrics import MetricsLog, ProgressDisplay, truncate_metrics
 from .objectives import StepShare, build_objective
@@ -64,6 +65,16 @@ def apply_compile(model) -> None:
     """torch.compile each block (one compiled graph reused by every layer of the same shape)."""
     for key in list(model.layers.keys()):
         model.layers[key] = torch.compile(model.layers[key])
+
+
+def apply_train_modes(model, train) -> None:
+    """What `[train]` changes in a built model, before parallelisation: fp8 linears, recompute
+    around blocks, compiled blocks (in that order: each wraps what the one before left)."""
+    if train.precision == "fp8":
+        apply_float8(model)
+    apply_recompute(model, train.recompute)
+    if train.compile:
+        apply_compile(model)
 
 
 class _AgreeingGradScaler(torch.amp.GradScaler):
@@ -125,9 +136,7 @@ class Trainer:
                               self.t.global_batch_size, layout["micro_batch_size"], data_rank(layout, env.rank), layout["dp"])
 
         self.raw_model = build_model(spec, env.device, self.t.seed)
-        apply_recompute(self.raw_model, self.t.recompute)
-        if self.t.compile:
-            apply_compile(self.raw_model)
+        apply_train_modes(self.raw_model, self.t)
         self.pipe = None
         if layout.get("pp", 1) > 1:  # parallel runtime: this rank's pipeline stage and the schedule
             self.pipe = pipeline_for_plan(self.raw_model, plan, layout["micro_batch_size"], self.t.seq_len)
