@@ -2,13 +2,13 @@
 
 As DeepSeek-V3 trains (its report, section 3.3), and torchao's float8 linears with tensorwise
 scaling: the input and the weight of each linear layer in a Transformer block (attention
-projections, dense FFN, shared and routed experts, DSA indexer) are cast to float8 e4m3 with one
+projections, dense FFN, shared and routed experts) are cast to float8 e4m3 with one
 scale per tensor, amax / 448 (per expert for the experts' stacked weights); the gradient flowing
 back is cast to e5m2, amax / 57344, whose range suits gradients. Products accumulate in fp32 and
 come out in bf16. What a layer keeps for its weight gradient is its input in fp8: 1 byte a
 value, as the plan counts it, and one copy per input tensor even when several projections read
-it (q, k and v; gate and up). The embedding, the output head, the MoE router, the norms and the
-attention scores stay in bf16 (the autocast that fp8 runs under, runtime/precision.py).
+it (q, k and v; gate and up). The embedding, the output head, the MoE router, the DSA indexer,
+the norms and the attention scores stay in bf16 (the autocast that fp8 runs under, runtime/precision.py).
 
 Where torch has fp8 matmuls (CUDA devices of compute capability 8.9 and up), `torch._scaled_mm`
 does the dense products. Elsewhere, and for the routed experts' grouped products everywhere, the
@@ -27,9 +27,10 @@ from .model.moe import GroupedExperts
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 WIDE = torch.bfloat16
-# gating layers stay wide, as in DeepSeek-V3: the MoE router, Qwen's shared-expert gate, and the
-# DSA indexer's per-head weights
-GATES = ("router.gate", "shared_gate", "weights_proj")
+# Stay bf16: gating layers, as in DeepSeek-V3 (the MoE router, Qwen's shared-expert gate), and
+# the DSA indexer, which reads detached copies of the block's tensors: fp8 copies of those would
+# be kept beside the block's own
+WIDE_LAYERS = ("router.gate", "shared_gate")
 
 
 def to_fp8(t: torch.Tensor, dtype: torch.dtype, per_matrix: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,7 +147,7 @@ def apply_float8(model: nn.Module) -> int:
     changed = 0
     for block in [*model.layers.values(), *(m.block for m in model.mtp)]:
         for name, module in block.named_modules():
-            if type(module) is nn.Linear and not name.endswith(GATES):
+            if type(module) is nn.Linear and not name.endswith(WIDE_LAYERS) and ".indexer." not in name:
                 module.__class__ = Float8Linear
             elif type(module) is GroupedExperts and module.b1 is None:
                 module.__class__ = Float8GroupedExperts

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from llmc.compiler.spec import ModelSpec
 from llmc.runtime.model import Transformer
+from llmc.runtime.model.indexer import _IndexScore, alignment_loss
 from llmc.runtime.model.rope import apply_rope, rope_cos_sin, rope_inv_freq
 
 torch.set_num_threads(2)
@@ -262,3 +263,36 @@ def test_indexer_alignment_loss_by_hand_and_only_trains_the_indexer():
             assert p.grad is None or p.grad.abs().sum() == 0, name
     for layer in m.layers.values():
         assert layer.attn.indexer.wq_b.weight.grad.abs().sum() > 0
+
+
+def test_indexer_scores_and_loss_have_the_gradients_of_their_dense_formulas():
+    """The indexer's scores and alignment loss keep no per-head tensor (runtime/model/indexer.py);
+    their gradients equal autograd's through the formulas written out densely here."""
+    m = build(attention=SPARSE)
+    ix = m.layers["0"].attn.indexer
+    torch.manual_seed(1)
+    B, T, H, D = 2, 9, ix.n_heads, ix.head_dim
+    q = torch.randn(B, T, H, D, requires_grad=True)
+    k = torch.randn(B, T, D, requires_grad=True)
+    w = torch.randn(B, T, H, requires_grad=True)
+    c = 0.37
+    score = _IndexScore.apply(q, k, w, c)
+    expect = torch.einsum("bths,bth->bts", torch.einsum("bthd,bsd->bths", q, k).relu(), w) * c
+    torch.testing.assert_close(score, expect)
+    upstream = torch.randn(B, T, T)
+    got = torch.autograd.grad(score, (q, k, w), upstream)
+    want = torch.autograd.grad(expect, (q, k, w), upstream)
+    for g, e in zip(got, want):
+        torch.testing.assert_close(g, e)
+
+    # the loss: KL(p || softmax over the kept keys), p from the main attention's q and k
+    keep = ix.select(expect.detach())
+    mq, mk = torch.randn(B, 3, T, 10), torch.randn(B, 3, T, 10)
+    s = expect.detach().requires_grad_()
+    loss = alignment_loss(mq, mk, 0.3, s, keep)
+    attn = ((mq @ mk.transpose(-1, -2)) * 0.3).masked_fill(~keep[:, None], float("-inf")).softmax(-1).sum(1)
+    p = attn / attn.sum(-1, keepdim=True)
+    log_q = s.masked_fill(~keep, float("-inf")).log_softmax(-1)
+    dense = torch.where(keep, p * (p.clamp_min(1e-30).log() - log_q), 0.0).sum(-1).mean()
+    torch.testing.assert_close(loss, dense)
+    torch.testing.assert_close(torch.autograd.grad(loss, s)[0], torch.autograd.grad(dense, s)[0])

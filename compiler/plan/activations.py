@@ -21,7 +21,7 @@ score matrix, only a float32 log-sum-exp per head. Bytes per value follow `train
 each norm's input, stays fp32. fp8 keeps the inputs of the blocks' linear layers in 1 byte (one
 copy per input, runtime/float8.py); where something else also keeps such an input, it keeps it
 in bf16 beside: flash attention its output (the output projection's input), the MoE router and
-the DSA indexer's head weights, which stay bf16, the norm's output that they read. Masks: 1 byte.
+the DSA indexer, which stay bf16, the tensors they read. Masks: 1 byte.
 
 Recompute, as the runtime checkpoints blocks (runtime/train/loop.py): `none` keeps everything;
 `full` keeps each block's input only and rebuilds one block at a time in the backward (that
@@ -100,11 +100,13 @@ def block_activations(m: ModelSpec, moe_layer: bool, *, flash: bool = True, drop
         split_per_key = act * H + (MASK * H + act * H if dropout else 0)    # softmax (+ dropout mask, output)
     indexer_per_key = 0.0
     if a.sparse:
-        # q, k, head weights, and the chosen top-k key positions (int32); the fp32 score matrix
-        # over all keys is kept for the indexer's loss
-        whole += act * (a.index_n_heads * a.index_head_dim + a.index_head_dim + a.index_n_heads) + also * h
-        whole += FP32 * a.index_topk
-        indexer_per_key = FP32
+        # the indexer's q, k (and its LayerNorm's input, mean and 1/std) and head weights; it stays
+        # bf16, so under fp8 it keeps the block's input and q latent in bf16 too. Per key: the
+        # chosen keys as the attention's additive mask, and the gradient of the indexer's loss over
+        # its fp32 scores (runtime/model/indexer.py)
+        whole += act * (a.index_n_heads * a.index_head_dim + 2 * a.index_head_dim + a.index_n_heads) + 2 * FP32
+        whole += (act if lin != act else 0) * (h + a.q_lora_rank)
+        indexer_per_key = act + FP32
 
     def ffn(hidden: int) -> float:  # gated: w1 and w3 outputs + w2 input; plain: activation input + w2 input
         return ((2 * act) if m.gated else act) * hidden + lin * hidden

@@ -82,22 +82,23 @@ def causal_attention(q, k, v, scale: float, start_pos: int = 0, mask=None):
     """
     gqa = q.shape[1] != k.shape[1]  # SDPA shares each kv head over its query heads, no copies
     t_q, t_k = q.shape[2], k.shape[2]
+    if mask is None and t_q == t_k and _use_matmul_attention(q, k):
+        return ShortCausalAttention.apply(q, k, v, scale)
+    dv = v.shape[-1]
+    if dv < q.shape[-1] and q.device.type == "cpu":
+        # MLA's narrower values: the CPU flash kernel wants one head dim, and SDPA's fallback
+        # keeps the [T, S] fp32 scores (CUDA's memory-efficient kernel takes the two dims)
+        v = F.pad(v, (0, q.shape[-1] - dv))
     if mask is None and t_q == t_k:
-        if _use_matmul_attention(q, k):
-            return ShortCausalAttention.apply(q, k, v, scale)
-        dv = v.shape[-1]
-        if dv < q.shape[-1] and q.device.type == "cpu":
-            # MLA's narrower values: the CPU flash kernel wants one head dim, and SDPA's fallback
-            # keeps the [T, S] fp32 scores (CUDA's memory-efficient kernel takes the two dims)
-            v = F.pad(v, (0, q.shape[-1] - dv))
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
-        return out[..., :dv]
-    if mask is None and t_q == 1:  # one new query sees every cached key
-        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
-    if mask is None:
-        qpos = torch.arange(t_q, device=q.device) + start_pos
-        mask = torch.arange(t_k, device=q.device)[None, :] <= qpos[:, None]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    elif mask is None and t_q == 1:  # one new query sees every cached key
+        out = F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
+    else:
+        if mask is None:
+            qpos = torch.arange(t_q, device=q.device) + start_pos
+            mask = torch.arange(t_k, device=q.device)[None, :] <= qpos[:, None]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    return out[..., :dv]
 
 
 def causal_keep(T: int, S: int, start_pos: int, cache, device) -> torch.Tensor:

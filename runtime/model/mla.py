@@ -22,7 +22,6 @@ the attention-weighted latent, so no per-head keys or values are ever materialis
 """
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .attention import causal_attention, causal_keep
@@ -89,7 +88,7 @@ class MLA(nn.Module):
         if keep is None:
             out = causal_attention(q, k, v, self.scale)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None], scale=self.scale)
+            out = causal_attention(q, k, v, self.scale, mask=keep[:, None])
             if torch.is_grad_enabled():  # train the indexer towards this attention
                 self.indexer.last_loss = alignment_loss(q.detach(), k.detach(), self.scale, score, keep)
         return out.transpose(1, 2)
