@@ -38,6 +38,8 @@ MODELS = {
     "mla_moe": BASE + MOE + "[model.attention]\nkind = \"mla\"\nq_lora_rank = 64\nkv_lora_rank = 32\n"
                             "qk_nope_head_dim = 32\nqk_rope_head_dim = 16\nv_head_dim = 32\n",
 }
+MODELS["gqa_qk_norm"] = MODELS["gqa_swiglu"] + "qk_norm = true\n"  # Qwen3
+MODELS["moe_shared_gate"] = BASE + MOE + "shared_expert_gate = true\n"  # Qwen2-MoE
 # DeepSeek-V3.2 sparse attention: its indexer picks 256 of up to 1,024 keys per query
 MODELS["mla_dsa"] = MODELS["mla_moe"] + "index_n_heads = 4\nindex_head_dim = 32\nindex_topk = 256\n"
 
@@ -160,7 +162,8 @@ def test_plan_counts_what_the_runtime_keeps(tmp_path, name, precision, recompute
 @pytest.mark.parametrize("name, precision", [("mha_gelu_learned", "bf16"), ("mla_moe", "bf16"),
                                              ("gqa_swiglu", "fp16"),  # fp16: fp16 values, an fp32 stream
                                              ("mha_gelu_learned", "fp8"), ("mla_moe", "fp8"),
-                                             ("mla_dsa", "bf16"), ("mla_dsa", "fp8")])
+                                             ("mla_dsa", "bf16"), ("mla_dsa", "fp8"),
+                                             ("gqa_qk_norm", "bf16"), ("moe_shared_gate", "fp8")])
 def test_plan_counts_what_other_blocks_keep(tmp_path, name, precision):
     spec = spec_for(tmp_path, name, precision, "none")
     expected = build_plan(spec).memory.train.activations

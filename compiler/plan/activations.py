@@ -93,6 +93,8 @@ def block_activations(m: ModelSpec, moe_layer: bool, *, flash: bool = True, drop
     else:
         dh, kv = m.dim_per_head, m.kv_heads
         split = act * (H * dh + 2 * kv * dh) + attention_out * H * dh
+        if m.qk_norm:  # each head's query and key norm keeps its input and 1/rms (Qwen3)
+            split += (act * dh + FP32) * (H + kv)
     split_per_key = 0.0
     if flash:
         split += FP32 * H                                                   # log-sum-exp per head
@@ -119,6 +121,8 @@ def block_activations(m: ModelSpec, moe_layer: bool, *, flash: bool = True, drop
         whole += FP32 * e.n_experts + e.top_k * (lin * h + ffn(e.expert_hidden) + act * h + 3 * INT64 + FP32)
         if e.shared_hidden:
             whole += ffn(e.shared_hidden)
+            if e.shared_expert_gate:  # sigmoid(gate) * shared: both factors kept (Qwen2-MoE)
+                whole += act * (h + 1)
     else:
         split += ffn(m.ffn_hidden)
     return BlockActivations(block_level, whole, split, split_per_key, indexer_per_key)
