@@ -40,6 +40,7 @@ MODELS = {
 }
 MODELS["gqa_qk_norm"] = MODELS["gqa_swiglu"] + "qk_norm = true\n"  # Qwen3
 MODELS["moe_shared_gate"] = BASE + MOE + "shared_expert_gate = true\n"  # Qwen2-MoE
+MODELS["moe_bias"] = BASE + "mlp_bias = true\n" + MOE  # experts with biases: one product per expert
 # DeepSeek-V3.2 sparse attention: its indexer picks 256 of up to 1,024 keys per query
 MODELS["mla_dsa"] = MODELS["mla_moe"] + "index_n_heads = 4\nindex_head_dim = 32\nindex_topk = 256\n"
 
@@ -66,10 +67,11 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 def _casts_a_weight(t: torch.Tensor) -> bool:
-    """t is a parameter seen through casts, transposes and views (autocast's bf16 weight copies)."""
+    """t is a parameter seen through casts, transposes and views (autocast's bf16 weight copies,
+    of one expert's slice too)."""
     fn = t.grad_fn
     while fn is not None and type(fn).__name__ in ("ToCopyBackward0", "TBackward0", "TransposeBackward0",
-                                                     "ViewBackward0", "PermuteBackward0"):
+                                                     "ViewBackward0", "PermuteBackward0", "SelectBackward0"):
         fn = fn.next_functions[0][0]
     return fn is not None and type(fn).__name__ == "AccumulateGrad"
 
@@ -163,7 +165,8 @@ def test_plan_counts_what_the_runtime_keeps(tmp_path, name, precision, recompute
                                              ("gqa_swiglu", "fp16"),  # fp16: fp16 values, an fp32 stream
                                              ("mha_gelu_learned", "fp8"), ("mla_moe", "fp8"),
                                              ("mla_dsa", "bf16"), ("mla_dsa", "fp8"),
-                                             ("gqa_qk_norm", "bf16"), ("moe_shared_gate", "fp8")])
+                                             ("gqa_qk_norm", "bf16"), ("moe_shared_gate", "fp8"),
+                                             ("moe_bias", "fp8")])
 def test_plan_counts_what_other_blocks_keep(tmp_path, name, precision):
     spec = spec_for(tmp_path, name, precision, "none")
     expected = build_plan(spec).memory.train.activations

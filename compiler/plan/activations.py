@@ -110,7 +110,7 @@ def block_activations(m: ModelSpec, moe_layer: bool, *, flash: bool = True, drop
         whole += (act if lin != act else 0) * (h + a.q_lora_rank)
         indexer_per_key = act + FP32
 
-    def ffn(hidden: int) -> float:  # gated: w1 and w3 outputs + w2 input; plain: activation input + w2 input
+    def ffn(hidden: int, lin: float = lin) -> float:  # gated: w1, w3 outputs + w2 input; plain: act input + w2 input
         return ((2 * act) if m.gated else act) * hidden + lin * hidden
 
     if moe_layer:
@@ -118,7 +118,8 @@ def block_activations(m: ModelSpec, moe_layer: bool, *, flash: bool = True, drop
         # router scores (fp32); per routed copy: its input, its FFN, its output (kept to weight the
         # combine), and its routing: expert id, sort position and its inverse (int64), weight (fp32);
         # the shared experts
-        whole += FP32 * e.n_experts + e.top_k * (lin * h + ffn(e.expert_hidden) + act * h + 3 * INT64 + FP32)
+        x = act if m.mlp_bias else lin  # experts with biases stay bf16 under fp8 (runtime/float8.py)
+        whole += FP32 * e.n_experts + e.top_k * (x * h + ffn(e.expert_hidden, x) + act * h + 3 * INT64 + FP32)
         if e.shared_hidden:
             whole += ffn(e.shared_hidden)
             if e.shared_expert_gate:  # sigmoid(gate) * shared: both factors kept (Qwen2-MoE)
