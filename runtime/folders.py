@@ -9,6 +9,7 @@ preparation and its tokenizing workers import this module.
 
 import os
 import shutil
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,15 +36,15 @@ def output_folder(out, *inputs) -> Path:
 
 @contextmanager
 def staged_folder(out) -> Iterator[Path]:
-    """A new folder to write into, beside `out` (`.NAME.tmp-PID`), that becomes `out` when the block
+    """A new folder to write into, beside `out` (`.NAME.tmp-HOST-PID`), that becomes `out` when the block
     ends: renamed to it when `out` is absent, its files moved into `out` when `out` is an empty folder
     (kept, for it may be a mount point or a shell's working directory). When the block raises (or is
     interrupted by Ctrl-C) the folder is removed and `out` is left as it was; a process killed outright
-    leaves only the hidden folder. Raises UserError when `out` has been filled by another process."""
+    leaves only the hidden folder, which the next staging of `out` on that host removes. Raises UserError when `out` has been filled by another process."""
     out = Path(out).absolute()  # (`-o .` has no name to put beside)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp = out.with_name(f".{out.name}.tmp-{socket.gethostname()}-{os.getpid()}")
     given = out.is_dir()
-    shutil.rmtree(tmp, ignore_errors=True)  # left by a killed process that had this pid
+    _remove_abandoned(out, tmp)
     tmp.mkdir(parents=True)
     try:
         yield tmp
@@ -58,3 +59,24 @@ def staged_folder(out) -> Iterator[Path]:
                             "they were removed") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+
+def _remove_abandoned(out: Path, tmp: Path) -> None:
+    """Remove the staging folders of `out` that processes of this host killed outright left behind
+    (their process is gone, or has our pid now). Other hosts' are left: they may share the folder."""
+    host = socket.gethostname()
+    for folder in out.parent.glob(f".{out.name}.tmp-{host}-*"):
+        pid = folder.name.rsplit("-", 1)[-1]
+        if folder == tmp or (pid.isdigit() and not _running(int(pid))):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        pass
+    return True
