@@ -25,6 +25,14 @@ def test_lint_reports_every_error_with_location(write_spec, capsys):
     assert len(out) >= 4  # plus the missing required keys
 
 
+def test_lint_refuses_objectives_the_runtime_does_not_train(capsys):
+    """dpo and grpo passed lint and plan, then failed at train: they are not in the language yet."""
+    spec = str(SPECS / "tiny.toml")
+    assert main(["lint", spec, "--set", 'train.objective="dpo"']) == 1
+    assert "train.objective: expected one of 'pretrain' or 'sft', found 'dpo'" in capsys.readouterr().out
+    assert main(["lint", spec, "--set", 'train.objective="sft"']) == 0
+
+
 def test_lint_json_and_github_formats(write_spec, capsys):
     path = write_spec("[model]\nvocab_size = -1\n")
     assert main(["lint", str(path), "--format", "json"]) == 1

@@ -43,7 +43,10 @@ def _micro_batch_fits(micro_batch_size, global_batch_size):
 class TrainSpec(Table):
     """`[train]`."""
 
-    objective: Literal["pretrain", "sft", "dpo", "grpo"] = Field("pretrain", description="Training objective.")
+    # DPO and GRPO are to come: a spec names only what the runtime trains (and the plan sizes)
+    objective: Literal["pretrain", "sft"] = Field(
+        "pretrain", description="Training objective: \"pretrain\" (next-token loss on every token) or \"sft\" "
+                                "(on the assistant's tokens of chat data only).")
     seq_len: int = Field(..., ge=1, description="Tokens per sample.")
     micro_batch_size: int | Literal["auto"] = Field("auto", description="Samples per device per forward (count) or auto.")
     global_batch_size: int = Field(..., ge=1, description="Samples per optimizer step over all data-parallel ranks.")
