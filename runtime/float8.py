@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.utils.weak import WeakTensorKeyDictionary
 
 from .model.mlp import gated
@@ -48,17 +49,22 @@ def widen(t8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (t8.to(torch.float32) * scale).to(WIDE)
 
 
-# The fp8 copy of each linear input, for the projections that read the same tensor: keyed weakly
-# by the input, so an entry lives as long as its input does; the version guards in-place edits.
+# The fp8 copy of each linear input, for the projections that read the same tensor. Keyed weakly
+# by the tensor behind the input (under tensor parallelism each projection wraps the same local
+# tensor in a DTensor of its own, or a view of it), so an entry lives as long as that tensor does;
+# the tag tells apart views, placements and in-place edits (the version).
 _inputs: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
 
 
 def input_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    hit = _inputs.get(x)
-    if hit is not None and hit[0] == x._version:
+    local = x._local_tensor if isinstance(x, DTensor) else x
+    root = local if local._base is None else local._base
+    tag = (local._version, local.shape, local.stride(), local.storage_offset(), getattr(x, "placements", None))
+    hit = _inputs.get(root)
+    if hit is not None and hit[0] == tag:
         return hit[1], hit[2]
     x8, scale = to_fp8(x, E4M3)
-    _inputs[x] = (x._version, x8, scale)
+    _inputs[root] = (tag, x8, scale)
     return x8, scale
 
 

@@ -2,7 +2,7 @@
 the most bytes this rank keeps for the backward, and the plan's activations for its stage, to
 OUT/rank{r}.json.
 
-    activation_worker.py tp MODEL SEQUENCE_PARALLEL(0|1) RECOMPUTE OUT    tp = 2: one forward
+    activation_worker.py tp MODEL SEQUENCE_PARALLEL(0|1) RECOMPUTE PRECISION OUT    tp = 2: one forward
     activation_worker.py pp MODEL SCHEDULE VIRTUAL_STAGES MICRO_BATCHES OUT    pp = 2: a schedule step
 """
 
@@ -23,8 +23,8 @@ from llmc.runtime.parallel.run import pipeline_for_plan  # noqa: E402
 from llmc.runtime.precision import autocast  # noqa: E402
 
 
-def tensor_parallel(folder: Path, name: str, sp: str, recompute: str) -> tuple[int, object]:
-    spec = spec_for(folder, name, "bf16", recompute, tp=2, sequence_parallel=sp == "1")
+def tensor_parallel(folder: Path, name: str, sp: str, recompute: str, precision: str) -> tuple[int, object]:
+    spec = spec_for(folder, name, precision, recompute, tp=2, sequence_parallel=sp == "1")
     plan = build_plan(spec)
     pdims = build_mesh(Layout.from_plan(plan.model_dump(mode="json")))
     return kept_for_backward(spec, wrap=lambda model: parallelize(model, pdims)), plan.memory.train

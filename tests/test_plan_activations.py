@@ -185,17 +185,18 @@ def run_activation_worker(tmp_path, *args: str) -> list[dict]:
     return [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
 
 
-@pytest.mark.parametrize("name, sequence_parallel, recompute", [
-    ("gqa_swiglu", False, "none"), ("moe_mtp", True, "none"), ("mla_moe", True, "none"),
-    ("moe_mtp", True, "selective")])  # its MTP block checkpointed, then sharded
-def test_plan_counts_what_each_tensor_parallel_rank_keeps(tmp_path, name, sequence_parallel, recompute):
+@pytest.mark.parametrize("name, sequence_parallel, recompute, precision", [
+    ("gqa_swiglu", False, "none", "bf16"), ("moe_mtp", True, "none", "bf16"), ("mla_moe", True, "none", "bf16"),
+    ("moe_mtp", True, "selective", "bf16"),  # its MTP block checkpointed, then sharded
+    ("gqa_swiglu", True, "none", "fp8"), ("moe_mtp", False, "none", "fp8")])
+def test_plan_counts_what_each_tensor_parallel_rank_keeps(tmp_path, name, sequence_parallel, recompute, precision):
     """tp = 2 on two gloo processes: attention and dense FFN split by heads and columns, the MoE
     replicated on the whole sequence, and under sequence parallelism the norms' inputs split by
     the sequence while the projections keep their gathered inputs (runtime/parallel/tensor.py)."""
-    for result in run_activation_worker(tmp_path, "tp", name, str(int(sequence_parallel)), recompute):
+    for result in run_activation_worker(tmp_path, "tp", name, str(int(sequence_parallel)), recompute, precision):
         expected = result["plan"]
         if name.startswith("mla"):
-            expected += cpu_mla_padding(spec_for(tmp_path, name, "bf16", "none"), tp=2)
+            expected += cpu_mla_padding(spec_for(tmp_path, name, precision, "none"), tp=2)
         if sequence_parallel and "mtp" in name:
             # eh_proj's output goes from its column shard to a sequence shard by an all-to-all,
             # which gloo lacks: DTensor all-gathers and keeps a slice, a view that holds the whole
