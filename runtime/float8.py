@@ -1,14 +1,15 @@
 """fp8 training (`train.precision = "fp8"`): the blocks' linear layers multiply in float8.
 
-As DeepSeek-V3 trains (its report, section 3.3), and torchao's float8 linears with tensorwise
-scaling: the input and the weight of each linear layer in a Transformer block (attention
-projections, dense FFN, shared and routed experts) are cast to float8 e4m3 with one
-scale per tensor, amax / 448 (per expert for the experts' stacked weights); the gradient flowing
-back is cast to e5m2, amax / 57344, whose range suits gradients. Products accumulate in fp32 and
-come out in bf16. What a layer keeps for its weight gradient is its input in fp8: 1 byte a
-value, as the plan counts it, and one copy per input tensor even when several projections read
-it (q, k and v; gate and up). The embedding, the output head, the MoE router, the DSA indexer,
-the norms and the attention scores stay in bf16 (the autocast that fp8 runs under, runtime/precision.py).
+What DeepSeek-V3 trains in fp8 (its report, section 3.3), with torchao's tensorwise scaling in
+place of DeepSeek's 128-wide tiles: the input and the weight of each linear layer in a
+Transformer block (attention projections, dense FFN, shared experts, and routed experts without
+biases) are cast to float8 e4m3 with one scale per tensor, amax / 448 (per expert for the
+experts' stacked weights); the gradient flowing back is cast to e5m2, amax / 57344, whose range
+suits gradients under one scale. Products accumulate in fp32 and come out in bf16. What a layer
+keeps for its weight gradient is its input in fp8: 1 byte a value, as the plan counts it, and one
+copy per input tensor even when several projections read it (q, k and v; gate and up). The
+embedding, the output head, the MoE router, the DSA indexer, the norms and the attention scores
+stay in bf16 (the autocast that fp8 runs under, runtime/precision.py).
 
 Where torch has fp8 matmuls (CUDA devices of compute capability 8.9 and up), `torch._scaled_mm`
 does the dense products. Elsewhere, and for the routed experts' grouped products everywhere, the
