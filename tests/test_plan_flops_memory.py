@@ -29,6 +29,14 @@ def test_llama3_8b_training_flops_are_6n_plus_palm_attention_term():
     assert f.days == pytest.approx(f.total / (64 * peak * 0.4) / 86400)
 
 
+@pytest.mark.parametrize("accelerator, rate, tflops", [("H100-80GB", "fp8", 1978.9), ("A100-80GB", "bf16", 312.0)])
+def test_fp8_runs_at_the_fp8_rate_only_where_the_device_has_fp8(accelerator, rate, tflops):
+    """Datasheet dense peaks: H100 SXM 1,979 TFLOP/s fp8; A100 has no fp8 tensor cores (312 bf16)."""
+    spec = load_spec("specs/llama3_8b.toml", ['train.precision="fp8"', f'hardware.accelerator="{accelerator}"'])
+    flops = build_plan(spec, strict=False).flops
+    assert (flops.precision, flops.peak_tflops) == (rate, tflops)
+
+
 def test_dsa_attends_top_k_keys_and_its_indexer_scores_all():
     s = load_spec("specs/ds_v32.toml")
     f = build_plan(s, strict=False).flops

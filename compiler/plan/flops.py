@@ -88,7 +88,8 @@ class Flops(BaseModel):
     steps: int = Field(description="Optimizer steps of the run.")
     tokens: int = Field(description="Tokens of the run.")
     total: int = Field(description="Training FLOPs of the run.")
-    precision: str = Field(description="Training precision that sets the peak.")
+    precision: str = Field(description="The precision whose peak sets the time: train.precision, but bf16 "
+                                       "for fp8 on a device without fp8 tensor cores.")
     peak_tflops: float = Field(description="Dense peak TFLOP/s per device at that precision.")
     mfu: float = Field(description="Assumed model FLOPs utilisation.")
     world_size: int = Field(description="Devices (count).")
@@ -112,7 +113,9 @@ def count_flops(spec: Spec, p: ParamCount) -> Flops:
     per_token = 6 * n + attention + mtp
     tokens_per_step = t.global_batch_size * T
     steps = t.steps
-    peak = hw.peak_tflops or lookup(hw.accelerator).peak_tflops(t.precision)
+    accelerator = lookup(hw.accelerator)
+    peak = hw.peak_tflops or accelerator.peak_tflops(t.precision)
+    rate = t.precision if hw.peak_tflops else accelerator.rate_precision(t.precision)
     world = spec.world_size
     per_step = per_token * tokens_per_step
     step_time = per_step / (world * peak * 1e12 * hw.mfu)
@@ -121,7 +124,7 @@ def count_flops(spec: Spec, p: ParamCount) -> Flops:
     return Flops(
         train_per_token=per_token, train_matmul_per_token=6 * n, train_attention_per_token=attention,
         train_mtp_per_token=mtp, tokens_per_step=tokens_per_step, per_step=per_step, steps=steps,
-        tokens=steps * tokens_per_step, total=per_step * steps, precision=t.precision, peak_tflops=peak,
+        tokens=steps * tokens_per_step, total=per_step * steps, precision=rate, peak_tflops=peak,
         mfu=hw.mfu, world_size=world, step_time_s=step_time, tokens_per_s=tokens_per_step / step_time,
         gpu_hours=total_time * world / 3600, days=total_time / 86400, forward_per_token=forward,
         prefill_per_token=forward, decode_per_token=2 * n + L * attention_flops_decode(m, T),

@@ -24,9 +24,15 @@ class Accelerator:
     peak_tflops_fp32: float | None = None  # dense TF32 tensor-core rate (fp32 training); None = bf16 / 2
     note: str = ""
 
+    def rate_precision(self, precision: str) -> str:
+        """The precision whose tensor-core rate a training precision runs at here: fp8 runs at
+        bf16's on devices without fp8 (the runtime then widens its fp8 operands to bf16)."""
+        return "bf16" if precision == "fp8" and not self.peak_tflops_fp8 else precision
+
     def peak_tflops(self, precision: str) -> float:
-        """Dense peak TFLOP/s at a training precision (fp8 falls back to bf16 on devices without fp8)."""
-        if precision == "fp8" and self.peak_tflops_fp8:
+        """Dense peak TFLOP/s at a training precision (`rate_precision`)."""
+        precision = self.rate_precision(precision)
+        if precision == "fp8":
             return self.peak_tflops_fp8
         if precision == "fp32":
             return self.peak_tflops_fp32 or self.peak_tflops_bf16 / 2

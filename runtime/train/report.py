@@ -71,9 +71,7 @@ def peak_flops(plan: dict) -> float:
     if hw.get("peak_tflops"):
         return hw["peak_tflops"] * 1e12
     from ...compiler.plan.hardware import lookup
-    acc = lookup(hw["accelerator"])
-    fp8 = plan["spec"]["train"]["precision"] == "fp8" and acc.peak_tflops_fp8
-    return (acc.peak_tflops_fp8 if fp8 else acc.peak_tflops_bf16) * 1e12
+    return lookup(hw["accelerator"]).peak_tflops(plan["spec"]["train"]["precision"]) * 1e12
 
 
 def peak_memory(device: torch.device) -> tuple[int, str]:
