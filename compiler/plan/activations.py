@@ -78,12 +78,14 @@ def block_activations(m: ModelSpec, moe_layer: bool, *, flash: bool = True, drop
     H = m.n_heads
     act, stream = value_bytes(precision)
     lin = 1 if precision == "fp8" else act
-    also = lin if lin != act else 0  # an fp8 copy beside a bf16 tensor kept anyway (shared otherwise)
+    # under fp8 some tensors are kept twice: an fp8 copy beside a bf16 tensor kept anyway, or a bf16
+    # copy beside the fp8 one (in the other precisions both are the one tensor)
+    fp8_copy, bf16_copy = (lin, act) if lin != act else (0, 0)
     mask = MASK * h if dropout else 0
     block_level = 2 * stream * h + 2 * mask  # two norm inputs (the residual stream), residual dropout masks
     # the two norm outputs that feed attention and FFN; the MoE router reads its norm's in bf16
-    whole = lin * h + ((act + (also if m.moe.shared_hidden else 0)) if moe_layer else lin) * h
-    attention_out = act + also if flash else lin    # flash attention keeps its output for its backward
+    whole = lin * h + ((act + (fp8_copy if m.moe.shared_hidden else 0)) if moe_layer else lin) * h
+    attention_out = act + fp8_copy if flash else lin    # flash attention keeps its output for its backward
     if a.kind == "mla":
         qk = a.qk_nope_head_dim + a.qk_rope_head_dim
         q_latent = (act + lin) * a.q_lora_rank                                # q_norm input and output
@@ -107,7 +109,7 @@ def block_activations(m: ModelSpec, moe_layer: bool, *, flash: bool = True, drop
         # chosen keys as the attention's additive mask, and the gradient of the indexer's loss over
         # its fp32 scores (runtime/model/indexer.py)
         whole += act * (a.index_n_heads * a.index_head_dim + 2 * a.index_head_dim + a.index_n_heads) + 2 * FP32
-        whole += (act if lin != act else 0) * (h + a.q_lora_rank)
+        whole += bf16_copy * (h + a.q_lora_rank)
         indexer_per_key = act + FP32
 
     def ffn(hidden: int, lin: float = lin) -> float:  # gated: w1, w3 outputs + w2 input; plain: act input + w2 input

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, Field
 
-from .hardware import lookup
+from .hardware import training_peak
 from .params import ParamCount
 
 if TYPE_CHECKING:
@@ -113,9 +113,7 @@ def count_flops(spec: Spec, p: ParamCount) -> Flops:
     per_token = 6 * n + attention + mtp
     tokens_per_step = t.global_batch_size * T
     steps = t.steps
-    accelerator = lookup(hw.accelerator)
-    peak = hw.peak_tflops or accelerator.peak_tflops(t.precision)
-    rate = t.precision if hw.peak_tflops else accelerator.rate_precision(t.precision)
+    peak, rate = training_peak(hw, t.precision)
     world = spec.world_size
     per_step = per_token * tokens_per_step
     step_time = per_step / (world * peak * 1e12 * hw.mfu)

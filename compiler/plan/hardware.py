@@ -73,5 +73,14 @@ def lookup(name: str) -> Accelerator:
     return CATALOG[ALIASES.get(name, name)]
 
 
+def training_peak(hw, precision: str) -> tuple[float, str]:
+    """(dense peak TFLOP/s per device, the precision whose rate it is) of a `[hardware]` table:
+    its peak_tflops override, else the catalog's."""
+    if hw.peak_tflops:
+        return hw.peak_tflops, precision
+    device = lookup(hw.accelerator)
+    return device.peak_tflops(precision), device.rate_precision(precision)
+
+
 def known_names() -> list[str]:
     return sorted(CATALOG) + sorted(ALIASES)

@@ -21,7 +21,7 @@ from .activations import recomputed
 from .cost import Links, RankWork, StepTime, step_time
 from .flops import head_params, layer_train_flops, mtp_train_flops
 from .formatting import exceeds
-from .hardware import lookup
+from .hardware import lookup, training_peak
 from .memory import Degrees, RankShare, TrainMemory, TrainMemoryModel
 from .params import ParamCount
 from .stages import Group, assign_layers, groups
@@ -116,7 +116,7 @@ class LayoutSearch:
         device = lookup(hw.accelerator)
         self.links = Links(hw.intra_node_gbps or device.intra_node_gbps, hw.inter_node_gbps or device.inter_node_gbps,
                            hw.gpus_per_node)
-        self.peak = (hw.peak_tflops or device.peak_tflops(t.precision)) * 1e12
+        self.peak = training_peak(hw, t.precision)[0] * 1e12
         self.layer_flops = [layer_train_flops(m, params, "moe" if m.is_moe_layer(i) else "dense", t.seq_len)
                             for i in range(m.n_layers)]
         self.tail_flops = 6 * head_params(m) + mtp_train_flops(m, params, t.seq_len)
