@@ -9,6 +9,8 @@ parameters + 12 x n_layers x d_model x seq_len (attention scores and values, for
 It also prints the step's floor: its FLOPs at the measured matmul peak plus the fused AdamW
 update timed alone (memory-bound, the same for both models). No implementation that calls these
 kernels can step faster, so hf / floor bounds what any library could gain over transformers.
+"step pairs" is the median and range of hf / llmc over steps run back to back: where the range
+spans 1.00x, a ratio of best times near 1 is a tie within this machine's noise.
 
     python bench/bench_model_step.py [--threads 2] [--steps 5] [--compile [--compile-scope blocks]]
 """
@@ -85,8 +87,8 @@ def step_fn(model, kind: str, tokens, labels, opt, precision: str):
 
 
 def time_interleaved(steps: dict, n: int, warmup: int) -> dict:
-    """Best (least loaded) seconds per step of each step function, alternating between them step
-    by step so a shared, fluctuating CPU load hits both alike; the best of n, like the mm peak."""
+    """Seconds of each of n steps of each step function, alternating between them step by step so
+    a shared, fluctuating CPU load hits both alike."""
     for step in steps.values():
         for _ in range(warmup):
             step()
@@ -96,7 +98,7 @@ def time_interleaved(steps: dict, n: int, warmup: int) -> dict:
             t = time.perf_counter()
             step()
             times[k].append(time.perf_counter() - t)
-    return {k: min(v) for k, v in times.items()}
+    return times
 
 
 def main():
@@ -142,7 +144,7 @@ def main():
     table = Table(title=f"Training step, {n_params / 1e6:.1f}M params, batch {args.batch} x {args.seq} tokens, "
                         f"{args.threads} threads")
     for col in ("precision", "compile", "llmc tok/s", "transformers tok/s", "llmc / hf",
-                "llmc GFLOP/s", "% of mm peak", "hf % of peak", "floor ms", "llmc / floor", "hf / floor"):
+                "step pairs", "llmc GFLOP/s", "% of mm peak", "hf % of peak", "floor ms", "llmc / floor", "hf / floor"):
         table.add_column(col, justify="right")
     for precision in precisions:
         for compiled in variants:
@@ -162,14 +164,19 @@ def main():
                 elif compiled:  # the whole forward: embedding, blocks, head and loss in one graph
                     run = torch.compile(model)
                 steps[kind] = step_fn(run, kind, tokens, labels, opt, precision)
-            seconds = time_interleaved(steps, args.steps, args.warmup + (2 if compiled else 0))
+            times = time_interleaved(steps, args.steps, args.warmup + (2 if compiled else 0))
+            seconds = {k: min(v) for k, v in times.items()}  # the least loaded step, like the mm peak
+            # hf / llmc step by step: neighbouring steps share the machine's load, so their spread
+            # says whether a difference of best times is more than noise
+            ratios = sorted(h / l for l, h in zip(times["llmc"], times["hf"]))
             rates = {k: n_tokens / t for k, t in seconds.items()}
             del steps
             flops = rates["llmc"] * flops_per_token
             hf_flops = rates["hf"] * flops_per_token
             floor = n_tokens * flops_per_token / peaks[precision] + update
             table.add_row(precision, "yes" if compiled else "no", f"{rates['llmc']:,.0f}", f"{rates['hf']:,.0f}",
-                          f"{rates['llmc'] / rates['hf']:.2f}x", f"{flops / 1e9:,.1f}",
+                          f"{rates['llmc'] / rates['hf']:.2f}x",
+                          f"{ratios[len(ratios) // 2]:.2f}x ({ratios[0]:.2f} - {ratios[-1]:.2f})", f"{flops / 1e9:,.1f}",
                           f"{100 * flops / peaks[precision]:.0f}%", f"{100 * hf_flops / peaks[precision]:.0f}%",
                           f"{1e3 * floor:,.0f}", f"{seconds['llmc'] / floor:.2f}x", f"{seconds['hf'] / floor:.2f}x")
     Console(width=180).print(table)
