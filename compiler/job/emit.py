@@ -114,36 +114,44 @@ def compile_job(spec: Spec, out: Path, *, scheduler: str | None = None, spec_pat
                 overrides: list[str] = (), plan_at: Path | None = None, resume: bool = False) -> CompiledJob:
     """Plan `spec` and write its job files into `out` (created). Returns what was written.
 
+    Every file is rendered before the first is written: a spec that cannot be planned or
+    compiled leaves `out` as it was (no new folder, no new files beside an earlier compile's).
     `plan_at` is the folder the job will read plan.json from, when that is not `out` (a dry run
     writes into a temporary folder but shows the paths a real run would use).
     """
     scheduler = scheduler or spec.job.scheduler
     workdir = workdir_of(spec, scheduler)
     run_dir = Path(spec.job.out_dir) / spec.job.name
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create the output folder {out} ({e.strerror})") from None
     plan = plan_document(spec)
     job = CompiledJob(spec=spec, plan=plan, scheduler=scheduler, out=out, workdir=workdir,
                       plan_path=_job_relative((plan_at or out) / "plan.json", workdir),
                       run_dir=os.path.normpath(str(run_dir)),
                       log_dir=str((workdir / run_dir / "logs").resolve()), resume=resume)
 
-    def write(what: str, name: str, text: str) -> None:
-        (out / name).write_text(text, encoding="utf-8")
+    texts: dict[str, str] = {}   # file name -> text, in the order they are listed
+
+    def render(what: str, name: str, text: str) -> None:
+        texts[name] = text
         job.files[what] = name
 
-    write("resolved spec", "spec.toml", spec_to_toml(spec))
-    write("plan", "plan.json", json.dumps(plan, indent=2) + "\n")
-    write("TorchX AppDef", "appdef.json", _appdef_json(job.app()))   # raises UserError if impossible
+    render("resolved spec", "spec.toml", spec_to_toml(spec))
+    render("plan", "plan.json", json.dumps(plan, indent=2) + "\n")
+    render("TorchX AppDef", "appdef.json", _appdef_json(job.app()))   # raises UserError if impossible
     with make_runner() as runner:
         for name in SCHEDULERS:
             try:
-                write(f"{name} request (TorchX dryrun)", REQUEST_FILES[name], _render_request(runner, job, name))
+                render(f"{name} request (TorchX dryrun)", REQUEST_FILES[name], _render_request(runner, job, name))
             except UserError as e:
                 job.unavailable[name] = str(e)
-                stale = out / REQUEST_FILES[name]
-                stale.unlink(missing_ok=True)
-    write("job card", "job_card.md", render_job_card(job, spec_path, list(overrides)))
+    render("job card", "job_card.md", render_job_card(job, spec_path, list(overrides)))
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for name in REQUEST_FILES.values():   # an earlier compile's request for a scheduler now unavailable
+            if name not in texts:
+                (out / name).unlink(missing_ok=True)
+        for name, text in texts.items():
+            (out / name).write_text(text, encoding="utf-8")
+    except OSError as e:
+        raise UserError(f"cannot write the job files into {out} ({e.strerror or e})") from None
     return job
