@@ -12,6 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from torchx.schedulers.local_scheduler import SignalException
 from torchx.specs import AppState, parse_app_handle
 from torchx.specs.api import MalformedAppHandleException
 
@@ -68,10 +69,17 @@ def run_main(args) -> int:
         # A local job lives inside this process: --no-follow only keeps its logs quiet.
         try:
             state = follow(runner, handle, role, replicas, logs=args.follow)
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, SignalException) as e:
             if scheduler != "local":
                 print(f"the job keeps running; stop it with: llmc cancel {handle}", file=sys.stderr)
-            raise   # on local, leaving the runner stops the job
+                raise
+            # TorchX's local scheduler turns SIGINT (Ctrl-C) and SIGTERM (`llmc cancel`) into a
+            # SignalException; leaving the runner stops the job.
+            signum = getattr(e, "sigval", signal.SIGINT)
+            track.record(handle, state=AppState.CANCELLED.name)
+            print(f"{handle}: stopped by {signal.Signals(signum).name}, finished {AppState.CANCELLED.name}",
+                  file=sys.stderr)
+            return 128 + signum
         track.record(handle, state=state.name)
     print(f"{handle}: finished {state.name}")
     if state == AppState.SUCCEEDED:
