@@ -21,7 +21,7 @@ from ..spec import load_spec
 from . import track
 from .emit import REQUEST_FILES, compile_job, workdir_of
 from .follow import follow, print_logs, print_report
-from .schedulers import BACKENDS, make_runner, torchx_scheduler
+from .schedulers import BACKENDS, SESSION, make_runner, torchx_scheduler
 
 
 def compile_main(args) -> int:
@@ -124,6 +124,13 @@ def _handle(text: str):
     if app.scheduler_backend not in BACKENDS:
         raise UserError(f"not a scheduler llmc submits to (expected one of {', '.join(BACKENDS)} in the handle, "
                         f"found {app.scheduler_backend!r} in {text!r})")
+    # The app ids TorchX gives: sbatch's job number; NAMESPACE:NAME of the Volcano Job.
+    if app.scheduler_backend == "slurm" and not app.app_id.isdigit():
+        raise UserError(f"not a Slurm job (expected slurm://{app.session_name or SESSION}/JOB_NUMBER, "
+                        f"found {app.app_id!r} in {text!r})")
+    if app.scheduler_backend == "kubernetes" and (app.app_id.count(":") != 1 or not all(app.app_id.split(":"))):
+        raise UserError(f"not a Kubernetes job (expected kubernetes://{app.session_name or SESSION}/NAMESPACE:NAME, "
+                        f"found {app.app_id!r} in {text!r})")
     return app
 
 

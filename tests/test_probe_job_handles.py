@@ -1,0 +1,29 @@
+"""Job handles a user mistypes: TorchX's app ids are sbatch's job number on Slurm and
+NAMESPACE:NAME on Kubernetes; anything else is refused before any scheduler is asked."""
+
+import pytest
+
+from llmc.compiler.cli import main
+
+
+@pytest.mark.parametrize("verb", ["status", "logs", "cancel"])
+@pytest.mark.parametrize("handle, expected", [
+    ("slurm://llmc/abc", "slurm://llmc/JOB_NUMBER"),
+    ("slurm://llmc/12x", "slurm://llmc/JOB_NUMBER"),
+    ("kubernetes://llmc/tiny-abc", "kubernetes://llmc/NAMESPACE:NAME"),    # the namespace left out
+    ("kubernetes://llmc/default:", "kubernetes://llmc/NAMESPACE:NAME"),
+])
+def test_malformed_app_ids_are_refused_before_asking_the_scheduler(verb, handle, expected, tmp_path, monkeypatch,
+                                                                   capsys):
+    asked = tmp_path / "asked"
+    for tool in ("sacct", "scancel"):   # a scheduler that would answer; it must not be asked
+        (tmp_path / tool).write_text(f"#!/bin/sh\ntouch {asked}\n")
+        (tmp_path / tool).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "no-kubeconfig"))
+    monkeypatch.chdir(tmp_path)
+    assert main([verb, handle]) == 1
+    err = capsys.readouterr().err
+    assert f"expected {expected}" in err and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert not asked.exists()
