@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import functools
 import json
+import shutil
 import subprocess
 import time
 from typing import Any
@@ -21,6 +22,7 @@ from torchx.schedulers.api import DescribeAppResponse, ListAppResponse
 from torchx.schedulers.slurm_scheduler import SLURM_STATES, SlurmScheduler
 from torchx.specs import AppState, ReplicaStatus, Role, RoleStatus
 
+from ..plan.hardware import lookup
 from ..spec import Spec
 
 SESSION = "llmc"
@@ -131,7 +133,14 @@ def scheduler_cfg(spec: Spec, scheduler: str, log_dir: str) -> dict[str, Any]:
     """TorchX run options from the spec's [job] table (validated values only)."""
     job = spec.job
     if scheduler == "local":
-        return {"log_dir": log_dir}
+        cfg = {"log_dir": log_dir}
+        # Several "nodes" on this one host: each replica's torchrun puts local rank k on GPU k, so
+        # without disjoint CUDA_VISIBLE_DEVICES (TorchX divides the host's GPUs among the replicas)
+        # they would all share the first GPUs. TorchX counts the GPUs with nvidia-smi (and fails
+        # when it is absent; then there are no NVIDIA GPUs here to share).
+        if spec.hardware.nodes > 1 and lookup(spec.hardware.accelerator).kind == "gpu" and shutil.which("nvidia-smi"):
+            cfg["auto_set_cuda_visible_devices"] = True
+        return cfg
     if scheduler == "slurm":
         cfg: dict[str, Any] = {}
         if job.partition:
