@@ -23,3 +23,23 @@ def test_a_spec_that_cannot_be_planned_creates_no_folder(tmp_path, monkeypatch, 
     assert main(["compile", TINY, "-o", "out", "--set", "model.d_model=65536", "--set", "model.n_layers=64"]) == 1
     assert "does not fit" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_sbatch_script_run_as_its_header_says_finds_its_plan(tmp_path, monkeypatch, capsys):
+    """job.image names the job's working folder on Slurm: TorchX submits with sbatch --chdir, and
+    the emitted script's "Run with:" line must say so too, or a job submitted by hand runs elsewhere."""
+    import shlex
+    from pathlib import Path
+
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert main(["compile", TINY, "-o", "work/build", "--set", "job.scheduler=slurm", "--set", "job.image=work"]) == 0
+    script = (tmp_path / "work" / "build" / "slurm.sbatch.sh").read_text()
+    (header,) = [line for line in script.splitlines() if line.startswith("# Run with: ")]
+    sbatch = shlex.split(header.removeprefix("# Run with: "))
+    chdirs = [a.split("=", 1)[1] for a in sbatch if a.startswith("--chdir=")]
+    job_cwd = Path(chdirs[-1]) if chdirs else tmp_path    # sbatch runs the job where it is called without one
+    (srun,) = [line for line in script.splitlines() if line.startswith("srun ")]
+    argv = shlex.split(srun)
+    assert (job_cwd / argv[argv.index("--plan") + 1]).is_file()
+    assert job_cwd == tmp_path / "work"

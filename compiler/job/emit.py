@@ -84,7 +84,10 @@ def _render_request(runner, job: CompiledJob, scheduler: str) -> str:
     app = build_appdef(job.plan, scheduler, job.plan_path, job.run_dir, resume=job.resume)
     info = runner.dryrun(app, torchx_scheduler(job.spec, scheduler), cfg=job.cfg(scheduler))
     if scheduler == "slurm":
-        return info.request.materialize()
+        request = info.request
+        if request.job_dir:   # TorchX adds sbatch's --chdir when it submits: the script's "Run with" line needs it
+            request.cmd.append(f"--chdir={request.job_dir}")
+        return request.materialize()
     if scheduler == "kubernetes":
         return yaml.safe_dump(sanitize_for_serialization(info.request.resource), sort_keys=False)
     return str(info) + "\n"

@@ -13,6 +13,7 @@ import json
 import shutil
 import subprocess
 import time
+from pathlib import Path
 from typing import Any
 
 from torchx.runner import Runner
@@ -148,6 +149,6 @@ def scheduler_cfg(spec: Spec, scheduler: str, log_dir: str) -> dict[str, Any]:
         if job.time_limit:
             cfg["time"] = str(job.time_limit)   # minutes
         if job.image:
-            cfg["job_dir"] = job.image          # the job's working folder (sbatch --chdir)
+            cfg["job_dir"] = str(Path(job.image).resolve())   # the job's working folder (sbatch --chdir)
         return cfg
     return {"queue": job.queue, "namespace": "default"}
