@@ -43,3 +43,19 @@ def test_sbatch_script_run_as_its_header_says_finds_its_plan(tmp_path, monkeypat
     argv = shlex.split(srun)
     assert (job_cwd / argv[argv.index("--plan") + 1]).is_file()
     assert job_cwd == tmp_path / "work"
+
+
+def test_without_the_kubernetes_client_compile_says_so_and_writes_the_rest(tmp_path, monkeypatch, capsys):
+    """`pip install llmc` leaves out torchx[kubernetes]: a spec with an image still compiles for the
+    other schedulers, and asking for Kubernetes says what to install (not a traceback)."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "kubernetes", None)   # as if not installed
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "work").mkdir()
+    assert main(["compile", TINY, "-o", "out", "--set", "job.image=work"]) == 0
+    assert 'no kubernetes request: the Kubernetes scheduler needs the kubernetes client: pip install "torchx[kubernetes]"' \
+        in capsys.readouterr().err
+    assert {"local.request.txt", "slurm.sbatch.sh", "job_card.md"} <= {p.name for p in (tmp_path / "out").iterdir()}
+    assert main(["run", TINY, "--dryrun", "--scheduler", "kubernetes", *K8S[2:], "--set", "job.image=img"]) == 1
+    assert "torchx[kubernetes]" in capsys.readouterr().err

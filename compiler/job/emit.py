@@ -81,6 +81,12 @@ def _appdef_json(app: specs.AppDef) -> str:
 
 def _render_request(runner, job: CompiledJob, scheduler: str) -> str:
     workdir_of(job.spec, scheduler)   # local/Slurm read job.image as a folder: UserError if it is not
+    if scheduler == "kubernetes":
+        try:
+            import kubernetes  # noqa: F401 - TorchX builds the Volcano Job from its client models
+        except ImportError:
+            raise UserError('the Kubernetes scheduler needs the kubernetes client: pip install "torchx[kubernetes]"'
+                            ) from None
     app = build_appdef(job.plan, scheduler, job.plan_path, job.run_dir, resume=job.resume)
     info = runner.dryrun(app, torchx_scheduler(job.spec, scheduler), cfg=job.cfg(scheduler))
     if scheduler == "slurm":
