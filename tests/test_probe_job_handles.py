@@ -27,3 +27,15 @@ def test_malformed_app_ids_are_refused_before_asking_the_scheduler(verb, handle,
     assert f"expected {expected}" in err and "Traceback" not in err, err
     assert len(err.strip().splitlines()) == 1, err
     assert not asked.exists()
+
+
+@pytest.mark.parametrize("verb", ["status", "logs", "cancel"])
+def test_kubernetes_without_a_cluster_configuration_says_so(verb, tmp_path, monkeypatch, capsys):
+    """No kubeconfig: TorchX warned and then failed as 'LocationValueError: No host specified'."""
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "absent"))
+    monkeypatch.setenv("HOME", str(tmp_path))                  # no ~/.kube/config either
+    monkeypatch.chdir(tmp_path)
+    assert main([verb, "kubernetes://llmc/default:tiny-abc"]) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err            # no UserWarning before the error
+    assert "kube config" in err and "KUBECONFIG" in err and "No host specified" not in err, err

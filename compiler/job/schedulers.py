@@ -2,7 +2,7 @@
 
 llmc's `local` is TorchX's `local_cwd` (or `local_dir` when job.image names a working folder),
 `slurm` is TorchX's Slurm scheduler with two repairs (below), `kubernetes` is TorchX's
-Volcano-based Kubernetes scheduler.
+Volcano-based Kubernetes scheduler (stopping where no cluster is configured).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import json
 import shutil
 import subprocess
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +21,11 @@ from torchx.runner import Runner
 from torchx.schedulers import get_scheduler_factories
 from torchx.schedulers import local_scheduler
 from torchx.schedulers.api import DescribeAppResponse, ListAppResponse
+from torchx.schedulers.kubernetes_scheduler import KubernetesScheduler
 from torchx.schedulers.slurm_scheduler import SLURM_STATES, SlurmScheduler
 from torchx.specs import AppState, ReplicaStatus, Role, RoleStatus
 
+from ..errors import UserError
 from ..plan.hardware import lookup
 from ..spec import Spec
 
@@ -110,10 +113,31 @@ def _create_slurm(session_name: str, **_: Any) -> SlurmSchedulerFixed:
     return SlurmSchedulerFixed(session_name=session_name)
 
 
+class KubernetesSchedulerFixed(KubernetesScheduler):
+    """TorchX's Kubernetes scheduler, stopping where there is no cluster configuration: TorchX warns
+    and goes on with an empty one, whose request then fails as 'No host specified'."""
+
+    def _api_client(self):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            api_client = super()._api_client()
+        for warning in caught:
+            if str(warning.message).startswith("failed to load kube config"):
+                self._client = None
+                raise UserError(f"no Kubernetes cluster to talk to ({warning.message}); "
+                                "KUBECONFIG or ~/.kube/config names one")
+        return api_client
+
+
+def _create_kubernetes(session_name: str, **_: Any) -> KubernetesSchedulerFixed:
+    return KubernetesSchedulerFixed(session_name=session_name)
+
+
 def make_runner() -> Runner:
-    """A TorchX runner with llmc's scheduler set (the Slurm repairs, a directory-image local)."""
+    """A TorchX runner with llmc's scheduler set (the Slurm and Kubernetes repairs, a directory-image local)."""
     factories = dict(get_scheduler_factories())
     factories["slurm"] = _create_slurm
+    factories["kubernetes"] = _create_kubernetes
     factories["local_dir"] = functools.partial(local_scheduler.create_scheduler,
                                                image_provider_class=local_scheduler.LocalDirectoryImageProvider)
     return Runner(name=SESSION, scheduler_factories=factories)
