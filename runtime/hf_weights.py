@@ -305,11 +305,13 @@ def export_checkpoint(checkpoint, out: Path) -> dict:
     if (resolve_model_dir(checkpoint) / "quantization.json").is_file():
         raise UserError(f"{checkpoint} is a quantized checkpoint (llmc quantize); export the checkpoint it was "
                         "quantized from")
-    model, _, _ = load_model(checkpoint)
+    model, _, tokenizer = load_model(checkpoint)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     dtypes = {t.dtype for t in state.values() if t.is_floating_point() and t.dim() > 1}
     dtype = str(dtypes.pop()).removeprefix("torch.") if len(dtypes) == 1 else "float32"
     config = model_to_hf(model.cfg, dtype=dtype)
+    token_ids, token_names = _special_tokens(tokenizer) if tokenizer is not None else ({}, {})
+    config.update(token_ids)
     family = config["model_type"]
     if model.cfg.mtp.depth and not family.startswith("deepseek"):
         print("warning: MTP modules dropped (only DeepSeek's format stores them)", file=sys.stderr)
@@ -321,13 +323,29 @@ def export_checkpoint(checkpoint, out: Path) -> dict:
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         if tokenizer.is_file():
             shutil.copyfile(tokenizer, tmp / "tokenizer.json")
-            tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast"}
+            tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", **token_names}
             (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config) + "\n")
     return config
+
+
+def _special_tokens(tokenizer) -> tuple[dict, dict]:
+    """config.json's bos/eos/pad token ids and tokenizer_config.json's token strings. The eos ids
+    are the tokens llmc's generation stops at (end of text, ChatML's end of turn), so that
+    transformers' `generate` stops where `llmc generate` does."""
+    from .data.tokenizer import special_ids
+
+    ids = special_ids(tokenizer)
+    eos = [i for i in (ids["eos"], ids["im_end"]) if i is not None]
+    config = {"bos_token_id": ids["bos"], "eos_token_id": eos[0] if len(eos) == 1 else eos or None,
+              "pad_token_id": ids["pad"]}
+    names = {f"{role}_token": tokenizer.id_to_token(ids[role]) for role in ("bos", "eos", "pad")
+             if ids[role] is not None}
+    return {k: v for k, v in config.items() if v is not None}, names
 
 
 def export_main(args) -> int:
     """`llmc export hf CKPT -o DIR`."""
     config = export_checkpoint(args.checkpoint, Path(args.output))
-    print(f"wrote {args.output}/ ({config['model_type']}: config.json, model.safetensors)", file=sys.stderr)
+    written = ", ".join(sorted(p.name for p in Path(args.output).iterdir()))
+    print(f"wrote {args.output}/ ({config['model_type']}: {written})", file=sys.stderr)
     return 0

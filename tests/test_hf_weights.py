@@ -284,3 +284,28 @@ def test_damaged_hf_folder_is_one_error_line_and_writes_nothing(tmp_path, capsys
         assert err.count("error:") == 1 and "Traceback" not in err, (named, err)
         assert named.strip() in err, (named, err)
         assert not (tmp_path / f"out{i}").exists(), named
+
+
+def test_export_names_the_end_of_text_token_so_transformers_stops_there(tmp_path):
+    """The exported config and tokenizer_config name the end-of-text token (and bos, pad; and
+    ChatML's end of turn, where llmc's generate stops too): transformers' generate stops at it
+    instead of running to max_new_tokens (the export had no eos_token_id / eos_token at all)."""
+    from llmc.compiler.plan import build_plan
+    from llmc.runtime.model.io import save_model
+    from test_infer_checkpoints import DENSE, random_model, spec_with, tokenizer
+
+    spec = spec_with(DENSE)
+    model = random_model(spec)
+    with torch.no_grad():
+        model.head.weight.zero_()  # every logit 0: greedy picks id 0, the trained tokenizer's <|endoftext|>
+    save_model(model, build_plan(spec).model_dump(mode="json"), tmp_path / "llmc", tokenizer=tokenizer())
+    assert llmc(["export", "hf", str(tmp_path / "llmc"), "-o", str(tmp_path / "hf")]) == 0
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert (hf_tokenizer.eos_token, hf_tokenizer.bos_token, hf_tokenizer.pad_token) == \
+        ("<|endoftext|>", "<|bos|>", "<|pad|>")
+    reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert reference.generation_config.eos_token_id == [tokenizer().token_to_id("<|endoftext|>"),
+                                                        tokenizer().token_to_id("<|im_end|>")]
+    prompt = torch.tensor([hf_tokenizer("def f(x):").input_ids])
+    out = reference.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8, do_sample=False)
+    assert out[0, prompt.shape[1]:].tolist() == [0]  # the end-of-text token, then stopped
