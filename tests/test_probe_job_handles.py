@@ -39,3 +39,21 @@ def test_kubernetes_without_a_cluster_configuration_says_so(verb, tmp_path, monk
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1, err            # no UserWarning before the error
     assert "kube config" in err and "KUBECONFIG" in err and "No host specified" not in err, err
+
+
+def test_logs_of_a_job_that_has_not_started_return_at_once(tmp_path):
+    """Without --follow, `llmc logs` prints what there is and returns; a Slurm job still PENDING
+    has no log files yet (TorchX's reader would wait for them to appear)."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "sacct").write_text("#!/bin/sh\nprintf 'JobID|JobName|State\\n5|tiny-0|PENDING\\n'\n")
+    (tmp_path / "sacct").chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}"}
+    try:
+        out = subprocess.run([sys.executable, "-m", "llmc.compiler.cli", "logs", "slurm://llmc/5"], cwd=tmp_path,
+                             env=env, capture_output=True, text=True, timeout=20)
+    except subprocess.TimeoutExpired:
+        pytest.fail("`llmc logs` of a pending job did not return")
+    assert out.returncode == 0 and "PENDING" in out.stderr and "no logs yet" in out.stderr, out.stderr

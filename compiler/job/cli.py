@@ -188,6 +188,14 @@ def logs_main(args) -> int:
             if described is None or not described.roles:
                 raise UserError(f"the scheduler does not know {args.handle}")
             role, replicas = described.roles[0].name, described.roles[0].num_replicas
+        if not args.follow:
+            # TorchX's log readers wait for a job's log files to appear, even when not following:
+            # a job that has not started has none yet.
+            status = runner.status(args.handle)
+            if status is not None and status.state in (AppState.SUBMITTED, AppState.PENDING):
+                print(f"{args.handle}: {status.state.name}, no logs yet (`llmc logs --follow` waits for them)",
+                      file=sys.stderr)
+                return 0
         print_logs(runner, args.handle, role, int(replicas), tail=args.follow)
     return 0
 
