@@ -28,11 +28,23 @@ def read_text(path: str) -> str:
         raise UserError(f"{path}:{line}: invalid UTF-8 (byte 0x{data[e.start]:02x})") from None
 
 
+# fp32 logits one forward may hold (bytes): a window's are context x vocab floats, 4 GiB for a
+# 128k vocabulary at 8k tokens, and cross entropy takes as much again; at most 8 windows a batch.
+LOGITS_BUDGET = 1 << 30
+
+
+def windows_per_batch(context: int, vocab_size: int) -> int:
+    """How many windows one forward takes: up to 8, fewer when their logits outgrow LOGITS_BUDGET."""
+    return max(1, min(8, LOGITS_BUDGET // (context * vocab_size * 4)))
+
+
 @torch.no_grad()
-def text_loss(model, ids: list[int], context: int, batch_size: int = 8, device="cpu") -> tuple[float, int]:
+def text_loss(model, ids: list[int], context: int, batch_size: int | None = None,
+              device="cpu") -> tuple[float, int]:
     """(mean next-token loss in nats, number of predicted tokens) of a token sequence."""
     if len(ids) < 2:
         raise UserError("the text has fewer than 2 tokens: nothing to predict")
+    batch_size = batch_size or windows_per_batch(context, model.cfg.vocab_size)
     tokens = torch.tensor(ids, dtype=torch.long)
     starts = list(range(0, len(ids) - 1, context))
     total, count = 0.0, 0

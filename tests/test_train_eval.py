@@ -15,6 +15,7 @@ from llmc.runtime.data.tokenizer import train_tokenizer
 from llmc.runtime.model import Transformer
 from llmc.runtime.model.io import save_model
 
+from test_infer_checkpoints import one_thread  # noqa: F401  (tiny models: one thread on shared cores)
 from train_helpers import REPO
 
 TEXT = "def add(a, b):\n    return a + b\n\nclass Point:\n    x: int = 0\n    y: int = 0\n" * 3
@@ -60,8 +61,20 @@ def test_windowed_loss_matches_a_token_by_token_reference(checkpoint):
     """Each token j >= 1 is predicted from the tokens of its window before it (windows of CONTEXT
     predictions, starting at 0, CONTEXT, 2 CONTEXT, ...): computed one prefix at a time here."""
     tmp, tok = checkpoint
+    losses = prefix_losses(tmp / "random", tok)
+    r = run_eval(tmp / "random", "--text-file", tmp / "text.txt", "--json")
+    out = json.loads(r.stdout)
+    assert out["tokens"] == len(losses)
+    assert out["loss"] == pytest.approx(sum(losses) / len(losses), abs=1e-4)
+    assert out["perplexity"] == pytest.approx(math.exp(out["loss"]), rel=1e-6)
+    plain = run_eval(tmp / "random", "--text-file", tmp / "text.txt")
+    assert plain.returncode == 0 and "perplexity" in plain.stdout
+
+
+def prefix_losses(folder, tok) -> list[float]:
+    """The loss of each token j >= 1 of TEXT given the tokens of its window before it."""
     from llmc.runtime.model.io import load_model
-    model, _, _ = load_model(tmp / "random", "cpu", "fp32")
+    model, _, _ = load_model(folder, "cpu", "fp32")
     ids = tok.encode(TEXT, add_special_tokens=False).ids
     assert len(ids) > 3 * CONTEXT  # several windows
     losses = []
@@ -70,13 +83,27 @@ def test_windowed_loss_matches_a_token_by_token_reference(checkpoint):
             start = ((j - 1) // CONTEXT) * CONTEXT
             logits = model(torch.tensor([ids[start:j]])).logits[0, -1]
             losses.append(-F.log_softmax(logits.float(), -1)[ids[j]].item())
-    r = run_eval(tmp / "random", "--text-file", tmp / "text.txt", "--json")
-    out = json.loads(r.stdout)
-    assert out["tokens"] == len(losses)
-    assert out["loss"] == pytest.approx(sum(losses) / len(losses), abs=1e-4)
-    assert out["perplexity"] == pytest.approx(math.exp(out["loss"]), rel=1e-6)
-    plain = run_eval(tmp / "random", "--text-file", tmp / "text.txt")
-    assert plain.returncode == 0 and "perplexity" in plain.stdout
+    return losses
+
+
+def test_eval_batches_windows_within_a_logits_budget(checkpoint, monkeypatch):
+    """A forward holds batch x context x vocab fp32 logits (and cross entropy as much again): eval
+    took 8 windows whatever their size, 32 GiB of logits at 8k tokens and a 128k vocabulary. It
+    now takes as many as fit LOGITS_BUDGET (here set to 3 windows' worth), with the same loss."""
+    from llmc.runtime import evaluate
+    from llmc.runtime.infer.checkpoint import load_for_inference
+    tmp, tok = checkpoint
+    model, _, _ = load_for_inference(tmp / "random", "cpu", "fp32")
+    window_bytes = CONTEXT * 300 * 4
+    monkeypatch.setattr(evaluate, "LOGITS_BUDGET", 3 * window_bytes + 100)
+    held = []
+    model.register_forward_hook(lambda module, args, out: held.append(out.logits.numel() * 4))
+    ids = tok.encode(TEXT, add_special_tokens=False).ids
+    loss, n = evaluate.text_loss(model, ids, CONTEXT)
+    windows = math.ceil((len(ids) - 1) / CONTEXT)
+    assert max(held) <= 3 * window_bytes and len(held) == math.ceil(windows / 3)
+    losses = prefix_losses(tmp / "random", tok)
+    assert n == len(losses) and loss == pytest.approx(sum(losses) / len(losses), abs=1e-4)
 
 
 def test_eval_errors_are_clear(checkpoint, tmp_path):
