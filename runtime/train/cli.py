@@ -64,11 +64,30 @@ def main(args) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "plan.json").write_text(json.dumps(plan, indent=2))
     (run_dir / "spec.toml").write_text(spec_to_toml(spec))
+    try:
+        return _run(plan, run_dir, nproc, args.resume)
+    except KeyboardInterrupt:
+        print(_interrupted_note(run_dir), file=sys.stderr)
+        raise
 
+
+def _interrupted_note(run_dir: Path) -> str:
+    """What an interrupted run keeps: its newest checkpoint, which --resume continues from."""
+    from .checkpoint import latest_checkpoint
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        return f"{run_dir} holds no checkpoint yet: a new run starts from step 0"
+    step = json.loads((ckpt / "meta.json").read_text())["step"]
+    return (f"{run_dir} keeps {ckpt.name}: the same command with --resume continues from step {step} "
+            "(the steps after it are redone)")
+
+
+def _run(plan: dict, run_dir: Path, nproc: int, resume: bool) -> int:
+    """Train the plan into run_dir: in this process, or under torchrun for several."""
     if nproc == 1:
         from .distributed import init_distributed
         from .loop import train
-        report = train(plan, run_dir, init_distributed(), resume=args.resume)
+        report = train(plan, run_dir, init_distributed(), resume=resume)
         val = report.get("validation") or {}
         tps = report["measured"]["tokens_per_s"]
         print(f"run directory: {run_dir}  (step {report['steps']}" + (f", {tps:,.0f} tokens/s" if tps else "")
@@ -76,7 +95,7 @@ def main(args) -> int:
         return 0
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "llmc.runtime.entry", "--plan", str(run_dir / "plan.json"), "--out", str(run_dir)]
-    if args.resume:
+    if resume:
         cmd.append("--resume")
     code = subprocess.call(cmd)
     if code:
