@@ -145,7 +145,8 @@ def import_main(args) -> int:
     for warning in imported.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     out = Path(args.output) if args.output else None
-    if out is not None and out.is_dir() and not _has_weights(folder):
+    folder_given = out is not None and (out.is_dir() or args.output.endswith(("/", os.sep)))  # (Path drops the /)
+    if folder_given and not _has_weights(folder):
         raise UserError(f"{args.source} has no safetensors weights to convert: give -o a spec file (.toml)")
     if out is not None and _has_weights(folder) and not out.suffix == ".toml":
         # A checkpoint: weights and tokenizer too. The runtime (torch) is imported only here.

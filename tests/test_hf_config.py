@@ -276,3 +276,14 @@ def test_deepseek_v32_adds_the_indexer():
     # wq_b (q_lora_rank -> 64 x 128), wk, k_norm (LayerNorm), weights_proj, in each of 61 layers
     per_layer = 1536 * 64 * 128 + 7168 * 128 + 2 * 128 + 7168 * 64
     assert count_params(m).main - count_params(hf_to_model(DEEPSEEK_V3).model).main == 61 * per_layer
+
+
+def test_config_only_import_refuses_a_folder_output_written_with_a_slash(tmp_path, capsys):
+    """`-o ckpt/` names a folder (a checkpoint), which a config.json without weights cannot fill:
+    refused as an existing folder is (it wrote the spec into a file called `ckpt`)."""
+    from llmc.compiler.cli import main as llmc
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(config_json(tiny_config("llama"))))
+    assert llmc(["import", "hf", str(config), "-o", f"{tmp_path / 'ckpt'}/"]) == 1
+    assert "give -o a spec file (.toml)" in capsys.readouterr().err
+    assert not (tmp_path / "ckpt").exists()
