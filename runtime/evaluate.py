@@ -8,10 +8,14 @@ perplexity = exp(loss); tokens = the number of predictions.
 
 import json
 import math
+import sys
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from ..compiler.errors import UserError
 
@@ -39,9 +43,10 @@ def windows_per_batch(context: int, vocab_size: int) -> int:
 
 
 @torch.no_grad()
-def text_loss(model, ids: list[int], context: int, batch_size: int | None = None,
-              device="cpu") -> tuple[float, int]:
-    """(mean next-token loss in nats, number of predicted tokens) of a token sequence."""
+def text_loss(model, ids: list[int], context: int, batch_size: int | None = None, device="cpu",
+              on_tokens: Callable[[int], None] | None = None) -> tuple[float, int]:
+    """(mean next-token loss in nats, number of predicted tokens) of a token sequence;
+    `on_tokens(n)` after each forward, with the n predictions it added (for a progress bar)."""
     if len(ids) < 2:
         raise UserError("the text has fewer than 2 tokens: nothing to predict")
     batch_size = batch_size or windows_per_batch(context, model.cfg.vocab_size)
@@ -60,6 +65,8 @@ def text_loss(model, ids: list[int], context: int, batch_size: int | None = None
         losses = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
         total += losses.item()
         count += int((labels != -100).sum())
+        if on_tokens is not None:
+            on_tokens(int((labels != -100).sum()))
     return total / count, count
 
 
@@ -72,7 +79,12 @@ def main(args) -> int:
         raise UserError(f"{args.checkpoint}: the model folder has no tokenizer.json")
     context = plan["spec"]["model"]["max_seq_len"]
     ids = tokenizer.encode(text, add_special_tokens=False).ids
-    loss, n = text_loss(model, ids, context)
+    console = Console(stderr=True, quiet=not sys.stderr.isatty())  # a bar on a terminal, nothing in logs
+    columns = [TextColumn("evaluating"), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"),
+               TimeRemainingColumn()]
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task("eval", total=max(len(ids) - 1, 0))
+        loss, n = text_loss(model, ids, context, on_tokens=lambda k: progress.advance(task, k))
     ppl = math.exp(min(loss, 700.0))
     if args.json:
         print(json.dumps({"loss": loss, "perplexity": ppl, "tokens": n}))

@@ -106,6 +106,19 @@ def test_eval_batches_windows_within_a_logits_budget(checkpoint, monkeypatch):
     assert n == len(losses) and loss == pytest.approx(sum(losses) / len(losses), abs=1e-4)
 
 
+def test_eval_reports_progress_per_forward(checkpoint):
+    """A long text evaluated in silence for minutes: text_loss now reports each forward's
+    predictions (what the bar on a terminal advances by); they add up to every token after the first."""
+    from llmc.runtime.evaluate import text_loss
+    from llmc.runtime.infer.checkpoint import load_for_inference
+    tmp, tok = checkpoint
+    model, _, _ = load_for_inference(tmp / "random", "cpu", "fp32")
+    ids = tok.encode(TEXT, add_special_tokens=False).ids
+    reported = []
+    text_loss(model, ids, CONTEXT, batch_size=2, on_tokens=reported.append)
+    assert len(reported) == math.ceil(math.ceil((len(ids) - 1) / CONTEXT) / 2) and sum(reported) == len(ids) - 1
+
+
 def test_eval_errors_are_clear(checkpoint, tmp_path):
     tmp, _ = checkpoint
     r = run_eval(tmp / "random", "--text-file", tmp_path / "missing.txt")
