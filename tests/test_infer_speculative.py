@@ -26,6 +26,21 @@ def test_greedy_speculative_equals_the_target_alone():
             assert spec.proposed > 0
 
 
+def test_a_draft_with_a_shorter_context_still_gives_the_targets_tokens():
+    """Past the draft's context the target goes on alone: the output is the target's, as long as
+    the target's context allows (it was cut at the draft's context, 11 of 40 tokens here, with
+    stop_reason 'length'; a prompt longer than the draft's context was refused)."""
+    target = random_model(spec_with(DENSE), seed=1)
+    draft = random_model(spec_with(DRAFT[:-1] + ["model.max_seq_len=16", "train.seq_len=16"]), seed=2)
+    params = SamplingParams(max_new_tokens=40)
+    for prompt in ([5, 17, 300, 2, 9], list(range(3, 23))):   # 5 tokens, then 20: past the draft's 16
+        alone = generate(target, [prompt], params)[0].tokens
+        assert len(alone) == 40
+        spec = speculative_generate(target, draft, prompt, params, k=4)
+        assert spec.tokens == alone
+    assert speculative_generate(target, draft, [5, 17, 300, 2, 9], params, k=4).proposed > 0
+
+
 def test_a_draft_identical_to_the_target_is_always_accepted():
     target = random_model(spec_with(DENSE), seed=1)
     out = speculative_generate(target, target, [4, 5, 6], SamplingParams(max_new_tokens=21), k=4)

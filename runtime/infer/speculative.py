@@ -84,13 +84,14 @@ def speculative_generate(target, draft, prompt: list[int], params: SamplingParam
     if k < 1:
         raise UserError(f"speculative decoding needs k >= 1 draft tokens (found {k})")
     device = next(target.parameters()).device
-    max_new = min(check_prompts([prompt], target, params.max_new_tokens),
-                  check_prompts([prompt], draft, params.max_new_tokens))
+    max_new = check_prompts([prompt], target, params.max_new_tokens)  # the target's context: its output
     result = SpeculativeGeneration(tokens=[], draft_len=k)
     if max_new == 0:
         return result
     capacity = len(prompt) + max_new + k + 1
-    t_cache, d_cache = build_cache(target, 1, capacity), build_cache(draft, 1, capacity)
+    draft_context = draft.cfg.max_seq_len  # past it the target goes on alone, one token a round
+    use_draft = len(prompt) <= draft_context
+    t_cache, d_cache = build_cache(target, 1, capacity), build_cache(draft, 1, min(capacity, draft_context))
     gen = None if params.greedy else torch.Generator().manual_seed(params.seed)
     stream = TextStream(tokenizer, params.stop_strings, prompt_ids=prompt) if tokenizer is not None else None
     stop_ids = set(params.stop_tokens)
@@ -101,7 +102,8 @@ def speculative_generate(target, draft, prompt: list[int], params: SamplingParam
     # Prefill both with all but the last prompt token; that token is the first one fed.
     if len(prompt) > 1:
         _forward(target, t_cache, prompt[:-1], device)
-        _forward(draft, d_cache, prompt[:-1], device)
+        if use_draft:
+            _forward(draft, d_cache, prompt[:-1], device)
     result.prefill_s = time.perf_counter() - t0
     pending_draft = [prompt[-1]]      # tokens the draft cache has not seen yet
     last = prompt[-1]                 # the token the target cache has not seen yet
@@ -109,11 +111,15 @@ def speculative_generate(target, draft, prompt: list[int], params: SamplingParam
 
     t0 = time.perf_counter()
     while produced < max_new and result.stop_reason == "length":
-        n_draft = min(k, max_new - produced - 1)
+        # (the draft feeds pending_draft, then n_draft - 1 proposals: all within its context)
+        room = draft_context - d_cache.length - len(pending_draft) + 1 if use_draft else 0
+        n_draft = max(0, min(k, max_new - produced - 1, room))
+        use_draft = n_draft > 0
         # 1. the draft proposes n_draft tokens
         proposals, q = [], []
         draft_seen = seen.clone()
-        logits = _forward(draft, d_cache, pending_draft, device)[-1]
+        if use_draft:
+            logits = _forward(draft, d_cache, pending_draft, device)[-1]
         for i in range(n_draft):
             qi = next_token_probs(logits[None], params, draft_seen)[0]
             d = _draw(qi, gen)
@@ -140,10 +146,11 @@ def speculative_generate(target, draft, prompt: list[int], params: SamplingParam
         result.accepted += n_accepted
         # 4. roll both caches back to the accepted prefix
         t_cache.truncate(base + 1 + n_accepted)
-        kept_in_draft = min(d_cache.length, base + 1 + n_accepted)
-        d_cache.truncate(kept_in_draft)
-        known = [last] + new_tokens                      # target-cache tokens from `base` on, plus the new last
-        pending_draft = known[kept_in_draft - base:]
+        if use_draft:
+            kept_in_draft = min(d_cache.length, base + 1 + n_accepted)
+            d_cache.truncate(kept_in_draft)
+            known = [last] + new_tokens                  # target-cache tokens from `base` on, plus the new last
+            pending_draft = known[kept_in_draft - base:]
         last = new_tokens[-1]
         for token in new_tokens:
             produced += 1
