@@ -64,6 +64,14 @@ def test_prompt_longer_than_the_context_is_a_user_error(model):
         generate(model, [[1] * 300], SamplingParams())
 
 
+def test_a_prompt_too_long_is_named_by_its_number(model):
+    """In a batch (a prompts file of many lines) the error says which prompt is too long: 'a
+    prompt has 300 tokens' left the user to find it."""
+    from llmc.compiler.errors import UserError
+    with pytest.raises(UserError, match=r"^prompt 3 has 300 tokens; the model's context is 256 tokens"):
+        generate(model, [[1] * 5, [2] * 7, [1] * 300, [3] * 4], SamplingParams())
+
+
 def test_kv_cache_holds_exactly_k_and_v_per_token():
     spec = spec_with(DENSE)
     m = spec.model

@@ -63,7 +63,8 @@ def check_prompts(prompts: list[list[int]], model, max_new_tokens: int) -> int:
     longest = max(len(p) for p in prompts)
     limit = model.cfg.max_seq_len
     if longest >= limit:
-        raise UserError(f"a prompt has {longest} tokens; the model's context is {limit} tokens "
+        which = next(i for i, p in enumerate(prompts) if len(p) == longest)
+        raise UserError(f"prompt {which + 1} has {longest} tokens; the model's context is {limit} tokens "
                         f"(expected prompts shorter than max_seq_len)")
     return min(max_new_tokens, limit - longest)
 
