@@ -3,8 +3,10 @@ or with plain python for the single-process reference).
 
 Trains a tiny model a few steps on a fixed random global batch under the given layout and writes
 `OUT/rank{r}.pt` = {"losses": [per-step global mean loss], "state": this rank's full-size
-weights (gathered from shards), "bytes": measured per-rank model-state bytes, "plan_bytes": the
-plan's figures for this rank's pipeline stage}.
+weights (gathered from shards), "bytes": measured per-rank model-state bytes after the last step,
+"peak_gradients": the most gradient bytes the rank held during the steps, "unit_gradient_bytes":
+the whole fp32 gradients of the root FSDP2 units and of the largest block, "plan_bytes": the plan's figures for this rank's
+pipeline stage}.
 
 Every rank reads the same global batch; data-parallel rank d takes micro-batches
 d*accum .. d*accum+accum-1 of it, so one process with accum' = dp*accum sees the same
@@ -36,6 +38,63 @@ def parse():
     return ap.parse_args()
 
 
+def gradient_bytes(modules) -> int:
+    """Bytes of every gradient the rank holds now: plain `.grad`s and, of FSDP2's parameters, the
+    sharded gradient, the unsharded one and the fp32 accumulator FSDP2 keeps while gradient sync
+    is off (FSDP2 internals: a measuring probe of this test, not an API the runtime uses)."""
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+    from torch.distributed.tensor import DTensor
+
+    grads = [p.grad for m in modules for p in m.parameters()]
+    for m in modules:
+        for sub in m.modules():
+            state = fully_shard.state(sub) if isinstance(sub, FSDPModule) else None  # (None for replicate)
+            group = state._fsdp_param_group if state is not None else None
+            for fsdp_param in group.fsdp_params if group is not None else ():
+                grads.append(fsdp_param.sharded_param.grad)
+                grads.append(fsdp_param.unsharded_accumulated_grad)
+                if hasattr(fsdp_param, "_unsharded_param"):
+                    grads.append(fsdp_param._unsharded_param.grad)
+    local = {}
+    for g in grads:
+        if g is not None:
+            g = g.to_local() if isinstance(g, DTensor) else g
+            local[g.untyped_storage().data_ptr()] = g.untyped_storage().nbytes()
+    return sum(local.values())
+
+
+def unit_gradient_bytes(modules) -> tuple[int, int]:
+    """fp32 bytes of the whole gradients of the modules' root FSDP2 units (embedding, final norm,
+    head: reduced only when the whole backward is done) and of the largest other unit (a block
+    with its experts), from their parameters' full shapes; (0, 0) without FSDP2."""
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    def size(m):
+        state = fully_shard.state(m)  # (None for replicate)
+        group = state._fsdp_param_group if state is not None else None
+        return 4 * sum(p._orig_size.numel() for p in group.fsdp_params) if group is not None else 0
+    roots = sum(size(m) for m in modules if isinstance(m, FSDPModule))
+    blocks = [sum(size(sub) for sub in block.modules() if isinstance(sub, FSDPModule))
+              for m in modules for block in m.layers.values()]
+    return roots, max(blocks, default=0)
+
+
+def track_peak_gradients(modules) -> dict:
+    """Samples gradient_bytes before every block's forward and backward (gradients grow over a
+    step's backwards, and the last micro-batch's reduction frees what they had accumulated);
+    returns {"peak": the most seen, "sample": the sampler, for the caller to add points}."""
+    seen = {"peak": 0}
+
+    def sample(*_):
+        seen["peak"] = max(seen["peak"], gradient_bytes(modules))
+    for m in modules:
+        for block in m.layers.values():
+            block.register_forward_pre_hook(sample)
+            block.register_full_backward_pre_hook(sample)
+    seen["sample"] = sample
+    return seen
+
+
 @torch.no_grad()
 def validation_loss(pipe, model, samples, micro: int) -> float:
     """Token-weighted mean loss over `samples` in micro-batches (the last one short), by the pipeline
@@ -54,6 +113,7 @@ def main():
     torch.set_num_threads(1)
     from llmc.compiler.spec import load_spec
     from llmc.runtime.model import Transformer
+    from llmc.runtime.parallel.data_parallel import micro_batch
     from llmc.runtime.parallel import Layout, build_mesh, clip_grad_norm_, init_distributed, measure_state_bytes, \
         parallelize, reduce_expert_counts
 
@@ -105,6 +165,7 @@ def main():
 
     accum = args.n_micro // layout.dp
     d = pdims.dp_rank
+    peak = track_peak_gradients(raw)
     losses = []
     for step in range(args.steps):
         batch = stream[step, d * accum:(d + 1) * accum]
@@ -116,12 +177,14 @@ def main():
             local = pipe.step(tokens, labels)["loss"].detach() * accum / layout.pp
             counts = pipe.expert_counts()
         else:
-            for mb in batch:
-                out = wrapped[0](mb[:, :-1], mb[:, 1:])
-                (out.loss / accum).backward()
+            for i, mb in enumerate(batch):
+                with micro_batch(wrapped[0], layout.zero, last=i == accum - 1):  # as the training loop
+                    out = wrapped[0](mb[:, :-1], mb[:, 1:])
+                    (out.loss / accum).backward()
                 local += out.loss.detach()
                 if out.expert_counts is not None:
                     counts = out.expert_counts if counts is None else counts + out.expert_counts
+        peak["sample"]()
         clip_grad_norm_(params, 1.0, pdims)
         opt.step()
         if step < args.steps - 1:  # keep the last gradients: measure_state_bytes counts them
@@ -150,6 +213,7 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     plan_bytes = plan_stages[pdims.coordinate("pp")] if plan_stages else None
     torch.save({"losses": losses, "val_loss": val_loss, "state": state, "bytes": measured, "layout": lay,
+                "peak_gradients": peak["peak"], "unit_gradient_bytes": unit_gradient_bytes(raw),
                 "plan_memory": plan_memory, "plan_bytes": plan_bytes}, os.path.join(args.out, f"rank{rank}.pt"))
     if dist.is_initialized():
         dist.barrier()

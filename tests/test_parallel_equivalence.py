@@ -27,6 +27,7 @@ NO_SP = {"sequence_parallel": False}
 LAYOUTS = {
     "dp2_ddp": (2, degrees(dp=2, zero=0)),
     "dp2_fsdp": (2, degrees(dp=2, zero=3)),
+    "dp2_zero1": (2, degrees(dp=2, zero=1)),
     "dp2_zero2": (2, degrees(dp=2, zero=2)),
     "ep2": (2, degrees(dp=2, ep=2)),
     "ep2_fsdp": (2, degrees(dp=2, ep=2, zero=3)),
@@ -48,15 +49,19 @@ LAYOUTS = {
 
 # Layouts whose measured model states are not all the plan's figures: which differ, and why.
 STATES = ("weights", "gradients", "optimizer")
+TP_LAYOUTS = ("tp2", "tp2_sp", "dp2_x_tp2", "dp2_x_tp2_fsdp", "pp2_x_tp2_sp")
 MEMORY_DIFFERS = {
-    # zero 1/2 run as FSDP2 without resharding after forward, so weights are sharded at rest; and
-    # FSDP2 always reduce-scatters, so zero 1 holds sharded gradients too (dense and experts alike)
+    # the plan states the step's peak. FSDP2 keeps weights sharded at rest, which zero 1/2 hold
+    # gathered through the step; and zero 1 (and every stage under pipelining) holds whole
+    # gradients until the step's last micro-batch reduce-scatters them (dense and experts alike)
+    "dp2_zero1": {"weights", "gradients"},
     "dp2_zero2": {"weights"},
     "dp2_x_ep2_zero1": {"weights", "gradients"},
     "dp2_x_ep2_zero2": {"weights"},
+    "dp2_x_pp2_fsdp": {"weights", "gradients"},
     # TP keeps norms, MoE layers and MLA's down-projections replicated, the plan divides whole
     # blocks (pp2_x_tp2_sp for that reason too; its pipeline stages are counted as in pp2_*)
-    **{name: set(STATES) for name in ("tp2", "tp2_sp", "dp2_x_tp2", "dp2_x_tp2_fsdp", "pp2_x_tp2_sp")},
+    **{name: set(STATES) for name in TP_LAYOUTS},
 }
 
 
@@ -88,6 +93,22 @@ def assert_states_match_plan(results, keys=STATES):
     assert {k: max(r["bytes"][k] for r in results) for k in keys} == {k: plan[k] for k in keys}
 
 
+def assert_peak_gradients_match_plan(results):
+    """The most gradient bytes a rank held during the steps (sampled before each block's forward
+    and backward) is the plan's figure. Where gradients are reduce-scattered every micro-batch
+    (zero 2/3 without pipelining, zero 1 over one micro-batch), some whole gradients also wait for their reduce-scatter, which
+    the plan counts as a temporary: the root unit's (its head's gradient comes first, its
+    reduce-scatter last) and the block's that just finished. The samples see part of them."""
+    for rank, r in enumerate(results):
+        lay, planned = r["layout"], r["plan_bytes"]["gradients"]
+        if lay["pp"] == 1 and (lay["zero"] >= 2 or lay["zero"] == 1 and lay["grad_accum"] == 1):
+            root, block = r["unit_gradient_bytes"]
+            assert planned <= r["peak_gradients"] <= planned + root + block, (rank, r["peak_gradients"], planned,
+                                                                             root, block)
+        else:
+            assert r["peak_gradients"] == planned, (rank, r["peak_gradients"], planned)
+
+
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_layout_matches_single_process(name, reference, tmp_path):
     nproc, sets = LAYOUTS[name]
@@ -95,6 +116,8 @@ def test_layout_matches_single_process(name, reference, tmp_path):
     assert results[0]["layout"]["world_size"] == nproc
     assert_same_training(results, reference)
     assert_states_match_plan(results, [k for k in STATES if k not in MEMORY_DIFFERS.get(name, ())])
+    if name not in TP_LAYOUTS:  # (whose plan divides whole blocks, see above)
+        assert_peak_gradients_match_plan(results)
 
 
 def test_pipeline_model_states_match_plan_without_mtp(tmp_path):
@@ -134,8 +157,9 @@ def test_pipeline_with_experts_over_expert_data_parallel(zero, tmp_path):
     results = run_worker(tmp_path / "pp2_dp4_ep2", 8, sets=degrees(dp=4, pp=2, ep=2, zero=zero), extra=EIGHT)
     assert (results[0]["layout"]["edp"], results[0]["layout"]["grad_accum"]) == (2, 2)
     assert_same_training(results, reference)
-    # as dp2_x_ep2_zero1: FSDP2 keeps weights sharded at rest and reduce-scatters the gradients
+    # as dp2_x_pp2_fsdp: weights and gradients are whole at the peak, sharded at rest
     assert_states_match_plan(results, ["optimizer"] if zero else STATES)
+    assert_peak_gradients_match_plan(results)
 
 
 def test_reference_trains(reference):

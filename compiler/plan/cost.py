@@ -8,9 +8,13 @@ activations in the training precision. A step is (m + p - 1) such micro-batch sl
 1F1B / GPipe, (m + (p - 1)/v) interleaved: the bubble is
 (p - 1)/(m + p - 1). Data-parallel gradient synchronisation (ring all-reduce, or reduce-scatter +
 all-gather under ZeRO) overlaps with the backward of the last micro-batch; only the excess is
-exposed. ZeRO-3 all-gathers the weights twice per micro-batch (forward and backward), overlapped
-with that micro-batch's compute. A group whose ranks fit in one node uses the node's links,
-otherwise the inter-node links (the slower path bounds the collective).
+exposed. That is once per step for DDP, ZeRO-1 and every ZeRO stage under pipelining, which
+reduce at the step's last micro-batch (memory.py); ZeRO-2 and 3 without pipelining
+reduce-scatter every micro-batch, each overlapped with that micro-batch's backward. Gradients
+travel in fp32, weights in the compute precision. ZeRO-1 and 2 all-gather the weights once per
+step, overlapped with the first forward; ZeRO-3 twice per micro-batch (forward and backward),
+overlapped with that micro-batch's compute. A group whose ranks fit in one node uses the node's
+links, otherwise the inter-node links (the slower path bounds the collective).
 """
 
 from __future__ import annotations
@@ -90,11 +94,16 @@ def step_time(work: list[RankWork], *, dp: int, tp: int, pp: int, ep: int, zero:
         expert_grads = (w.expert_params / ep) * grad_bytes
         edp = dp * tp // ep
         sync = ring_all_reduce_s(grads, dp, bw_dp) + ring_all_reduce_s(expert_grads, edp, bw_dp)
-        exposed = max(0.0, sync - 2 / 3 * compute)
-        if zero >= 3:
-            gathers = 2 * (ring_gather_s(grads / grad_bytes * weight_bytes, dp, bw_dp)
-                           + ring_gather_s(expert_grads / grad_bytes * weight_bytes, edp, bw_dp))
-            exposed = grad_accum * max(0.0, gathers - compute) + max(0.0, sync / 2 - 2 / 3 * compute)
+        per_micro_batch = zero >= 2 and pp == 1  # reduce-scatters (else one reduction per step)
+        reduce = (grad_accum if per_micro_batch else 1) * max(0.0, (sync / 2 if zero else sync) - 2 / 3 * compute)
+        gather = (ring_gather_s(grads / grad_bytes * weight_bytes, dp, bw_dp)
+                  + ring_gather_s(expert_grads / grad_bytes * weight_bytes, edp, bw_dp))
+        if zero == 0:
+            exposed = reduce
+        elif zero <= 2:
+            exposed = reduce + max(0.0, gather - compute / 3)
+        else:
+            exposed = reduce + grad_accum * max(0.0, 2 * gather - compute)
         dp_s = max(dp_s, exposed)
     slots = grad_accum + ((pp - 1) / virtual_stages if schedule == "interleaved" else pp - 1)
     total = slots * slot + dp_s

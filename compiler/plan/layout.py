@@ -226,7 +226,8 @@ class LayoutSearch:
                          micro_batch_size=deg.micro_batch_size, grad_accum=deg.grad_accum, seq_len=t.seq_len,
                          d_model=m.d_model, top_k=m.moe.top_k if m.moe else 0, peak_flops=self.peak,
                          mfu=self.spec.hardware.mfu, links=self.links, world=self.spec.world_size,
-                         grad_bytes=precision_bytes, weight_bytes=precision_bytes, activation_bytes=precision_bytes,
+                         # gradients are reduced in fp32 (DDP's fp32 gradients, FSDP2's reduce dtype)
+                         grad_bytes=4, weight_bytes=precision_bytes, activation_bytes=precision_bytes,
                          schedule=deg.schedule, virtual_stages=deg.virtual_stages)
         return _Fit(deg, time, worst, worst_rank, layers)
 

@@ -1,9 +1,18 @@
 """Memory per device: training (model states, activations, buffers) and inference (weights, KV cache).
 
-Model states follow the ZeRO paper: mixed precision keeps 2 bytes of weights, 2 of gradients and
-`train.optimizer.state_bytes_per_param` (12 for AdamW: fp32 master, m, v) per parameter; fp32
-training keeps 4 + 4 + (state - 4). ZeRO-1 shards the optimizer states over the data-parallel
-group, ZeRO-2 also the gradients, ZeRO-3 (FSDP) also the weights. TP divides each block's weights
+Model states are what llmc's runtime holds at the step's peak (runtime/parallel/data_parallel.py).
+Mixed precision counts 2 bytes of weights, 2 of gradients and `train.optimizer.state_bytes_per_param`
+(12 for AdamW: fp32 master, m, v) per parameter; fp32 training 4 + 4 + (state - 4). ZeRO 0 is DDP,
+all replicated (its fp32 weights and gradients and the 8 bytes of AdamW's moments are the same
+16). ZeRO 1-3 run on FSDP2, which shards the optimizer states and fp32 master weights over the
+data-parallel group and reduces gradients in fp32, so their gradients count 4 bytes: ZeRO 1
+accumulates them unsharded until the step's last micro-batch reduces them once; ZeRO 2 and 3 (and
+ZeRO 1 over one micro-batch) reduce-scatter them unit by unit in every micro-batch's backward and
+keep fp32 shards, plus, as a temporary, the whole gradients that wait for their reduce-scatter.
+ZeRO 1 and 2 keep the weights gathered through the step, ZeRO 3 only the units at work. Under
+pipeline parallelism torch's schedules defer every FSDP2 stage's reduction to the step's last
+micro-batch and keep its weights gathered after their backward: every ZeRO stage holds the
+stage's whole weights and fp32 gradients. TP divides each block's weights
 (and the vocab-parallel embedding and head) by tp; PP gives each stage its blocks, the embedding
 (and learned positions) to the first stage, final norm + head + MTP to the last, which also keeps
 one copy of the embedding matrix when pp > 1 and MTP or a tied head reads it. Expert weights are
@@ -27,11 +36,16 @@ if TYPE_CHECKING:
 
 
 def model_state_bytes(params: float, *, dp: int, zero: int, weight: int = 2, grad: int = 2,
-                      optimizer: int = 12) -> tuple[float, float, float]:
-    """(weights, gradients, optimizer) bytes per rank for `params` replicated over a dp group."""
-    return (params * weight / (dp if zero >= 3 else 1),
-            params * grad / (dp if zero >= 2 else 1),
-            params * optimizer / (dp if zero >= 1 else 1))
+                      optimizer: int = 12, pipelined: bool = False, deferred: bool = False
+                      ) -> tuple[float, float, float]:
+    """(weights, gradients, optimizer) bytes per rank at the step's peak for `params` replicated
+    over a dp group (see the module docstring); `pipelined`: under a pipeline schedule;
+    `deferred`: gradients are reduced once, at the step's last micro-batch (Degrees.deferred)."""
+    if zero == 0 or dp == 1:  # DDP, or nothing to shard over
+        return params * weight, params * grad, params * optimizer
+    return (params * weight / (dp if zero >= 3 and not pipelined else 1),
+            params * FP32 / (1 if deferred else dp),
+            params * optimizer / dp)
 
 
 @dataclass(frozen=True)
@@ -50,6 +64,15 @@ class Degrees:
     virtual_stages: int = 1
 
     @property
+    def deferred(self) -> bool:
+        """Gradients are reduced once, at the step's last micro-batch (DDP; ZeRO-1 over several
+        micro-batches; every ZeRO stage under pipelining), rather than unit by unit in every
+        micro-batch's backward (ZeRO-2 and 3, and ZeRO-1 over one micro-batch)."""
+        if self.dp == 1 and self.edp == 1:
+            return True  # no data parallelism
+        return self.zero == 0 or self.pp > 1 or (self.zero == 1 and self.grad_accum > 1)
+
+    @property
     def edp(self) -> int:
         """Expert-data-parallel degree: replicas of each expert."""
         return self.dp * self.tp // self.ep
@@ -65,8 +88,9 @@ class RankShare:
     expert: int                # routed-expert parameters
     first: bool                # holds the embedding
     last: bool                 # holds final norm, head, MTP (and the embedding copy they read)
-    unit_dense: int            # the biggest piece FSDP gathers at once (a block, the embedding, the head)
-    unit_expert: int
+    unit_dense: int            # the biggest block FSDP gathers at once (its dense part)
+    unit_expert: int           #   and its routed experts
+    root_dense: int            # the chunks' root FSDP units: embedding, final norm, head (and copy)
 
 
 class TrainMemory(BaseModel):
@@ -180,7 +204,7 @@ class TrainMemoryModel:
         n = len(assignment)
         out = []
         for rank in range(pp):
-            dense = expert = unit_d = unit_e = 0
+            dense = expert = unit_d = unit_e = roots = 0
             for i in range(rank, n, pp):
                 layers = assignment[i]
                 dense += sum(self.layer_dense[j] for j in layers)
@@ -189,14 +213,14 @@ class TrainMemoryModel:
                 unit_e = max([unit_e] + [self.layer_expert[j] for j in layers])
                 if i == 0:
                     dense += self.embedding
-                    unit_d = max(unit_d, self.embedding)
+                    roots += self.embedding
                 if i == n - 1:
                     copy = self.embedding_copy if pp > 1 else 0
                     dense += self.final_norm + self.head + copy + self.mtp_dense
                     expert += self.mtp_expert
-                    unit_d = max(unit_d, self.head + copy)  # both in the stage's root FSDP unit
+                    roots += self.final_norm + self.head + copy
             out.append(RankShare(rank, tuple(tuple(assignment[i]) for i in range(rank, n, pp)), dense, expert,
-                                 rank == 0, (n - 1) % pp == rank, unit_d, unit_e))
+                                 rank == 0, (n - 1) % pp == rank, unit_d, unit_e, roots))
         return out
 
     def in_flight(self, deg: Degrees, rank: int) -> list[float]:
@@ -217,10 +241,11 @@ class TrainMemoryModel:
         """(weights, gradients, optimizer, activations, temporary, overhead, peak, in-flight) of one rank."""
         tp, ep = deg.tp, deg.ep
         dense, expert = share.dense / tp, share.expert / ep
-        wd, gd, od = model_state_bytes(dense, dp=deg.dp, zero=deg.zero, weight=self.bytes_w, grad=self.bytes_g,
-                                       optimizer=self.bytes_o)
-        we, ge, oe = model_state_bytes(expert, dp=deg.edp, zero=deg.zero, weight=self.bytes_w, grad=self.bytes_g,
-                                       optimizer=self.bytes_o)
+        pipelined = deg.pp > 1
+        states = dict(zero=deg.zero, weight=self.bytes_w, grad=self.bytes_g, optimizer=self.bytes_o,
+                      pipelined=pipelined, deferred=deg.deferred)
+        wd, gd, od = model_state_bytes(dense, dp=deg.dp, **states)
+        we, ge, oe = model_state_bytes(expert, dp=deg.edp, **states)
         chunks, working = self._activations(deg, share)
         counts = self.in_flight(deg, share.rank)
         act = sum(n * saved for n, saved in zip(counts, chunks))
@@ -228,9 +253,14 @@ class TrainMemoryModel:
         temporary = working
         if share.last:  # the loss's fp32 gradient over one head's logits (full vocabulary: see below)
             temporary += FP32 * self.V * deg.micro_batch_size * self.s
-        if deg.zero >= 3:
-            unit = share.unit_dense / tp + share.unit_expert / ep
-            temporary += 3 * unit * self.bytes_w  # gathered: this unit and the prefetched next; its full grads
+        block, root = share.unit_dense / tp + share.unit_expert / ep, share.root_dense / tp
+        if not deg.deferred:
+            # whole gradients waiting for their reduce-scatter (in the compute dtype, and an fp32
+            # copy to reduce): the root unit's, whose head gradient comes first and is reduced
+            # last, and the block's that has just finished its backward
+            temporary += (root + block) * (self.bytes_w + (FP32 if self.bytes_w != FP32 else 0))
+        if deg.zero >= 3 and not pipelined:  # gathered weights: the root (kept), this block and the next
+            temporary += (root + 2 * block) * self.bytes_w
         overhead = self.reserve * self.capacity
         peak = wd + we + gd + ge + od + oe + act + temporary + overhead
         return wd + we, gd + ge, od + oe, act, temporary, overhead, peak, in_flight

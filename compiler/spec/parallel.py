@@ -17,7 +17,9 @@ class ParallelSpec(Table):
     pp: Degree = Field("auto", description="Pipeline-parallel stages (count) or auto.")
     ep: Degree = Field("auto", description="Expert-parallel degree (count, carved out of dp x tp) or auto.")
     zero: Literal[0, 1, 2, 3, "auto"] = Field("auto", description="ZeRO stage: 0 DDP, 1 optimizer, 2 +gradients, "
-                                                                  "3 +weights (FSDP), or auto.")
+                                                                  "3 +weights (FSDP), or auto. Under pipeline "
+                                                                  "parallelism a stage keeps its weights and "
+                                                                  "gradients whole through the step at any stage.")
     sequence_parallel: bool = Field(True, description="Shard norm/dropout activations over the TP group.")
     pp_schedule: Literal["1f1b", "gpipe", "interleaved"] = Field("1f1b", description="Pipeline schedule.")
     pp_virtual_stages: int = Field(1, ge=1, description="Model chunks per pipeline rank (interleaved only).")

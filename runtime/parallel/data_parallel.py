@@ -1,16 +1,19 @@
 """Data parallelism: DDP for zero 0, FSDP2 `fully_shard` for zero 1-3.
 
-ZeRO stages map onto FSDP2 as follows (an honest mapping, not ZeRO's exact memory profile):
-  zero 0  DDP: weights, gradients and optimizer state replicated; gradients all-reduced.
-          With tensor parallelism (DTensor weights, which DDP does not take) FSDP2's `replicate`
-          does the same per block.
-  zero 1  FSDP2 with reshard_after_forward=False (same as zero 2 below): FSDP2 always
-          reduce-scatters gradients, so there is no "sharded optimizer only" mode.
-  zero 2  FSDP2 with reshard_after_forward=False: weights are gathered once per step and kept
-          through backward; gradients and optimizer state live sharded.
-  zero 3  FSDP2 with reshard_after_forward=True: weights re-gathered in backward.
-At rest (between steps) FSDP2 keeps weights sharded in every mode, so measured weight bytes at
-rest are 1/dp of the model for zero 1-3.
+ZeRO stages map onto FSDP2 as follows (compiler/plan/memory.py plans the same):
+  zero 0  DDP: weights, gradients and optimizer state replicated; gradients all-reduced once
+          per step. With tensor parallelism (DTensor weights, which DDP does not take) FSDP2's
+          `replicate` does the same per block.
+  zero 1  FSDP2: weights gathered at the step's first forward and kept; gradients accumulate
+          unsharded (in fp32 under mixed precision) and are reduce-scattered once, at the
+          step's last micro-batch; optimizer state (and the fp32 master weights) sharded.
+  zero 2  as zero 1, but gradients are reduce-scattered every micro-batch and live sharded.
+  zero 3  FSDP2 with reshard_after_forward=True: weights gathered per unit in forward and again
+          in backward; gradients reduce-scattered every micro-batch.
+`micro_batch` sets this per micro-batch of a step. Under pipeline parallelism torch's schedules
+set it themselves: every stage defers its reduction to the last micro-batch and keeps its
+weights gathered after backward, whatever the stage. At rest (between steps) FSDP2 keeps
+weights sharded in every mode, so measured weight bytes at rest are 1/dp of the model for zero 1-3.
 
 Expert parameters under expert parallelism follow the same mapping over their own group, the
 expert-data-parallel (edp) ranks that hold the same experts (torchtitan's layout): for zero 1-3
@@ -21,10 +24,12 @@ gradients over edp.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 from .expert import expert_param_names, moe_modules
@@ -91,3 +96,17 @@ def apply_fsdp(model: nn.Module, dp_mesh, zero: int, param_dtype: torch.dtype | 
         fully_shard(block, **kwargs)
     fully_shard(model, **{**kwargs, "reshard_after_forward": False})  # root: used again at once
     return model
+
+
+def micro_batch(model: nn.Module, zero: int, last: bool):
+    """Context for one micro-batch's forward and backward (`last`: the step's last), setting when
+    data parallelism gathers weights and reduces gradients, by ZeRO stage (see the module
+    docstring). Not for pipeline stages: their schedule sets it."""
+    if isinstance(model, DistributedDataParallel):
+        return contextlib.nullcontext() if last else model.no_sync()
+    if isinstance(model, FSDPModule):
+        if zero <= 1:  # replicate (zero 0 under TP) and zero 1: one reduction per step
+            model.set_requires_gradient_sync(last)
+        if zero in (1, 2):  # keep the weights gathered until the step's last backward
+            model.set_reshard_after_backward(last)
+    return contextlib.nullcontext()

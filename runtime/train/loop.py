@@ -9,7 +9,6 @@ Reads only the plan: `Spec.model_validate(plan["spec"])` for the settings, `plan
 dp / micro_batch_size / grad_accum.
 """
 
-import contextlib
 import json
 import math
 from pathlib import Path
@@ -23,6 +22,7 @@ from ..data.dataset import TrainData
 from ..data.prepare import prepare, prepared_dir
 from .checkpoint import check_resumable, latest_checkpoint, load_checkpoint, save_checkpoint
 from .distributed import DistEnv, all_reduce_sum, layout_of, parallelize, unwrap
+from ..parallel.data_parallel import micro_batch
 from ..parallel.run import (clip_grad_norm, data_rank, full_state_dict, model_states,  # parallel-runtime hooks
                             pipeline_for_plan)
 from ..float8 import apply_float8
@@ -183,8 +183,7 @@ class Trainer:
         for i, (tokens, labels) in enumerate(micro):
             tokens, labels = tokens.to(env.device), labels.to(env.device)
             last = i == len(micro) - 1
-            sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
-            with sync:
+            with micro_batch(model, self.layout.get("zero", 0), last):  # when dp gathers and reduces
                 with autocast(env.device, self.t.precision):
                     out = model(tokens, labels)
                 share = StepShare(token_weight=counts[i] * dp / max(n_global, 1.0), batch_weight=1.0 / len(micro))
