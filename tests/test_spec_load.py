@@ -357,3 +357,12 @@ def test_a_missing_table_is_named_as_a_table(write_spec):
     path = write_spec(BASE[:BASE.index("[train]")])
     (train,) = [p for p in problems(path) if p.key == "train"]
     assert "required table [train] is missing" in train.message and "The training run." in train.message
+
+
+def test_a_node_holds_no_more_devices_than_the_catalog_says(write_spec):
+    """An H100 node (HGX/DGX) holds 8 GPUs: 16 per node is no machine a scheduler can give."""
+    text = BASE + '[hardware]\naccelerator = "H100"\ngpus_per_node = 16\n'
+    line = text.splitlines().index("gpus_per_node = 16") + 1
+    expect(problems(write_spec(text)), [
+        (line, "hardware.gpus_per_node", "a node holds at most 8 H100-80GB devices (expected <= 8, found 16)"),
+    ])

@@ -4,8 +4,17 @@ import difflib
 
 from pydantic import Field, field_validator
 
-from ..plan.hardware import known_names
+from ..plan.hardware import known_names, lookup
 from .base import Table
+
+
+def _node_holds_devices(accelerator, gpus_per_node):
+    if accelerator not in known_names():
+        return  # reported by the field's own check
+    device = lookup(accelerator)
+    if gpus_per_node > device.max_per_node:
+        yield "gpus_per_node", (f"a node holds at most {device.max_per_node} {device.name} devices "
+                                f"(expected <= {device.max_per_node}, found {gpus_per_node})")
 
 
 class HardwareSpec(Table):
@@ -24,6 +33,8 @@ class HardwareSpec(Table):
     mfu: float = Field(0.4, gt=0, le=1, description="Assumed model FLOPs utilisation for time estimates (0-1).")
     memory_reserve: float = Field(0.1, ge=0, lt=1, description="Fraction of device memory kept free "
                                                                "(CUDA context, fragmentation).")
+
+    _checks = (_node_holds_devices,)
 
     @field_validator("accelerator")
     @classmethod
