@@ -63,7 +63,9 @@ def _run(p):
     _spec_args(p)
     p.add_argument("--scheduler", choices=["local", "slurm", "kubernetes"], help="override job.scheduler")
     p.add_argument("--dryrun", action="store_true", help="print what would be submitted; submit nothing")
-    p.add_argument("--no-follow", dest="follow", action="store_false", help="return after submitting")
+    p.add_argument("--no-follow", dest="follow", action="store_false",
+                   help="slurm, kubernetes: return after submitting (then `llmc logs -f HANDLE`); local: the job "
+                   "runs inside this process, which still waits until it ends, printing state changes, not logs")
     p.add_argument("--resume", action="store_true", help="continue the run from its newest complete checkpoint")
 
 
