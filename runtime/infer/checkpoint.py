@@ -29,7 +29,8 @@ def _model_io():
 
 
 def load_for_inference(path, device="cpu", dtype=None):
-    """(model in eval mode, plan dict, tokenizer or None) from a model folder or run directory."""
+    """(model in eval mode, plan dict, tokenizer or None) from a model folder, run directory or
+    training checkpoint."""
     io = _model_io()
     model_dir = io.resolve_model_dir(path)
     quant = model_dir / QUANT_FILE
@@ -73,6 +74,6 @@ def quantize_checkpoint(src, out, cfg: QuantConfig) -> Path:
         (tmp / "plan.json").write_text(json.dumps(plan, indent=2))
         (tmp / QUANT_FILE).write_text(json.dumps({"bits": cfg.bits, "group_size": cfg.group_size,
                                                   "symmetric": cfg.symmetric}))
-        if (model_dir / "tokenizer.json").is_file():
-            shutil.copyfile(model_dir / "tokenizer.json", tmp / "tokenizer.json")
+        if (tokenizer := io.tokenizer_file(model_dir)) is not None:
+            shutil.copyfile(tokenizer, tmp / "tokenizer.json")
     return out

@@ -1,12 +1,16 @@
 """The model checkpoint folder: DIR/plan.json, DIR/model.safetensors, DIR/tokenizer.json.
 
-`save_model` writes it; `load_model` reads it back (or a training run directory, whose final
-model lives in RUN_DIR/model/). State-dict names are the llmc Transformer's own.
+`save_model` writes it; `load_model` reads it back, or a training run directory (its final model
+RUN_DIR/model/, or its newest complete checkpoint when the run has no final model), or a training
+checkpoint RUN_DIR/checkpoints/step-N (runtime/train/checkpoint.py: the model's weights without the
+optimizer state, the spec from its meta.json, the tokenizer of the run's prepared data).
+State-dict names are the llmc Transformer's own.
 """
 
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -40,14 +44,63 @@ def model_spec_from_plan(plan: dict):
         raise UserError(f"plan.json has no valid spec.model table ({str(e).splitlines()[0]})") from None
 
 
+def _train_checkpoint():
+    from ..train import checkpoint  # (torch.distributed.checkpoint: imported only when needed)
+    return checkpoint
+
+
 def resolve_model_dir(path) -> Path:
-    """DIR itself when it holds plan.json, else DIR/model (a training run directory)."""
+    """DIR itself when it holds plan.json and model.safetensors or is a training checkpoint, else
+    DIR/model (a training run directory's final model), else the run's newest complete checkpoint."""
     path = Path(path)
     for candidate in (path, path / "model"):
         if (candidate / "plan.json").is_file() and (candidate / "model.safetensors").is_file():
             return candidate
+    if _train_checkpoint().is_checkpoint(path):
+        return path
+    if (ckpt := _train_checkpoint().latest_checkpoint(path)) is not None:
+        _note(f"note: {path} has no final model ({path / 'model'}): using its newest complete checkpoint, {ckpt}")
+        return ckpt
+    if path.name.startswith(".tmp-step-"):
+        raise UserError(f"{path} is a checkpoint the run never finished writing; use a complete one "
+                        f"({path.parent}/step-*)")
     raise UserError(f"{path} is not an llmc model folder (expected plan.json and model.safetensors "
-                    f"in it or in {path / 'model'})")
+                    f"in it or in {path / 'model'}, or a training checkpoint's meta.json)")
+
+
+_noted: set[str] = set()
+
+
+def _note(message: str) -> None:
+    """`message` on stderr, once per process (a verb may resolve the same path several times)."""
+    if message not in _noted:
+        _noted.add(message)
+        print(message, file=sys.stderr)
+
+
+def tokenizer_file(model_dir) -> Path | None:
+    """tokenizer.json of a model folder (None when it has none). Of a training checkpoint: its run's
+    final model's, else its prepared data's (found as training finds it, with data.cache_dir relative
+    to the working directory), refused when neither is there."""
+    model_dir = Path(model_dir)
+    if not _train_checkpoint().is_checkpoint(model_dir):
+        return model_dir / "tokenizer.json" if (model_dir / "tokenizer.json").is_file() else None
+    final = model_dir.parent.parent / "model" / "tokenizer.json"
+    if final.is_file():
+        return final
+    from llmc.compiler.spec import Spec
+
+    from ..data.prepare import prepared_dir
+    spec = Spec.model_validate(_train_checkpoint().checkpoint_plan(model_dir)["spec"])
+    try:
+        prepared = prepared_dir(spec) / "tokenizer.json"
+    except (OSError, UserError):  # its data sources are gone: their fingerprint names the folder
+        prepared = None
+    if prepared is None or not prepared.is_file():
+        raise UserError(f"{model_dir}: no tokenizer.json for this checkpoint (not in {final.parent}, nor in the "
+                        f"run's prepared data under {Path(spec.data.cache_dir).resolve()}); run from the folder "
+                        "the run was trained in, with its data sources in place")
+    return prepared
 
 
 def plain_name(name: str) -> str:
@@ -114,8 +167,8 @@ def read_weights(path, device="cpu") -> dict:
 
 def read_tokenizer(model_dir):
     """tokenizer.json of a model folder (None when it has none), refused when it is damaged."""
-    path = Path(model_dir) / "tokenizer.json"
-    if not path.is_file():
+    path = tokenizer_file(model_dir)
+    if path is None:
         return None
     from tokenizers import Tokenizer
     try:
@@ -140,15 +193,21 @@ def load_state(model, state: dict, path, unsaved: str | None = None) -> None:
 
 
 def load_model(path, device="cpu", dtype=None):
-    """(model, plan_dict, tokenizer or None) from a model folder or a run directory.
+    """(model, plan_dict, tokenizer or None) from a model folder, run directory or training checkpoint.
 
     dtype: torch dtype or "fp32" / "bf16"; default: as stored.
     """
     model_dir = resolve_model_dir(path)
-    plan = read_plan(model_dir)
-    model = build_model(plan, device)
-    state = read_weights(model_dir / "model.safetensors", device)
-    load_state(model, state, model_dir / "model.safetensors")
+    if _train_checkpoint().is_checkpoint(model_dir):
+        plan = _train_checkpoint().checkpoint_plan(model_dir)
+        model = build_model(plan, device)
+        _train_checkpoint().load_model_weights(model_dir, model)
+        state = model.state_dict()
+    else:
+        plan = read_plan(model_dir)
+        model = build_model(plan, device)
+        state = read_weights(model_dir / "model.safetensors", device)
+        load_state(model, state, model_dir / "model.safetensors")
     stored = {t.dtype for t in state.values() if t.is_floating_point()}
     target = _dtype(dtype) or (stored.pop() if len(stored) == 1 else None)
     if target is not None:

@@ -5,7 +5,8 @@ part), `rank{r}.pt` per rank (RNG states, sampler position, scheduler) and `meta
 hash, the spec). It is written as `.tmp-step-...` and renamed once every rank has finished, so a
 folder named `step-*` is always complete; a run killed while writing leaves only a `.tmp-` folder,
 which resume ignores and the next save replaces. The newest `keep` checkpoints are kept.
-A checkpoint resumes under another process count or parallel layout too (load_checkpoint).
+A checkpoint resumes under another process count or parallel layout too (load_checkpoint), and
+inference reads its model part alone in one process (load_model_weights, via model/io.py).
 """
 
 import json
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from ..parallel.checkpoint import load_train_state_dict, train_state_dict
 
 from ...compiler.errors import UserError
@@ -56,12 +58,47 @@ def checkpoints(run_dir: Path) -> list[Path]:
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    return sorted(p for p in root.glob("step-*") if (p / "meta.json").is_file())
+    return sorted(p for p in root.glob("step-*") if is_checkpoint(p))
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
     found = checkpoints(run_dir)
     return found[-1] if found else None
+
+
+def is_checkpoint(path: Path) -> bool:
+    """`path` is a complete checkpoint folder (RUN_DIR/checkpoints/step-N)."""
+    return Path(path).name.startswith("step-") and (Path(path) / "meta.json").is_file()
+
+
+def checkpoint_plan(path: Path) -> dict:
+    """The plan a checkpoint was trained under: RUN_DIR/plan.json when it is of the checkpoint's spec,
+    else the spec its meta.json records (all a model needs)."""
+    meta = json.loads((Path(path) / "meta.json").read_text())
+    try:
+        plan = json.loads((Path(path).parent.parent / "plan.json").read_text())
+        if isinstance(plan, dict) and plan.get("spec") == meta["spec"]:
+            return plan
+    except (OSError, ValueError):
+        pass
+    return {"spec": meta["spec"], "spec_hash": meta["plan_hash"]}
+
+
+def load_model_weights(path: Path, model) -> None:
+    """The model part of checkpoint `path` into a whole (unwrapped) `model` in this process, whatever
+    layout wrote it (DCP reads every rank's shards); the optimizer state is not read."""
+    state = {"model": model.state_dict()}
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, checkpoint_id=str(path))
+    except (CheckpointException, Exception) as e:  # noqa: BLE001 - DCP's wraps each rank's (a BaseException)
+        cause = next(iter(e.failures.values()))[0] if isinstance(e, CheckpointException) and e.failures else e
+        detail = f"{type(cause).__name__}: {' '.join(str(cause).split())}"[:300]
+        raise UserError(f"{path}: cannot read this checkpoint's model weights in one process ({detail}); use "
+                        f"another checkpoint, or `llmc train SPEC --out {Path(path).parent.parent} --resume` under "
+                        "the run's layout to write its final model") from None
+    model.load_state_dict(state["model"])
 
 
 def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, data_state: dict, plan: dict,
