@@ -38,23 +38,25 @@ def parse():
     return ap.parse_args()
 
 
+def _fsdp_group(module):
+    """FSDP2's parameter group of `module` (None: not an FSDP2 unit, or a `replicate` one)."""
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    state = fully_shard.state(module) if isinstance(module, FSDPModule) else None
+    return state._fsdp_param_group if state is not None else None
+
+
 def gradient_bytes(modules) -> int:
     """Bytes of every gradient the rank holds now: plain `.grad`s and, of FSDP2's parameters, the
     sharded gradient, the unsharded one and the fp32 accumulator FSDP2 keeps while gradient sync
     is off (FSDP2 internals: a measuring probe of this test, not an API the runtime uses)."""
-    from torch.distributed.fsdp import FSDPModule, fully_shard
     from torch.distributed.tensor import DTensor
 
     grads = [p.grad for m in modules for p in m.parameters()]
-    for m in modules:
-        for sub in m.modules():
-            state = fully_shard.state(sub) if isinstance(sub, FSDPModule) else None  # (None for replicate)
-            group = state._fsdp_param_group if state is not None else None
-            for fsdp_param in group.fsdp_params if group is not None else ():
-                grads.append(fsdp_param.sharded_param.grad)
-                grads.append(fsdp_param.unsharded_accumulated_grad)
-                if hasattr(fsdp_param, "_unsharded_param"):
-                    grads.append(fsdp_param._unsharded_param.grad)
+    for group in filter(None, (_fsdp_group(sub) for m in modules for sub in m.modules())):
+        for fsdp_param in group.fsdp_params:
+            grads += [fsdp_param.sharded_param.grad, fsdp_param.unsharded_accumulated_grad,
+                      getattr(getattr(fsdp_param, "_unsharded_param", None), "grad", None)]
     local = {}
     for g in grads:
         if g is not None:
@@ -67,15 +69,11 @@ def unit_gradient_bytes(modules) -> tuple[int, int]:
     """fp32 bytes of the whole gradients of the modules' root FSDP2 units (embedding, final norm,
     head: reduced only when the whole backward is done) and of the largest other unit (a block
     with its experts), from their parameters' full shapes; (0, 0) without FSDP2."""
-    from torch.distributed.fsdp import FSDPModule, fully_shard
-
     def size(m):
-        state = fully_shard.state(m)  # (None for replicate)
-        group = state._fsdp_param_group if state is not None else None
+        group = _fsdp_group(m)
         return 4 * sum(p._orig_size.numel() for p in group.fsdp_params) if group is not None else 0
-    roots = sum(size(m) for m in modules if isinstance(m, FSDPModule))
-    blocks = [sum(size(sub) for sub in block.modules() if isinstance(sub, FSDPModule))
-              for m in modules for block in m.layers.values()]
+    roots = sum(size(m) for m in modules)
+    blocks = [sum(size(sub) for sub in block.modules()) for m in modules for block in m.layers.values()]
     return roots, max(blocks, default=0)
 
 
