@@ -299,7 +299,7 @@ def export_checkpoint(checkpoint, out: Path) -> dict:
     """Write the llmc model folder (or run directory) `checkpoint` as a HF model folder; its config."""
     from llmc.compiler.hf import model_to_hf
 
-    from .model.io import load_model, resolve_model_dir
+    from .model.io import load_model, resolve_model_dir, tokenizer_file
 
     out = output_folder(out, checkpoint, resolve_model_dir(checkpoint))
     if (resolve_model_dir(checkpoint) / "quantization.json").is_file():
@@ -317,12 +317,12 @@ def export_checkpoint(checkpoint, out: Path) -> dict:
         print("warning: MTP modules dropped (only DeepSeek's format stores them)", file=sys.stderr)
         state = {k: v for k, v in state.items() if not k.startswith("mtp.")}
     tensors = Adapter(family, model.cfg).state_to_hf(state)
-    tokenizer = resolve_model_dir(checkpoint) / "tokenizer.json"
+    tokenizer_json = tokenizer_file(resolve_model_dir(checkpoint))  # (a training checkpoint's: its run's)
     with staged_folder(out) as tmp:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        if tokenizer.is_file():
-            shutil.copyfile(tokenizer, tmp / "tokenizer.json")
+        if tokenizer_json is not None:
+            shutil.copyfile(tokenizer_json, tmp / "tokenizer.json")
             tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", **token_names}
             (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config) + "\n")
     return config

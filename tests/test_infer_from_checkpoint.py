@@ -102,3 +102,12 @@ def test_unusable_folders_are_one_line_errors(run, capsys):
         err = capsys.readouterr().err
         assert says in err and err.startswith("error:") and len(err.strip().splitlines()) == 1, err
     shutil.rmtree(partial)
+
+
+def test_export_hf_of_a_checkpoint_carries_its_runs_tokenizer(run, capsys):
+    ckpt = run / "run" / "checkpoints" / "step-00000002"
+    assert llmc(["export", "hf", str(ckpt), "-o", str(run / "hf")]) == 0
+    capsys.readouterr()
+    prepared = next((run / "cache").glob("*/tokenizer.json"))  # the tokenizer the run trained with
+    assert (run / "hf" / "tokenizer.json").read_bytes() == prepared.read_bytes()
+    assert json.loads((run / "hf" / "config.json").read_text())["eos_token_id"] is not None
