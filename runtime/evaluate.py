@@ -63,10 +63,11 @@ def text_loss(model, ids: list[int], context: int, batch_size: int | None = None
         inputs, labels = batch[:, :-1].clamp(min=0).to(device), batch[:, 1:].to(device)
         logits = model(inputs).logits.float()
         losses = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+        predicted = int((labels != -100).sum())
         total += losses.item()
-        count += int((labels != -100).sum())
+        count += predicted
         if on_tokens is not None:
-            on_tokens(int((labels != -100).sum()))
+            on_tokens(predicted)
     return total / count, count
 
 

@@ -301,8 +301,9 @@ def export_checkpoint(checkpoint, out: Path) -> dict:
 
     from .model.io import load_model, resolve_model_dir, tokenizer_file
 
-    out = output_folder(out, checkpoint, resolve_model_dir(checkpoint))
-    if (resolve_model_dir(checkpoint) / "quantization.json").is_file():
+    model_dir = resolve_model_dir(checkpoint)
+    out = output_folder(out, checkpoint, model_dir)
+    if (model_dir / "quantization.json").is_file():
         raise UserError(f"{checkpoint} is a quantized checkpoint (llmc quantize); export the checkpoint it was "
                         "quantized from")
     model, _, tokenizer = load_model(checkpoint)
@@ -317,7 +318,7 @@ def export_checkpoint(checkpoint, out: Path) -> dict:
         print("warning: MTP modules dropped (only DeepSeek's format stores them)", file=sys.stderr)
         state = {k: v for k, v in state.items() if not k.startswith("mtp.")}
     tensors = Adapter(family, model.cfg).state_to_hf(state)
-    tokenizer_json = tokenizer_file(resolve_model_dir(checkpoint))  # (a training checkpoint's: its run's)
+    tokenizer_json = tokenizer_file(model_dir)  # (a training checkpoint's: its run's)
     with staged_folder(out) as tmp:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")

@@ -73,8 +73,9 @@ class RankWork:
 def step_time(work: list[RankWork], *, dp: int, tp: int, pp: int, ep: int, zero: int, micro_batch_size: int,
               grad_accum: int, seq_len: int, d_model: int, top_k: int, peak_flops: float, mfu: float,
               links: Links, world: int, grad_bytes: int, weight_bytes: int, activation_bytes: int = 2,
-              schedule: str = "1f1b", virtual_stages: int = 1) -> StepTime:
-    """Estimated seconds per step of one layout (see the module docstring)."""
+              schedule: str = "1f1b", virtual_stages: int = 1, deferred: bool = True) -> StepTime:
+    """Estimated seconds per step of one layout (see the module docstring); `deferred`: gradients
+    are reduced once per step, else every micro-batch (memory.Degrees.deferred)."""
     tokens = micro_batch_size * seq_len
     activation = tokens * d_model * activation_bytes
     bw_tp, bw_ep = links.bandwidth(tp), links.bandwidth(ep)
@@ -94,8 +95,7 @@ def step_time(work: list[RankWork], *, dp: int, tp: int, pp: int, ep: int, zero:
         expert_grads = (w.expert_params / ep) * grad_bytes
         edp = dp * tp // ep
         sync = ring_all_reduce_s(grads, dp, bw_dp) + ring_all_reduce_s(expert_grads, edp, bw_dp)
-        per_micro_batch = zero >= 2 and pp == 1  # reduce-scatters (else one reduction per step)
-        reduce = (grad_accum if per_micro_batch else 1) * max(0.0, (sync / 2 if zero else sync) - 2 / 3 * compute)
+        reduce = (1 if deferred else grad_accum) * max(0.0, (sync / 2 if zero else sync) - 2 / 3 * compute)
         gather = (ring_gather_s(grads / grad_bytes * weight_bytes, dp, bw_dp)
                   + ring_gather_s(expert_grads / grad_bytes * weight_bytes, edp, bw_dp))
         if zero == 0:

@@ -228,7 +228,7 @@ class LayoutSearch:
                          mfu=self.spec.hardware.mfu, links=self.links, world=self.spec.world_size,
                          # gradients are reduced in fp32 (DDP's fp32 gradients, FSDP2's reduce dtype)
                          grad_bytes=4, weight_bytes=precision_bytes, activation_bytes=precision_bytes,
-                         schedule=deg.schedule, virtual_stages=deg.virtual_stages)
+                         schedule=deg.schedule, virtual_stages=deg.virtual_stages, deferred=deg.deferred)
         return _Fit(deg, time, worst, worst_rank, layers)
 
     def run(self) -> tuple[_Fit | None, list[_Fit], Search, _Fit | None]:
