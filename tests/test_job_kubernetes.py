@@ -5,6 +5,7 @@ kmock's Kubernetes emulator on 127.0.0.1 through the real `kubernetes` client an
 """
 
 import asyncio
+import json
 import threading
 
 import kmock
@@ -140,3 +141,39 @@ def test_unreachable_api_server_is_an_error_not_a_hang(tmp_path):
 def test_kubernetes_without_image_is_refused(tmp_path):
     result = llmc("run", TINY, "--scheduler", "kubernetes", "--dryrun", cwd=tmp_path)
     assert result.returncode == 1 and "job.image is empty" in result.stderr
+
+
+def test_job_namespace_is_where_the_volcano_job_is_created(tmp_path, api_server):
+    """job.namespace: the API server receives the creation in that namespace (not "default"), the
+    handle names it, cancel deletes it there, and the compiled file says it for `kubectl create -f`."""
+    env = {"KUBECONFIG": str(tmp_path / "kubeconfig")}
+    in_research = [*SPEC, "--set", "job.namespace=ml-research"]
+    result = llmc("run", TINY, "--scheduler", "kubernetes", "--no-follow", *in_research, cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr
+    ((resource, namespace, name), _), = [(key, obj) for key, obj in api_server.emulator.objects.items()
+                                         if key[0].plural == "jobs" and not obj.deleted]
+    assert namespace == "ml-research"
+    assert handle_of(result.stdout, "kubernetes") == f"kubernetes://llmc/ml-research:{name}"
+    result = llmc("cancel", f"kubernetes://llmc/ml-research:{name}", cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr
+    assert api_server.volcano_jobs() == {}
+
+    result = llmc("compile", TINY, "-o", "build", *in_research, "--set", "job.scheduler=kubernetes", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert yaml.safe_load((tmp_path / "build" / "kubernetes.volcano.yaml").read_text())["metadata"]["namespace"] \
+        == "ml-research"
+
+
+@pytest.mark.parametrize("namespace", ["ML", "research_team", "-ns", "ns-", "a" * 64, "", "ns\n"])
+def test_job_namespace_must_be_an_rfc_1123_label(tmp_path, namespace):
+    (tmp_path / "job.toml").write_text(f'extends = "{TINY}"\n\n[job]\nnamespace = {json.dumps(namespace)}\n')
+    result = llmc("lint", "job.toml", cwd=tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"job.toml:4: job.namespace: expected lowercase letters, digits and '-', 1-63 characters" in result.stdout
+    assert f"found {namespace!r}" in result.stdout
+
+
+def test_job_namespace_defaults_to_default():
+    from llmc.compiler.spec.job import JobSpec
+    assert JobSpec().namespace == "default"
+    assert JobSpec(namespace="a" * 63).namespace == "a" * 63

@@ -95,7 +95,11 @@ def _render_request(runner, job: CompiledJob, scheduler: str) -> str:
             request.cmd.append(f"--chdir={request.job_dir}")
         return request.materialize()
     if scheduler == "kubernetes":
-        return yaml.safe_dump(sanitize_for_serialization(info.request.resource), sort_keys=False)
+        # TorchX names the namespace in the API call, not in the object: the file says it too, so
+        # that `kubectl create -f` puts the job where `llmc run` would.
+        resource = sanitize_for_serialization(info.request.resource)
+        resource["metadata"] = {**resource["metadata"], "namespace": job.cfg(scheduler)["namespace"]}
+        return yaml.safe_dump(resource, sort_keys=False)
     return str(info) + "\n"
 
 

@@ -175,4 +175,4 @@ def scheduler_cfg(spec: Spec, scheduler: str, log_dir: str) -> dict[str, Any]:
         if job.image:
             cfg["job_dir"] = str(Path(job.image).resolve())   # the job's working folder (sbatch --chdir)
         return cfg
-    return {"queue": job.queue, "namespace": "default"}
+    return {"queue": job.queue, "namespace": job.namespace}

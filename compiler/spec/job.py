@@ -37,6 +37,8 @@ class JobSpec(Table):
                                        "empty = the current directory.")
     partition: str = Field("", description="Slurm partition.")
     queue: str = Field("default", description="Kubernetes (Volcano) queue.")
+    namespace: str = Field("default", description="Kubernetes namespace the Volcano Job is created in: "
+                                                  "lowercase letters, digits and '-' (at most 63).")
     time_limit: int = Field(0, ge=0, description="Wall-clock limit (minutes; 0 = none).")
     retries: int = Field(0, ge=0, le=100, description="Restarts after a failure (count).")
     env: dict[str, str] = Field(default_factory=dict, description="Environment variables of every process.")
@@ -45,12 +47,13 @@ class JobSpec(Table):
     cpus_per_node: int | None = Field(None, ge=1, description="CPUs requested per node (count); default from hardware.")
     memory_gb_per_node: int | None = Field(None, ge=1, description="Memory requested per node (GB); default from hardware.")
 
-    @field_validator("name")
+    @field_validator("name", "namespace")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not _NAME.match(v):
+        # Both name Kubernetes objects: an RFC 1123 label.
+        if not _NAME.fullmatch(v):
             raise ValueError(f"expected lowercase letters, digits and '-', 1-63 characters, "
-                             f"starting and ending alphanumeric; found {v!r}")
+                             f"starting and ending alphanumeric, found {v!r}")
         return v
 
     @field_validator("image", "partition", "queue", "out_dir")
