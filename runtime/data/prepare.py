@@ -28,6 +28,7 @@ from .chat import ChatTemplate, render_chat
 from .shards import ShardWriter, split_tail, token_dtype
 from .sources import BadRecords, DataError, iter_documents, source_files
 from .tokenizer import check_vocab, load_tokenizer, special_ids, train_tokenizer
+from .wording import counted
 
 FORMAT_VERSION = 1
 WORKERS = 2
@@ -148,7 +149,7 @@ def _write_prepared(spec, tmp: Path, fp: str, console: Console) -> None:
         where = data.tokenizer.path
     else:
         vocab = data.tokenizer.vocab_size or spec.model.vocab_size
-        with console.status(f"training a byte-level BPE tokenizer ({vocab} tokens)"):
+        with console.status(f"training a byte-level BPE tokenizer ({counted(vocab, 'token')})"):
             tok = train_tokenizer(_tokenizer_texts(spec, template), vocab)
         where = "data.tokenizer.vocab_size"
     check_vocab(tok, spec.model.vocab_size, where)
@@ -180,7 +181,7 @@ def _write_prepared(spec, tmp: Path, fp: str, console: Console) -> None:
             train, val = writers["train"].close(), writers["val"].close()
             if n_docs == 0:
                 raise DataError(f"{source.path}: no documents with text found"
-                                + (f" ({bad.total} bad records skipped)" if bad.total else ""))
+                                + (f" ({counted(bad.total, 'bad record')} skipped)" if bad.total else ""))
             if every and val["documents"] == 0:
                 train, val = split_tail(tmp / train["name"], tmp / val["name"], data.val_fraction, dtype, sft)
             manifest["sources"].append({
@@ -188,7 +189,7 @@ def _write_prepared(spec, tmp: Path, fp: str, console: Console) -> None:
                 "sha256": hasher.hexdigest(), "skipped": dict(bad.counts), "train": train,
                 "val": val if every else None})
             if bad.total:
-                console.print(f"[yellow]{source.path}: skipped {bad.total} bad records: {dict(bad.counts)}")
+                console.print(f"[yellow]{source.path}: skipped {counted(bad.total, 'bad record')}: {dict(bad.counts)}")
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
 
 
@@ -218,9 +219,9 @@ def summary(directory: Path) -> str:
     lines = [f"prepared data: {directory}  (vocabulary {m['vocab_size']}, {m['dtype']})"]
     for s in m["sources"]:
         val = s["val"]["tokens"] if s["val"] else 0
-        skipped = f", skipped {sum(s['skipped'].values())}" if s["skipped"] else ""
-        lines.append(f"  {s['path']}: {s['documents']} documents, {s['train']['tokens']:,} train tokens, "
-                     f"{val:,} val tokens{skipped}")
+        skipped = f", skipped {counted(sum(s['skipped'].values()), 'bad record')}" if s["skipped"] else ""
+        lines.append(f"  {s['path']}: {counted(s['documents'], 'document')}, "
+                     f"{counted(s['train']['tokens'], 'train token')}, {counted(val, 'val token')}{skipped}")
     return "\n".join(lines)
 
 

@@ -12,6 +12,7 @@ from typing import Iterable
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from .sources import DataError
+from .wording import counted
 
 SPECIAL_TOKENS = {"eos": "<|endoftext|>", "bos": "<|bos|>", "pad": "<|pad|>",
                   "im_start": "<|im_start|>", "im_end": "<|im_end|>"}
@@ -66,5 +67,5 @@ def check_vocab(tok: Tokenizer, model_vocab: int, where: str) -> None:
     """A tokenizer whose ids do not fit the model's embedding is refused."""
     n = tok.get_vocab_size(with_added_tokens=True)
     if n > model_vocab:
-        raise DataError(f"{where}: the tokenizer has {n} tokens but model.vocab_size is {model_vocab} "
+        raise DataError(f"{where}: the tokenizer has {counted(n, 'token')} but model.vocab_size is {model_vocab} "
                         f"(expected model.vocab_size >= {n})")
