@@ -102,3 +102,14 @@ def test_env_values_and_paths_are_inert_in_the_sbatch_script(tmp_path):
     card = (tmp_path / out_dir / "job_card.md").read_text()
     assert shlex.quote(f"{out_dir}/plan.json") in card                 # shown quoted, copy-paste safe
     assert not os.path.exists(tmp_path / "pwned")
+
+
+@pytest.mark.parametrize("override", ['job.name="tiny\\n"', 'job.namespace="ml\\n"', 'job.partition="gpu\\n"',
+                                      'job.queue="default\\n"', 'job.image="img\\n"', 'job.out_dir="runs\\n"',
+                                      'job.env.X="a\\n"',
+                                      'job.mounts=[{src="/a\\n", dst="/d"}]'])
+def test_a_final_newline_is_rejected_like_any_other(tmp_path, monkeypatch, capsys, override):
+    # A regular expression's `$` also matches before a final newline (TOML's "\\n" is one): no value may end in one.
+    code, err = compile_with(override, tmp_path, monkeypatch, capsys)
+    assert code == 1 and override.split("=")[0].split(".")[1] in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()

@@ -11,6 +11,7 @@ from .base import Table
 _NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _SAFE_TEXT = re.compile(r"^[^\x00-\x1f\x7f]*$")   # no control characters (newlines included)
+# Each pattern must match the whole value (fullmatch): `$` also matches before a final newline.
 
 
 class MountSpec(Table):
@@ -23,7 +24,7 @@ class MountSpec(Table):
     @field_validator("src", "dst")
     @classmethod
     def _absolute(cls, p: str) -> str:
-        if not p.startswith("/") or not _SAFE_TEXT.match(p):
+        if not p.startswith("/") or not _SAFE_TEXT.fullmatch(p):
             raise ValueError(f"expected an absolute path without control characters, found {p!r}")
         return posixpath.normpath(p)
 
@@ -59,7 +60,7 @@ class JobSpec(Table):
     @field_validator("image", "partition", "queue", "out_dir")
     @classmethod
     def _plain(cls, v: str) -> str:
-        if not re.match(r"^[A-Za-z0-9._/:@+-]*$", v):
+        if not re.fullmatch(r"[A-Za-z0-9._/:@+-]*", v):
             raise ValueError(f"expected letters, digits and . _ / : @ + - only, found {v!r}")
         return v
 
@@ -67,8 +68,8 @@ class JobSpec(Table):
     @classmethod
     def _env(cls, env: dict[str, str]) -> dict[str, str]:
         for k, v in env.items():
-            if not _ENV_KEY.match(k):
+            if not _ENV_KEY.fullmatch(k):
                 raise ValueError(f"environment variable names are [A-Za-z_][A-Za-z0-9_]*, found {k!r}")
-            if not _SAFE_TEXT.match(v):
+            if not _SAFE_TEXT.fullmatch(v):
                 raise ValueError(f"environment value of {k} contains a control character (e.g. a newline)")
         return env
