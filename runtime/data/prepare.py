@@ -7,6 +7,9 @@ same fingerprint and returns at once. Mixture weights are not part of it: they a
 
 Split: every k-th document of a source (k = round(1 / val_fraction)) is held out for validation;
 a source with fewer than k documents gives the last val_fraction of its tokens instead.
+
+A given tokenizer that spells a source mostly with its unknown token would train to a loss that means
+nothing: more than UNKNOWN_WARN_FRACTION unknown tokens is a warning, all of them an error.
 """
 
 import hashlib
@@ -27,12 +30,17 @@ from ..folders import staged_folder
 from .chat import ChatTemplate, render_chat
 from .shards import ShardWriter, split_tail, token_dtype
 from .sources import BadRecords, DataError, iter_documents, source_files
-from .tokenizer import check_vocab, load_tokenizer, special_ids, train_tokenizer
+from .tokenizer import check_vocab, load_tokenizer, special_ids, train_tokenizer, unknown_token
 from .wording import counted
 
 FORMAT_VERSION = 1
 WORKERS = 2
 _BATCH = 32
+# A tokenizer made for the text spells next to all of it: byte-level BPEs never need their unknown
+# token, and WordPiece or SentencePiece vocabularies on their own language leave well under 0.1%
+# unknown (a rare symbol, an emoji). At 1%, one target in a hundred is the same id, which the model
+# learns for free (the loss looks better than the model is): the tokenizer is not this text's.
+UNKNOWN_WARN_FRACTION = 0.01
 
 
 def _is_sft(spec) -> bool:
@@ -139,6 +147,19 @@ def _source_bytes(spec, source) -> int:
     return min(total, spec.data.max_bytes) if spec.data.max_bytes else total
 
 
+def _check_unknown(source: str, unknown: int, total: int, unk: tuple[str, int], where: str) -> None:
+    """Refuse a source the tokenizer cannot spell at all; warn (one stderr line) when more than
+    UNKNOWN_WARN_FRACTION of its tokens are the unknown token."""
+    name = f"unknown token {unk[0]!r} (id {unk[1]})"
+    if total and unknown == total:
+        raise DataError(f"{source}: every token of it ({counted(total, 'token')}) is the tokenizer's {name}: "
+                        f"the tokenizer ({where}) is not one for this text")
+    if unknown > UNKNOWN_WARN_FRACTION * total:
+        print(f"warning: {source}: {unknown:,} of its {counted(total, 'token')} ({unknown / total:.1%}) are the "
+              f"tokenizer's {name}; the tokenizer ({where}) is likely the wrong one for this text, and a model "
+              "trained on it learns to predict the unknown token", file=sys.stderr)
+
+
 def _write_prepared(spec, tmp: Path, fp: str, console: Console) -> None:
     """The tokenizer, the shards of every source and the manifest, into the folder `tmp`."""
     data, sft = spec.data, _is_sft(spec)
@@ -154,7 +175,7 @@ def _write_prepared(spec, tmp: Path, fp: str, console: Console) -> None:
         where = "data.tokenizer.vocab_size"
     check_vocab(tok, spec.model.vocab_size, where)
     tok.save(str(tmp / "tokenizer.json"))
-    special = special_ids(tok)
+    special, unk = special_ids(tok), unknown_token(tok)
     dtype = token_dtype(tok.get_vocab_size(with_added_tokens=True))
     every = max(2, round(1 / data.val_fraction)) if data.val_fraction > 0 else 0
 
@@ -170,7 +191,7 @@ def _write_prepared(spec, tmp: Path, fp: str, console: Console) -> None:
             bad, hasher = BadRecords(data.on_bad_record), hashlib.sha256()
             writers = {split: ShardWriter(tmp / f"source{i}-{split}", dtype, special["eos"], sft)
                        for split in ("train", "val")}
-            n_docs = 0
+            n_docs = n_tokens = n_unknown = 0
             for encoded in pool.imap(_encode, _batches(_documents(spec, source, bad), hasher, progress, task)):
                 for ids, mask in encoded:
                     if not ids or (mask is not None and not any(mask)):
@@ -178,10 +199,14 @@ def _write_prepared(spec, tmp: Path, fp: str, console: Console) -> None:
                     split = "val" if every and n_docs % every == every - 1 else "train"
                     writers[split].add(ids, mask)
                     n_docs += 1
+                    n_tokens += len(ids)
+                    n_unknown += ids.count(unk[1]) if unk else 0
             train, val = writers["train"].close(), writers["val"].close()
             if n_docs == 0:
                 raise DataError(f"{source.path}: no documents with text found"
                                 + (f" ({counted(bad.total, 'bad record')} skipped)" if bad.total else ""))
+            if unk:
+                _check_unknown(source.path, n_unknown, n_tokens, unk, where)
             if every and val["documents"] == 0:
                 train, val = split_tail(tmp / train["name"], tmp / val["name"], data.val_fraction, dtype, sft)
             manifest["sources"].append({

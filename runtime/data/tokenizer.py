@@ -6,6 +6,7 @@ used by the SFT chat template. A loaded tokenizer keeps its own tokens; its end-
 found among the usual names (and added if it has none).
 """
 
+import json
 from pathlib import Path
 from typing import Iterable
 
@@ -61,6 +62,18 @@ def special_ids(tok: Tokenizer) -> dict[str, int | None]:
     if ids["pad"] is None:
         ids["pad"] = ids["eos"]
     return ids
+
+
+def unknown_token(tok: Tokenizer) -> tuple[str, int] | None:
+    """(name, id) of the token the tokenizer's model writes for text it has no token for, or None
+    if it has none (a byte-level BPE, llmc's own, spells any text in bytes). From the model's own
+    config: `unk_token` for WordLevel, WordPiece and BPE, `unk_id` for Unigram."""
+    model = json.loads(tok.to_str())["model"]
+    if model.get("unk_id") is not None:
+        return tok.id_to_token(model["unk_id"]), model["unk_id"]
+    name = model.get("unk_token")
+    unk = tok.token_to_id(name) if name else None
+    return (name, unk) if unk is not None else None
 
 
 def check_vocab(tok: Tokenizer, model_vocab: int, where: str) -> None:
