@@ -24,6 +24,10 @@ RDZV_PORT = 29500            # rank 0's c10d store port on multi-node jobs
 ENTRY_MODULE = "llmc.runtime.entry"
 SCHEDULERS = ("local", "slurm", "kubernetes")
 
+# The Kubernetes resource a vendor's device plugin advertises its GPUs as. TorchX asks for
+# Resource.gpu as nvidia.com/gpu; the others are asked for by name through Resource.devices.
+KUBERNETES_GPU_RESOURCE = {"nvidia": "nvidia.com/gpu", "amd": "amd.com/gpu"}
+
 # Multi-node only. $1 names the variable that holds rank 0's host (TorchX fills it per scheduler:
 # a hostname, or on Slurm a node list), $2 is the port; the rest is the torchrun command line.
 # torchrun reads PET_RDZV_ENDPOINT when --rdzv_endpoint is not given.
@@ -53,6 +57,7 @@ class NodeResources:
     cpus: int
     gpus: int
     memory_mb: int
+    gpu_vendor: str = ""     # the accelerator catalog's vendor of the GPUs ("" without GPUs)
 
 
 def layout_of(plan: dict) -> Layout:
@@ -74,7 +79,18 @@ def node_resources(spec: Spec, layout: Layout) -> NodeResources:
     cpus = spec.job.cpus_per_node or procs * (8 if on_gpu else 1)
     memory_mb = (spec.job.memory_gb_per_node * 1024 if spec.job.memory_gb_per_node
                  else procs * device.memory_bytes // 2**20)
-    return NodeResources(cpus=cpus, gpus=procs if on_gpu else 0, memory_mb=memory_mb)
+    return NodeResources(cpus=cpus, gpus=procs if on_gpu else 0, memory_mb=memory_mb,
+                         gpu_vendor=device.vendor if on_gpu else "")
+
+
+def torchx_resource(resources: NodeResources, scheduler: str) -> specs.Resource:
+    """One node's TorchX Resource. On Kubernetes a GPU not NVIDIA's is its vendor's device resource
+    (TorchX sets it as a limit, which Kubernetes also takes as the request), not Resource.gpu,
+    which TorchX would ask for as nvidia.com/gpu. Slurm's GPUs (--gpus-per-task) name no vendor."""
+    if scheduler == "kubernetes" and resources.gpus and resources.gpu_vendor != "nvidia":
+        return specs.Resource(cpu=resources.cpus, gpu=0, memMB=resources.memory_mb,
+                              devices={KUBERNETES_GPU_RESOURCE[resources.gpu_vendor]: resources.gpus})
+    return specs.Resource(cpu=resources.cpus, gpu=resources.gpus, memMB=resources.memory_mb)
 
 
 def check_for_scheduler(spec: Spec, resources: NodeResources, scheduler: str) -> None:
@@ -152,7 +168,7 @@ def build_appdef(plan: dict, scheduler: str, plan_path: str, run_dir: str,
         entrypoint=entrypoint,
         args=args,
         num_replicas=layout.nodes,
-        resource=specs.Resource(cpu=resources.cpus, gpu=resources.gpus, memMB=resources.memory_mb),
+        resource=torchx_resource(resources, scheduler),
         env=env,
         port_map={"c10d": RDZV_PORT} if layout.nodes > 1 else {},
         max_retries=spec.job.retries,

@@ -162,8 +162,10 @@ def scheduler_cfg(spec: Spec, scheduler: str, log_dir: str) -> dict[str, Any]:
         # Several "nodes" on this one host: each replica's torchrun puts local rank k on GPU k, so
         # without disjoint CUDA_VISIBLE_DEVICES (TorchX divides the host's GPUs among the replicas)
         # they would all share the first GPUs. TorchX counts the GPUs with nvidia-smi (and fails
-        # when it is absent; then there are no NVIDIA GPUs here to share).
-        if spec.hardware.nodes > 1 and lookup(spec.hardware.accelerator).kind == "gpu" and shutil.which("nvidia-smi"):
+        # when it is absent; then there are no NVIDIA GPUs here to share), so only NVIDIA's are
+        # divided: on AMD GPUs the replicas share the host's (TorchX warns so).
+        if (spec.hardware.nodes > 1 and lookup(spec.hardware.accelerator).vendor == "nvidia"
+                and shutil.which("nvidia-smi")):
             cfg["auto_set_cuda_visible_devices"] = True
         return cfg
     if scheduler == "slurm":

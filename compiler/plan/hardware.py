@@ -21,6 +21,7 @@ class Accelerator:
     inter_node_gbps: float             # GB/s per device across nodes (InfiniBand / Ethernet), one direction
     max_per_node: int
     kind: str = "gpu"
+    vendor: str = "nvidia"             # who makes it: "nvidia", "amd" ("" for the CPU); names its device plugins
     peak_tflops_fp32: float | None = None  # dense TF32 tensor-core rate (fp32 training); None = bf16 / 2
     note: str = ""
 
@@ -54,14 +55,14 @@ CATALOG: dict[str, Accelerator] = {a.name: a for a in [
                 note="SXM, HBM3e, NVLink4 900 GB/s"),
     Accelerator("B200-180GB", 180 * 10**9, 2250.0, 4500.0, 900.0, 50.0, 8, peak_tflops_fp32=1100.0,
                 note="DGX B200, NVLink5 1.8 TB/s, InfiniBand 400 Gb/s"),
-    Accelerator("MI300X-192GB", 192 * 10**9, 1307.4, 2614.9, 448.0, 50.0, 8, peak_tflops_fp32=653.7,
+    Accelerator("MI300X-192GB", 192 * 10**9, 1307.4, 2614.9, 448.0, 50.0, 8, vendor="amd", peak_tflops_fp32=653.7,
                 note="OAM, Infinity Fabric 7 x 64 GB/s"),
     Accelerator("RTX3060-12GB", 12 * GiB, 25.6, None, 16.0, 1.25, 8, peak_tflops_fp32=12.8,
                 note="PCIe 4.0 x16, 10 GbE"),
     Accelerator("RTX4090-24GB", 24 * GiB, 165.2, 330.3, 32.0, 3.0, 8, peak_tflops_fp32=82.6,
                 note="PCIe 4.0 x16, 25 GbE"),
     # A CPU "device" is one process on a host: peak is a rough AVX-512 bf16 figure; links are memory copies.
-    Accelerator("CPU", 24 * GiB, 1.0, None, 10.0, 1.0, 64, kind="cpu", peak_tflops_fp32=0.25,
+    Accelerator("CPU", 24 * GiB, 1.0, None, 10.0, 1.0, 64, kind="cpu", vendor="", peak_tflops_fp32=0.25,
                 note="one process on a host; rough figures"),
 ]}
 
