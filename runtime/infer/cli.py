@@ -143,14 +143,34 @@ def chat_main(args) -> int:
 
 
 def _chat_prompt(messages, template, header, tokenizer, budget: int) -> list[int]:
-    """The conversation plus the assistant header; the oldest turns go when it outgrows the budget."""
-    budget = max(budget, 1)
+    """The conversation plus the assistant header in at most `budget` tokens, every message framed
+    by its template's markers: the oldest turns go first, and a last message too long on its own
+    keeps the end of its content (said on stderr), never a cut header."""
+    from llmc.runtime.data.chat import render_chat
+    from llmc.runtime.data.wording import counted
+
+    def encode(text: str) -> list[int]:
+        return tokenizer.encode(text, add_special_tokens=False).ids if text else []
+
+    reply_header = encode(header)
     while True:
-        text = template.render_text(messages) + header
-        ids = tokenizer.encode(text, add_special_tokens=False).ids
+        ids = render_chat(messages, tokenizer, template)[0] + reply_header  # as SFT data is tokenized
         if len(ids) <= budget or len(messages) == 1:
-            return ids[-budget:]
+            break
         messages[:] = messages[2:] if len(messages) > 2 else messages[1:]
+    if len(ids) <= budget:
+        return ids
+    (message,) = messages
+    head, foot = (encode(part) for part in template.parts(message["role"]))
+    frame = len(head) + len(foot) + len(reply_header)
+    if frame >= budget:
+        raise UserError(f"the chat template's markers alone take {counted(frame, 'token')}, and the prompt "
+                        f"may have {budget} (the model's context less the reply's room)")
+    content = encode(message["content"])
+    room = budget - frame
+    print(f"note: your message ({counted(len(content), 'token')}) is longer than the {budget}-token prompt the "
+          f"context leaves; the model sees only its last {counted(room, 'token')}", file=sys.stderr)
+    return head + content[-room:] + foot + reply_header
 
 
 def quantize_main(args) -> int:
