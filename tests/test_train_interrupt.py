@@ -15,7 +15,7 @@ def test_interrupted_training_names_the_checkpoint_it_resumes_from(tmp_path, mon
     def train_until_interrupted(plan, run_dir, env, resume=False):
         root = run_dir / "checkpoints"
         (root / "step-00000004").mkdir(parents=True)
-        (root / "step-00000004" / "meta.json").write_text(json.dumps({"step": 4}))
+        (root / "step-00000004" / "meta.json").write_text(json.dumps({"step": 4, "world_size": 1, "spec": {}}))
         (root / ".tmp-step-00000006").mkdir()  # being written when Ctrl-C came: not complete
         raise KeyboardInterrupt
 

@@ -4,7 +4,8 @@ RUN_DIR/checkpoints/step-00000100/ holds the model and optimizer (DCP, each rank
 part), `rank{r}.pt` per rank (RNG states, sampler position, scheduler) and `meta.json` (step, plan
 hash, the spec). It is written as `.tmp-step-...` and renamed once every rank has finished, so a
 folder named `step-*` is always complete; a run killed while writing leaves only a `.tmp-` folder,
-which resume ignores and the next save replaces. The newest `keep` checkpoints are kept.
+which resume ignores and the next save replaces. The newest `keep` checkpoints are kept. A file
+damaged afterwards (meta.json, rank{r}.pt, a shard) is a one-line UserError naming it; nothing is removed.
 A checkpoint resumes under another process count or parallel layout too (load_checkpoint), and
 inference reads its model part alone in one process (load_model_weights, via model/io.py).
 """
@@ -24,7 +25,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from ..parallel.checkpoint import load_train_state_dict, train_state_dict
 
 from ...compiler.errors import UserError
-from .distributed import DistEnv
+from .distributed import DistEnv, all_reduce_sum
 
 # Keys a resumed run may change: budget, cadence, logging, compilation, launch settings, and the
 # machines and parallel layout (DCP reshards the model and optimizer; the sample order is global).
@@ -71,33 +72,70 @@ def is_checkpoint(path: Path) -> bool:
     return Path(path).name.startswith("step-") and (Path(path) / "meta.json").is_file()
 
 
+# What meta.json records that a reader needs (plan_hash may be null: a plan without a spec hash).
+META_KEYS = {"step": int, "world_size": int, "spec": dict}
+RANK_STATE_KEYS = ("rng", "data", "scheduler")
+
+
+def _one_line(error: BaseException) -> str:
+    return f"{type(error).__name__}: {' '.join(str(error).split())}"[:300]
+
+
+def _damaged(path: Path, file: Path, problem: str) -> UserError:
+    """The one-line refusal of a damaged checkpoint, and what the user can do (nothing is removed)."""
+    return UserError(f"{file}: damaged checkpoint ({problem}); use another checkpoint, or move "
+                     f"{Path(path).name} out of {Path(path).parent} and --resume continues from the one before it")
+
+
+def read_meta(path: Path) -> dict:
+    """meta.json of checkpoint `path`, refused with its path when it is not JSON or lacks a key
+    of META_KEYS (a file damaged after the checkpoint was completed: truncated, edited)."""
+    file = Path(path) / "meta.json"
+    try:
+        meta = json.loads(file.read_bytes())
+    except (OSError, ValueError) as e:  # (UnicodeDecodeError and JSONDecodeError are ValueErrors)
+        raise _damaged(path, file, f"not readable JSON: {_one_line(e)}") from None
+    if not isinstance(meta, dict):
+        raise _damaged(path, file, f"expected a JSON object, found {type(meta).__name__}")
+    wrong = [f"{key} ({kind.__name__})" for key, kind in META_KEYS.items() if not isinstance(meta.get(key), kind)]
+    if wrong:
+        raise _damaged(path, file, "missing or invalid " + ", ".join(wrong))
+    return meta
+
+
 def checkpoint_plan(path: Path) -> dict:
     """The plan a checkpoint was trained under: RUN_DIR/plan.json when it is of the checkpoint's spec,
     else the spec its meta.json records (all a model needs)."""
-    meta = json.loads((Path(path) / "meta.json").read_text())
+    meta = read_meta(path)
     try:
         plan = json.loads((Path(path).parent.parent / "plan.json").read_text())
         if isinstance(plan, dict) and plan.get("spec") == meta["spec"]:
             return plan
     except (OSError, ValueError):
         pass
-    return {"spec": meta["spec"], "spec_hash": meta["plan_hash"]}
+    return {"spec": meta["spec"], "spec_hash": meta.get("plan_hash")}
+
+
+def _dcp_load(state: dict, path: Path) -> str | None:
+    """Read checkpoint `path` into `state` in place (DCP, under this process's layout); None, or
+    what went wrong (a shard missing or damaged)."""
+    try:
+        with warnings.catch_warnings():  # one process without a process group is a supported case
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, checkpoint_id=str(path))
+    except (CheckpointException, Exception) as e:  # noqa: BLE001 - DCP's wraps each rank's (a BaseException)
+        return _one_line(next(iter(e.failures.values()))[0] if isinstance(e, CheckpointException) and e.failures else e)
+    return None
 
 
 def load_model_weights(path: Path, model) -> None:
     """The model part of checkpoint `path` into a whole (unwrapped) `model` in this process, whatever
     layout wrote it (DCP reads every rank's shards); the optimizer state is not read."""
     state = {"model": model.state_dict()}
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load(state, checkpoint_id=str(path))
-    except (CheckpointException, Exception) as e:  # noqa: BLE001 - DCP's wraps each rank's (a BaseException)
-        cause = next(iter(e.failures.values()))[0] if isinstance(e, CheckpointException) and e.failures else e
-        detail = f"{type(cause).__name__}: {' '.join(str(cause).split())}"[:300]
-        raise UserError(f"{path}: cannot read this checkpoint's model weights in one process ({detail}); use "
+    if (problem := _dcp_load(state, path)) is not None:
+        raise UserError(f"{path}: cannot read this checkpoint's model weights in one process ({problem}); use "
                         f"another checkpoint, or `llmc train SPEC --out {Path(path).parent.parent} --resume` under "
-                        "the run's layout to write its final model") from None
+                        "the run's layout to write its final model")
     model.load_state_dict(state["model"])
 
 
@@ -135,22 +173,38 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, data_
 def load_checkpoint(path: Path, model, optimizer, scheduler, env: DistEnv, scaler=None) -> tuple[int, dict]:
     """Restore model, optimizer, scheduler, fp16's loss scaler and RNG in place; return (step, the
     sampler state)."""
-    meta = json.loads((path / "meta.json").read_text())
-    state = train_state_dict(model, optimizer)  # parallel runtime: expert shards as DTensors
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(state, checkpoint_id=str(path))  # under this run's layout, whatever wrote it
-    load_train_state_dict(model, optimizer, state)
+    meta = read_meta(path)
     # The sampler and scheduler states are the same on every rank (the sample order is global), so
     # another process count reads rank 0's; only the per-rank RNG streams cannot carry over then.
     same_ranks = meta["world_size"] == env.world_size
-    extra = torch.load(path / f"rank{env.rank if same_ranks else 0}.pt", weights_only=False)
+    extra = _read_rank_state(path, path / f"rank{env.rank if same_ranks else 0}.pt", env)
+    state = train_state_dict(model, optimizer)  # parallel runtime: expert shards as DTensors
+    if (problem := _dcp_load(state, path)) is not None:  # under this run's layout, whatever wrote it
+        raise _damaged(path, path, problem)
+    load_train_state_dict(model, optimizer, state)
     scheduler.load_state_dict(extra["scheduler"])
     if scaler is not None and extra.get("scaler"):  # (the same on every rank: they skip steps together)
         scaler.load_state_dict(extra["scaler"])
     if same_ranks:
         set_rng_state(extra["rng"])
     return int(meta["step"]), extra["data"]
+
+
+def _read_rank_state(path: Path, file: Path, env: DistEnv) -> dict:
+    """A rank's `rank{r}.pt` (RNG, sampler, scheduler, loss scale), refused on every rank together
+    when any rank's is missing or damaged (a rank that went on would wait for the others forever)."""
+    try:
+        extra = torch.load(file, weights_only=False)
+        problem = None if isinstance(extra, dict) and all(k in extra for k in RANK_STATE_KEYS) else \
+            f"expected a dict of {', '.join(RANK_STATE_KEYS)}"
+    except Exception as e:  # noqa: BLE001 - torch.load raises many kinds for a damaged file (zip, pickle, EOF)
+        extra, problem = None, _one_line(e)
+    failed = all_reduce_sum(torch.tensor([float(problem is not None)], device=env.device), env)
+    if problem is not None:
+        raise _damaged(path, file, problem)
+    if failed.item():
+        raise _damaged(path, path, "another rank's rank*.pt is missing or damaged")
+    return extra
 
 
 def _flatten(d, prefix="") -> dict:
@@ -177,7 +231,7 @@ def spec_differences(old_spec: dict, new_spec: dict) -> list[str]:
 def check_resumable(path: Path, plan: dict, total_steps: int) -> int:
     """Refuse to resume `path` under a plan whose spec differs in anything but the budget and cadence,
     or whose budget of `total_steps` ends before the checkpoint's step; return that step."""
-    meta = json.loads((path / "meta.json").read_text())
+    meta = read_meta(path)
     diffs = spec_differences(meta["spec"], plan["spec"])
     if diffs:
         raise UserError(f"cannot resume {path}: the spec changed since it was written:\n  " + "\n  ".join(diffs)

@@ -73,11 +73,14 @@ def main(args) -> int:
 
 def _interrupted_note(run_dir: Path) -> str:
     """What an interrupted run keeps: its newest checkpoint, which --resume continues from."""
-    from .checkpoint import latest_checkpoint
+    from .checkpoint import latest_checkpoint, read_meta
     ckpt = latest_checkpoint(run_dir)
     if ckpt is None:
         return f"{run_dir} holds no checkpoint yet: a new run starts from step 0"
-    step = json.loads((ckpt / "meta.json").read_text())["step"]
+    try:
+        step = read_meta(ckpt)["step"]
+    except UserError as e:  # (said instead of the note: a traceback here would hide the interruption)
+        return str(e)
     return (f"{run_dir} keeps {ckpt.name}: the same command with --resume continues from step {step} "
             "(the steps after it are redone)")
 
