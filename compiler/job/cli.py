@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -21,7 +22,7 @@ from ..spec import load_spec
 from . import track
 from .emit import REQUEST_FILES, compile_job, workdir_of
 from .follow import follow, print_logs, print_report
-from .schedulers import BACKENDS, SESSION, make_runner, torchx_scheduler
+from .schedulers import BACKENDS, SESSION, make_runner, slurm_unreachable, torchx_scheduler
 
 
 def compile_main(args) -> int:
@@ -102,12 +103,24 @@ def _scheduler_errors(doing: str):
         yield
     except UserError:
         raise
-    except subprocess.CalledProcessError as e:   # sbatch, sacct, scancel
-        detail = _first_line(e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else e.stderr or "")
+    except subprocess.CalledProcessError as e:   # sbatch, sacct, scancel (see schedulers.run_slurm)
+        said = _client_says(e)
+        hint = "; is the cluster up?" if slurm_unreachable(said) else ""
         raise UserError(f"{doing} failed: {shlex.join(map(str, e.cmd))} exited {e.returncode}"
-                        f"{': ' + detail if detail else ''}; is the cluster up?") from None
+                        f"{': ' + said if said else ''}{hint}") from None
     except Exception as e:  # noqa: BLE001 - any scheduler client error
         raise UserError(f"{doing} failed: {type(e).__name__}: {_first_line(e)}") from None
+
+
+def _client_says(e: subprocess.CalledProcessError) -> str:
+    """A failed command's error output on one line: its lines joined by '; ', each without the
+    'sbatch: error: ' that starts it (the command is named beside it). Where a line is 'fatal:',
+    the fatal lines alone: the errors before them are how the client got there."""
+    text = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else e.stderr or ""
+    program = re.escape(os.path.basename(str(e.cmd[0])))
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    fatal = [line for line in lines if re.match(rf"{program}: fatal: ", line)]
+    return "; ".join(re.sub(rf"^{program}: ((error|fatal): )?", "", line) for line in fatal or lines)
 
 
 def _first_line(e: Exception | str) -> str:

@@ -1,7 +1,7 @@
 """Which TorchX scheduler and options serve each llmc scheduler, and the fixes TorchX 0.7.0 needs.
 
 llmc's `local` is TorchX's `local_cwd` (or `local_dir` when job.image names a working folder),
-`slurm` is TorchX's Slurm scheduler with two repairs (below), `kubernetes` is TorchX's
+`slurm` is TorchX's Slurm scheduler with repairs (below), `kubernetes` is TorchX's
 Volcano-based Kubernetes scheduler (stopping where no cluster is configured).
 """
 
@@ -10,8 +10,11 @@ from __future__ import annotations
 import csv
 import functools
 import json
+import os
 import shutil
 import subprocess
+import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -20,9 +23,9 @@ from typing import Any
 from torchx.runner import Runner
 from torchx.schedulers import get_scheduler_factories
 from torchx.schedulers import local_scheduler
-from torchx.schedulers.api import DescribeAppResponse, ListAppResponse
+from torchx.schedulers.api import AppDryRunInfo, DescribeAppResponse, ListAppResponse
 from torchx.schedulers.kubernetes_scheduler import KubernetesScheduler
-from torchx.schedulers.slurm_scheduler import SLURM_STATES, SlurmScheduler
+from torchx.schedulers.slurm_scheduler import SLURM_STATES, SlurmBatchRequest, SlurmScheduler, _save_job_dir
 from torchx.specs import AppState, ReplicaStatus, Role, RoleStatus
 
 from ..errors import UserError
@@ -30,6 +33,27 @@ from ..plan.hardware import lookup
 from ..spec import Spec
 
 SESSION = "llmc"
+
+
+# What Slurm's clients say when they cannot reach the cluster (no configuration, slurmctld or slurmdbd
+# down), as opposed to the cluster refusing a request (a partition it has not, more GPUs than a node has).
+SLURM_UNREACHABLE = ("Could not establish a configuration source", "Unable to contact slurm controller",
+                     "Problem talking to the database", "Connection refused")
+
+
+def slurm_unreachable(stderr: str) -> bool:
+    """Whether a Slurm client's error output says the cluster could not be reached."""
+    return any(text in stderr for text in SLURM_UNREACHABLE)
+
+
+def run_slurm(argv: list[str]) -> subprocess.CompletedProcess:
+    """Run a Slurm client (sbatch, sacct, scancel) for its output (text). Its stderr is kept for the
+    CalledProcessError it fails with, where llmc's error shows it; on success it is passed on."""
+    done = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if done.returncode != 0:
+        raise subprocess.CalledProcessError(done.returncode, argv, done.stdout, done.stderr)
+    sys.stderr.write(done.stderr)
+    return done
 
 
 def slurm_state(text: str) -> AppState:
@@ -40,7 +64,8 @@ def slurm_state(text: str) -> AppState:
 
 
 class SlurmSchedulerFixed(SlurmScheduler):
-    """TorchX's Slurm scheduler, reading sacct's state words robustly (describe, list).
+    """TorchX's Slurm scheduler, reading sacct's state words robustly (describe, list), and keeping
+    what sbatch, sacct and scancel say when they fail (TorchX leaves their stderr on the terminal).
 
     `describe` answers from a one-second memory: TorchX's log followers ask for the state every
     0.1 s while waiting for output, and each question is an sacct process competing with the job.
@@ -51,6 +76,24 @@ class SlurmSchedulerFixed(SlurmScheduler):
     def __init__(self, session_name: str) -> None:
         super().__init__(session_name)
         self._described: dict[str, tuple[float, DescribeAppResponse | None]] = {}
+
+    def schedule(self, dryrun_info: AppDryRunInfo[SlurmBatchRequest]) -> str:
+        """As TorchX 0.7.0's: the script is written into the job's folder (else a temporary one) and
+        submitted with sbatch --parsable, whose stdout is the job id."""
+        request = dryrun_info.request
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(request.job_dir or tmp, "torchx-sbatch.sh")
+            if request.job_dir is not None:
+                request.cmd += [f"--chdir={request.job_dir}"]
+            request.cmd += [path]
+            Path(path).write_text(request.materialize())
+            job_id = run_slurm(request.cmd).stdout.strip()
+        if request.job_dir is not None:
+            _save_job_dir(job_id, request.job_dir)   # where TorchX's log reader finds the job's files
+        return job_id
+
+    def _cancel_existing(self, app_id: str) -> None:
+        run_slurm(["scancel", app_id])
 
     def describe(self, app_id: str) -> DescribeAppResponse | None:
         now = time.monotonic()
@@ -77,9 +120,7 @@ class SlurmSchedulerFixed(SlurmScheduler):
         return None
 
     def _describe_now(self, app_id: str) -> DescribeAppResponse | None:
-        out = subprocess.run(["sacct", "--parsable2", "--noconvert", "-j", app_id,
-                              "--format", "JobID,JobName,State"],
-                             stdout=subprocess.PIPE, check=True, text=True).stdout
+        out = run_slurm(["sacct", "--parsable2", "--noconvert", "-j", app_id, "--format", "JobID,JobName,State"]).stdout
         rows = [r for r in csv.DictReader(out.splitlines(), delimiter="|")
                 if r["JobID"].split("+")[0] == app_id and "." not in r["JobID"]]
         if not rows:
@@ -99,8 +140,7 @@ class SlurmSchedulerFixed(SlurmScheduler):
                                    roles_statuses=list(statuses.values()), state=state, msg=message)
 
     def list(self) -> list[ListAppResponse]:
-        out = subprocess.run(["sacct", "--json", "-S1970-01-01-00:00:01"],
-                             stdout=subprocess.PIPE, check=True, text=True).stdout
+        out = run_slurm(["sacct", "--json", "-S1970-01-01-00:00:01"]).stdout
         apps = []
         for job in json.loads(out)["jobs"]:
             current = job["state"]["current"]   # a string before Slurm 23.02, a list after
