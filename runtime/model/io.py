@@ -1,7 +1,8 @@
 """The model checkpoint folder: DIR/plan.json, DIR/model.safetensors, DIR/tokenizer.json.
 
 `save_model` writes it; `load_model` reads it back, or a training run directory (its final model
-RUN_DIR/model/, or its newest complete checkpoint when the run has no final model), or a training
+RUN_DIR/model/, or its newest complete checkpoint when the run has no final model or one of an
+earlier step, as when a finished run is resumed for more steps and stopped), or a training
 checkpoint RUN_DIR/checkpoints/step-N (runtime/train/checkpoint.py: the model's weights without the
 optimizer state, the spec from its meta.json, the tokenizer of the run's prepared data).
 State-dict names are the llmc Transformer's own.
@@ -49,23 +50,50 @@ def _train_checkpoint():
     return checkpoint
 
 
+def _is_model_folder(path: Path) -> bool:
+    return (path / "plan.json").is_file() and (path / "model.safetensors").is_file()
+
+
 def resolve_model_dir(path) -> Path:
-    """DIR itself when it holds plan.json and model.safetensors or is a training checkpoint, else
-    DIR/model (a training run directory's final model), else the run's newest complete checkpoint."""
+    """DIR itself when it holds plan.json and model.safetensors or is a training checkpoint; of a
+    training run directory, the newer by training step of its final model DIR/model and its newest
+    complete checkpoint (a finished run resumed for more steps and stopped before its end keeps the
+    old final model), saying so on stderr when it is the checkpoint."""
     path = Path(path)
-    for candidate in (path, path / "model"):
-        if (candidate / "plan.json").is_file() and (candidate / "model.safetensors").is_file():
-            return candidate
-    if _train_checkpoint().is_checkpoint(path):
+    if _is_model_folder(path) or _train_checkpoint().is_checkpoint(path):
         return path
-    if (ckpt := _train_checkpoint().latest_checkpoint(path)) is not None:
-        _note(f"note: {path} has no final model ({path / 'model'}): using its newest complete checkpoint, {ckpt}")
+    final = path / "model" if _is_model_folder(path / "model") else None
+    ckpt = _train_checkpoint().latest_checkpoint(path)
+    if final is not None and (ckpt is None or not _older(final, ckpt)):
+        return final
+    if ckpt is not None:
+        why = "it has no final model" if final is None else f"its final model is of step {model_step(final)}"
+        _note(f"note: {path}: {why} ({path / 'model'}): using its newest complete checkpoint, {ckpt}")
         return ckpt
     if path.name.startswith(".tmp-step-"):
         raise UserError(f"{path} is a checkpoint the run never finished writing; use a complete one "
                         f"({path.parent}/step-*)")
     raise UserError(f"{path} is not an llmc model folder (expected plan.json and model.safetensors "
                     f"in it or in {path / 'model'}, or a training checkpoint's meta.json)")
+
+
+def _older(final: Path, ckpt: Path) -> bool:
+    """Model folder `final` holds an earlier step than checkpoint `ckpt` (a model that records no
+    step, an earlier llmc's, is taken as the newer)."""
+    step = model_step(final)
+    return step is not None and step < _train_checkpoint().read_meta(ckpt)["step"]
+
+
+def model_step(model_dir) -> int | None:
+    """The training step whose weights a model folder holds (save_model's `step`, in the safetensors
+    header), None when it records none (imported, quantized, or an unreadable file)."""
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(str(Path(model_dir) / "model.safetensors"), "pt") as f:
+            step = (f.metadata() or {}).get("step")
+    except (SafetensorError, OSError):
+        return None  # (read_weights names a damaged file when the model is loaded)
+    return int(step) if step is not None and step.isdigit() else None
 
 
 _noted: set[str] = set()
@@ -108,16 +136,18 @@ def plain_name(name: str) -> str:
     return ".".join(p for p in name.split(".") if p not in WRAPPER_PARTS)
 
 
-def save_model(model: Transformer, plan: dict, out_dir, tokenizer=None) -> Path:
+def save_model(model: Transformer, plan: dict, out_dir, tokenizer=None, step: int | None = None) -> Path:
     """Write plan.json, model.safetensors and (when given) tokenizer.json into out_dir.
 
-    tokenizer: a `tokenizers.Tokenizer`, or the path of a tokenizer.json to copy. Written to a
+    tokenizer: a `tokenizers.Tokenizer`, or the path of a tokenizer.json to copy. step: the training
+    step of these weights, recorded in the safetensors header (model_step). Written to a
     temporary name first and renamed, so a half-written file never carries the final name.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = {plain_name(k): v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    _atomic(out / "model.safetensors", lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+    metadata = {"format": "pt"} if step is None else {"format": "pt", "step": str(step)}
+    _atomic(out / "model.safetensors", lambda p: save_file(state, str(p), metadata=metadata))
     _atomic(out / "plan.json", lambda p: p.write_text(json.dumps(plan, indent=2)))
     if tokenizer is not None:
         if isinstance(tokenizer, (str, os.PathLike)):

@@ -278,7 +278,8 @@ class Trainer:
         return self.pipe.evaluate(self.val_batches)  # parallel runtime: the schedule's forward-only pass
 
     def save_final_model(self, full_state: dict | None = None) -> Path:
-        """RUN_DIR/model/: plan.json, model.safetensors, tokenizer.json (the model folder contract)."""
+        """RUN_DIR/model/: plan.json, model.safetensors (recording its step), tokenizer.json (the model
+        folder contract)."""
         from ..model.io import save_model
         model = unwrap(self.model)
         full_state = model.state_dict() if full_state is None else full_state
@@ -286,7 +287,8 @@ class Trainer:
                  for k, v in full_state.items()}
         clean = build_model(self.spec, torch.device("cpu"), self.t.seed)
         clean.load_state_dict(state)
-        return save_model(clean, self.plan, self.run_dir / "model", tokenizer=self.prepared / "tokenizer.json")
+        return save_model(clean, self.plan, self.run_dir / "model", tokenizer=self.prepared / "tokenizer.json",
+                          step=self.step)
 
 
 def train(plan: dict, run_dir: Path, env: DistEnv, resume: bool = False) -> dict:
