@@ -42,6 +42,9 @@ def run_main(args) -> int:
     scheduler = args.scheduler or spec.job.scheduler
     workdir = workdir_of(spec, scheduler)
     run_dir = workdir / spec.job.out_dir / spec.job.name
+    if scheduler == "local" and spec.job.retries:
+        print(f"note: job.retries = {spec.job.retries} does not apply to a local run: TorchX's local scheduler "
+              "does not restart a failed job (Slurm and Kubernetes do)", file=sys.stderr)
     if args.dryrun:
         with tempfile.TemporaryDirectory(prefix="llmc-dryrun-") as tmp:
             job = compile_job(spec, Path(tmp), scheduler=scheduler, spec_path=args.spec,

@@ -41,7 +41,9 @@ class JobSpec(Table):
     namespace: str = Field("default", description="Kubernetes namespace the Volcano Job is created in: "
                                                   "lowercase letters, digits and '-' (at most 63).")
     time_limit: int = Field(0, ge=0, description="Wall-clock limit (minutes; 0 = none).")
-    retries: int = Field(0, ge=0, le=100, description="Restarts after a failure (count).")
+    retries: int = Field(0, ge=0, le=100, description="Restarts after a failure (count): Slurm requeues the job, "
+                                                      "Volcano restarts it; the local scheduler does not "
+                                                      "(TorchX's local scheduler has no retries).")
     env: dict[str, str] = Field(default_factory=dict, description="Environment variables of every process.")
     mounts: list[MountSpec] = Field(default_factory=list, description="Host paths mounted into the job.")
     out_dir: str = Field("runs", description="Where run directories are written (relative to the working directory).")
