@@ -5,7 +5,7 @@ from pathlib import Path
 from llmc.compiler.job.emit import compile_job
 from llmc.compiler.job.schedulers import make_runner, torchx_scheduler
 from llmc.compiler.spec import load_spec
-from slurm.llmc_cli import TINY
+from slurm.llmc_cli import TINY, llmc
 
 TWO_GPU_NODES = ["hardware.accelerator=A100-80GB", "hardware.nodes=2", "hardware.gpus_per_node=2",
                  "train.micro_batch_size=2", "train.global_batch_size=8"]
@@ -42,3 +42,15 @@ def test_compiling_a_multi_node_gpu_job_where_there_is_no_nvidia_smi(tmp_path, m
     monkeypatch.chdir(tmp_path)
     assert _visible_devices(tmp_path, TWO_GPU_NODES) == [None, None]
     assert (tmp_path / "out" / "local.request.txt").exists()
+
+
+def test_torchx_local_gpu_warning_only_for_a_local_job(tmp_path):
+    # Compiling a Slurm job renders its local request too: TorchX's warning that local replicas may
+    # share GPUs is not about the job. A local run of replicas that do share them still shows it.
+    slurm_job = ["--set", "job.scheduler=slurm", *[a for o in TWO_GPU_NODES for a in ("--set", o)]]
+    result = llmc("compile", TINY, "-o", "out", *slurm_job, cwd=tmp_path, env={"PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr
+    assert "CUDA_VISIBLE_DEVICES" not in result.stderr
+    result = llmc("run", TINY, "--dryrun", *slurm_job, "--scheduler", "local", cwd=tmp_path,
+                  env={"PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0 and "CUDA_VISIBLE_DEVICES" in result.stderr, result.stderr

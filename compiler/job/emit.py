@@ -5,9 +5,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import json
+import logging
 import os
 import shlex
 from dataclasses import dataclass, field
@@ -17,6 +19,7 @@ from pathlib import Path
 import jinja2
 import yaml   # TorchX's own dependency
 from torchx import specs
+from torchx.schedulers import local_scheduler
 from torchx.schedulers.kubernetes_scheduler import sanitize_for_serialization
 
 from ..errors import UserError
@@ -79,6 +82,20 @@ def _appdef_json(app: specs.AppDef) -> str:
     return json.dumps(dataclasses.asdict(app), indent=2, default=plain) + "\n"
 
 
+@contextlib.contextmanager
+def _warnings_of_torchx_local(shown: bool):
+    """TorchX's local scheduler warns, as it builds a request of GPU replicas, that they may share
+    GPUs (its CUDA_VISIBLE_DEVICES warning): for a job of another scheduler that is noise."""
+    logger = logging.getLogger(local_scheduler.__name__)
+    level = logger.level
+    if not shown:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _render_request(runner, job: CompiledJob, scheduler: str) -> str:
     workdir_of(job.spec, scheduler)   # local/Slurm read job.image as a folder: UserError if it is not
     if scheduler == "kubernetes":
@@ -88,7 +105,8 @@ def _render_request(runner, job: CompiledJob, scheduler: str) -> str:
             raise UserError('the Kubernetes scheduler needs the kubernetes client: pip install "torchx[kubernetes]"'
                             ) from None
     app = build_appdef(job.plan, scheduler, job.plan_path, job.run_dir, resume=job.resume)
-    info = runner.dryrun(app, torchx_scheduler(job.spec, scheduler), cfg=job.cfg(scheduler))
+    with _warnings_of_torchx_local(shown=scheduler == job.scheduler):
+        info = runner.dryrun(app, torchx_scheduler(job.spec, scheduler), cfg=job.cfg(scheduler))
     if scheduler == "slurm":
         request = info.request
         if request.job_dir:   # TorchX adds sbatch's --chdir when it submits: the script's "Run with" line needs it
