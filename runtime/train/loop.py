@@ -95,6 +95,14 @@ def _grad_scaler(precision: str, env: DistEnv):
     return (_AgreeingGradScaler if env.world_size > 1 else torch.amp.GradScaler)(env.device.type)
 
 
+def input_tokens(tokens: torch.Tensor, pad_id: int) -> int:
+    """The input tokens of a batch [rows, seq_len] that are not padding. Only a window's end is padded
+    (the last window of a shard, runtime/data/dataset.py): the run of pad ids that ends each row,
+    not a pad id inside the text (a tokenizer without a pad token pads with its end-of-text)."""
+    trailing = (tokens == pad_id).flip(-1).int().cumprod(-1).sum()
+    return tokens.numel() - int(trailing)
+
+
 @torch.no_grad()
 def evaluate(model, batches, env: DistEnv, precision: str) -> dict | None:
     """Mean next-token loss and perplexity over the validation batches of every rank."""
@@ -134,6 +142,7 @@ class Trainer:
         self.prepared = prepared_dir(spec)
         self.data = TrainData(self.prepared, [s.weight for s in spec.data.sources], self.t.seq_len, self.t.seed,
                               self.t.global_batch_size, layout["micro_batch_size"], data_rank(layout, env.rank), layout["dp"])
+        self.pad_id = self.data.manifest["special"]["pad"]
 
         self.raw_model = build_model(spec, env.device, self.t.seed)
         apply_train_modes(self.raw_model, self.t)
@@ -164,10 +173,11 @@ class Trainer:
         env, model = self.env, self.model
         micro = self.data.next_step()
         counts = [int((labels != -100).sum()) for _, labels in micro]
-        n_local = torch.tensor(float(sum(counts)), dtype=torch.float64, device=env.device)
-        # target tokens of the whole global batch; the ranks of one TP group read the same data
+        n_local = torch.tensor([sum(counts), sum(input_tokens(x, self.pad_id) for x, _ in micro)],
+                               dtype=torch.float64, device=env.device)
+        # target and input tokens of the whole global batch; the ranks of one TP group read the same data
         replicas = env.world_size // self.layout["dp"]
-        n_global = all_reduce_sum(n_local, env).item() / replicas
+        n_global, n_inputs = (all_reduce_sum(n_local, env) / replicas).tolist()
         dp = self.layout["dp"]
         sums = torch.zeros(3, dtype=torch.float64)  # lm loss x targets, aux, mtp
         expert_counts = None
@@ -213,7 +223,7 @@ class Trainer:
 
         sums = all_reduce_sum(sums.to(env.device), env).cpu() / replicas
         record = {"loss": sums[0].item() / max(n_global, 1.0), "lr": lr, "grad_norm": grad_norm,
-                  "tokens": int(n_global)}
+                  "tokens": int(n_global), "input_tokens": int(n_inputs)}
         if self.spec.model.moe is not None:
             record["aux_loss"] = sums[1].item() / dp
         if self.spec.model.mtp.depth:
@@ -232,18 +242,18 @@ class Trainer:
         env, t = self.env, self.t
         log = MetricsLog(self.run_dir, env.is_main)
         progress = ProgressDisplay(self.total_steps, self.step, t.log_every, env.is_main)
-        tokens_per_step = t.global_batch_size * t.seq_len
+        positions_per_step = t.global_batch_size * t.seq_len  # computed, padding included: what MFU counts
         last_eval, last_saved = None, self.step or None  # (a resumed run's: the one it started from)
         self.model.train()
         try:
             while self.step < self.total_steps:
                 self.clock.start()
                 record = {"step": self.step + 1, **self.train_step()}
-                step_time = self.clock.stop()
+                step_time = self.clock.stop(record["input_tokens"])
                 self.step += 1
                 record["step_time"] = step_time
-                record["tokens_per_s"] = tokens_per_step / step_time
-                record["mfu"] = self.flops_per_token * record["tokens_per_s"] / self.peak
+                record["tokens_per_s"] = record["input_tokens"] / step_time  # the data's tokens, not padding
+                record["mfu"] = self.flops_per_token * positions_per_step / step_time / self.peak
                 if t.eval_every and self.step % t.eval_every == 0 or self.step == self.total_steps:
                     last_eval = self.evaluate()
                     if last_eval:

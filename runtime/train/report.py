@@ -1,7 +1,9 @@
 """The run report: measured throughput, step time and peak memory beside the plan's predictions.
 
 Written by rank 0 as RUN_DIR/report.json and RUN_DIR/report.md at the end of a run. `steps` and
-`tokens` are the run's (a resumed run's counted from step 0), `measured` what this process ran.
+`tokens` are the run's (a resumed run's counted from step 0), `measured` what this process ran:
+`tokens_per_s` counts the input tokens that are not padding (the last window of a shard is padded),
+`padded_tokens_per_s` every position computed, global batch x seq_len, which MFU counts the FLOPs of.
 Peak memory is `torch.cuda.max_memory_allocated` on a GPU and the peak resident set size of the
 process on a CPU.
 FLOPs per token and the device peak come from the plan when it states them, else from the estimate
@@ -27,11 +29,12 @@ def _render_markdown(**values) -> str:
 
 
 class RunClock:
-    """Step timings (synchronised with the device)."""
+    """Step timings (synchronised with the device) and each timed step's input tokens."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self.times: list[float] = []
+        self.input_tokens: list[int] = []
         self._t0 = 0.0
 
     def _sync(self):
@@ -42,10 +45,12 @@ class RunClock:
         self._sync()
         self._t0 = time.perf_counter()
 
-    def stop(self) -> float:
+    def stop(self, input_tokens: int) -> float:
+        """The step's time; `input_tokens`: the non-padding input tokens of its global batch."""
         self._sync()
         dt = time.perf_counter() - self._t0
         self.times.append(dt)
+        self.input_tokens.append(input_tokens)
         return dt
 
 
@@ -99,15 +104,18 @@ def write_report(run_dir: Path, plan: dict, clock: RunClock, val: dict | None, e
     """report.json + report.md; returns the report. `step`: the step the run has reached (its
     checkpoint's, for a resumed run), of which this process timed `clock.times`."""
     spec = plan["spec"]
-    tokens_per_step = spec["train"]["global_batch_size"] * spec["train"]["seq_len"]
-    timed = clock.times[2:] if len(clock.times) > 4 else clock.times  # the first steps include warm-up
+    tokens_per_step = spec["train"]["global_batch_size"] * spec["train"]["seq_len"]  # positions, padding included
+    warm_up = 2 if len(clock.times) > 4 else 0  # the first steps include warm-up
+    timed, timed_tokens = clock.times[warm_up:], clock.input_tokens[warm_up:]
     fpt = flops_per_token(plan)
     mem, kind = peak_memory(env.device)
     # a resumed run with no steps left measured no speed: None, not 0 tokens/s
     step_time = statistics.median(timed) if timed else None
-    tps = tokens_per_step / step_time if timed else None
+    padded_tps = tokens_per_step / step_time if timed else None
+    tps = padded_tps * sum(timed_tokens) / (len(timed) * tokens_per_step) if timed else None
     measured = {"steps": len(clock.times), "measured_steps": len(timed), "step_time_s": step_time,
-                "tokens_per_s": tps, "mfu": fpt * tps / (peak_flops(plan) * env.world_size) if timed else None,
+                "tokens_per_s": tps, "padded_tokens_per_s": padded_tps,
+                "mfu": fpt * padded_tps / (peak_flops(plan) * env.world_size) if timed else None,
                 "peak_memory_bytes": mem, "peak_memory_kind": kind}
     predicted = _predictions(plan, env.world_size, tokens_per_step, fpt)
     report = {"name": spec["job"]["name"], "world_size": env.world_size, "plan_hash": plan.get("spec_hash"),
