@@ -65,6 +65,20 @@ def gradient_bytes(modules) -> int:
     return sum(local.values())
 
 
+def ddp_bucket_bytes(wrapped) -> int:
+    """Bytes of DDP's all-reduce buckets that are not the gradients themselves (where gradients
+    are not views into them), from DDP's logging data: gradient_bytes cannot see them."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    total = 0
+    for m in wrapped:
+        if isinstance(m, DistributedDataParallel):
+            info = m._get_ddp_logging_data()
+            if not info.get("gradient_as_bucket_view"):
+                total += sum(int(b) for b in str(info.get("bucket_sizes", "")).split(",") if b)
+    return total
+
+
 def unit_gradient_bytes(modules) -> tuple[int, int]:
     """fp32 bytes of the whole gradients of the modules' root FSDP2 units (embedding, final norm,
     head: reduced only when the whole backward is done) and of the largest other unit (a block
@@ -77,14 +91,15 @@ def unit_gradient_bytes(modules) -> tuple[int, int]:
     return roots, max(blocks, default=0)
 
 
-def track_peak_gradients(modules) -> dict:
-    """Samples gradient_bytes before every block's forward and backward (gradients grow over a
-    step's backwards, and the last micro-batch's reduction frees what they had accumulated);
-    returns {"peak": the most seen, "sample": the sampler, for the caller to add points}."""
+def track_peak_gradients(modules, wrapped) -> dict:
+    """Samples gradient_bytes (and DDP's separate buckets) before every block's forward and
+    backward (gradients grow over a step's backwards, and the last micro-batch's reduction frees
+    what they had accumulated); returns {"peak": the most seen, "sample": the sampler, for the
+    caller to add points}."""
     seen = {"peak": 0}
 
     def sample(*_):
-        seen["peak"] = max(seen["peak"], gradient_bytes(modules))
+        seen["peak"] = max(seen["peak"], gradient_bytes(modules) + ddp_bucket_bytes(wrapped))
     for m in modules:
         for block in m.layers.values():
             block.register_forward_pre_hook(sample)
@@ -111,7 +126,7 @@ def main():
     torch.set_num_threads(1)
     from llmc.compiler.spec import load_spec
     from llmc.runtime.model import Transformer
-    from llmc.runtime.parallel.data_parallel import micro_batch
+    from llmc.runtime.parallel.data_parallel import micro_batch, zero_grad
     from llmc.runtime.parallel import Layout, build_mesh, clip_grad_norm_, init_distributed, measure_state_bytes, \
         parallelize, reduce_expert_counts
 
@@ -163,7 +178,7 @@ def main():
 
     accum = args.n_micro // layout.dp
     d = pdims.dp_rank
-    peak = track_peak_gradients(raw)
+    peak = track_peak_gradients(raw, wrapped)
     losses = []
     for step in range(args.steps):
         batch = stream[step, d * accum:(d + 1) * accum]
@@ -186,7 +201,7 @@ def main():
         clip_grad_norm_(params, 1.0, pdims)
         opt.step()
         if step < args.steps - 1:  # keep the last gradients: measure_state_bytes counts them
-            opt.zero_grad()
+            zero_grad(wrapped, opt)  # as the training loop
         if counts is not None:
             counts = reduce_expert_counts(counts, pdims)
             for m in raw:

@@ -39,12 +39,18 @@ def apply_ddp(model: nn.Module, dp_mesh) -> nn.Module:
     """Wrap `model` in DDP over the data-parallel mesh (expert-parallel params excluded).
 
     Buffers are not broadcast: the only trained buffers (aux-free routing biases) are updated
-    on every rank from counts summed over ranks, so they stay equal without a broadcast."""
+    on every rank from counts summed over ranks, so they stay equal without a broadcast.
+    Gradients are views into DDP's all-reduce buckets from the start (DDP makes the gradients it
+    finds at construction views, and `zero_grad` keeps them): otherwise the buckets are a second
+    fp32 copy of every gradient, 4 bytes per parameter the plan does not count."""
     ignored = expert_param_names(model)
     if ignored:
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
+    for name, p in model.named_parameters():
+        if p.requires_grad and name not in ignored:
+            p.grad = torch.zeros_like(p)
     return DistributedDataParallel(model, process_group=dp_mesh.get_group(), forward_sync_buffers=False,
-                                   init_sync=True)
+                                   init_sync=True, gradient_as_bucket_view=True)
 
 
 def apply_replicate(model: nn.Module, dp_mesh) -> nn.Module:
@@ -96,6 +102,14 @@ def apply_fsdp(model: nn.Module, dp_mesh, zero: int, param_dtype: torch.dtype | 
         fully_shard(block, **kwargs)
     fully_shard(model, **{**kwargs, "reshard_after_forward": False})  # root: used again at once
     return model
+
+
+def zero_grad(wrapped: list[nn.Module], optimizer: torch.optim.Optimizer) -> None:
+    """Clear the gradients after a step of the `wrapped` modules (the model, or the pipeline
+    stages, as parallelized): DDP's in place, as they are views into its all-reduce buckets (set
+    to None, the next step would accumulate new tensors beside the buckets and copy them in);
+    every other layout's set to None, which frees them."""
+    optimizer.zero_grad(set_to_none=not any(isinstance(m, DistributedDataParallel) for m in wrapped))
 
 
 def micro_batch(model: nn.Module, zero: int, last: bool):

@@ -22,7 +22,7 @@ from ..data.dataset import TrainData
 from ..data.prepare import prepare, prepared_dir
 from .checkpoint import check_resumable, latest_checkpoint, load_checkpoint, save_checkpoint
 from .distributed import DistEnv, all_reduce_sum, layout_of, parallelize, unwrap
-from ..parallel.data_parallel import micro_batch
+from ..parallel.data_parallel import micro_batch, zero_grad
 from ..parallel.run import (clip_grad_norm, data_rank, full_state_dict, model_states,  # parallel-runtime hooks
                             pipeline_for_plan)
 from ..float8 import apply_float8
@@ -219,7 +219,7 @@ class Trainer:
         self.scheduler.step()
         if not hasattr(self, "model_states"):  # parallel runtime: measured shard bytes for the report
             self.model_states = model_states(model, self.optimizer)  # (collective; grads still held)
-        self.optimizer.zero_grad(set_to_none=True)
+        zero_grad(self.pipe.wrapped if self.pipe else [model], self.optimizer)
 
         sums = all_reduce_sum(sums.to(env.device), env).cpu() / replicas
         record = {"loss": sums[0].item() / max(n_global, 1.0), "lr": lr, "grad_norm": grad_norm,
