@@ -2,11 +2,12 @@
 
 Every tensor autograd saves during a training step (model and loss, as the training loop runs
 it) is caught with `saved_tensors_hooks` and counted once per storage while some graph node
-holds it, leaving out the weights and their bf16 copies under autocast (the plan counts those as
-weights). The peak of that sum is what the device holds for the backward; the plan's
-`activations` must equal it, for each precision (fp8's linear layers keeping their inputs in
-fp8), recompute mode, tensor parallelism and pipeline schedule (the micro-batches in flight on
-each stage).
+holds it, leaving out the parameters themselves (the plan counts those as weights). Their bf16
+copies under autocast are counted: these layouts keep fp32 weights (no FSDP2), and each
+micro-batch's forward saves its own copies, as it saves its activations. The peak of that sum
+is what the device holds for the backward; the plan's `activations` must equal it, for each
+precision (fp8's linear layers keeping their inputs in fp8), recompute mode, tensor parallelism
+and pipeline schedule (the micro-batches in flight on each stage).
 """
 
 import json
@@ -66,20 +67,10 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.elem if isinstance(t, AsyncCollectiveTensor) else t
 
 
-def _casts_a_weight(t: torch.Tensor) -> bool:
-    """t is a parameter seen through casts, transposes and views (autocast's bf16 weight copies,
-    of one expert's slice too)."""
-    fn = t.grad_fn
-    while fn is not None and type(fn).__name__ in ("ToCopyBackward0", "TBackward0", "TransposeBackward0",
-                                                     "ViewBackward0", "PermuteBackward0", "SelectBackward0"):
-        fn = fn.next_functions[0][0]
-    return fn is not None and type(fn).__name__ == "AccumulateGrad"
-
-
 class SavedForBackward:
     """Hooks counting the bytes of the tensors autograd holds for the backward, once per storage,
-    while any graph node holds them; `peak` is the most held at once. Weights and their casts
-    (the parameters of `modules`) are left out."""
+    while any graph node holds them; `peak` is the most held at once. The parameters of
+    `modules` are left out, not their casts."""
 
     def __init__(self, modules):
         self.weights = {_local(p).untyped_storage().data_ptr() for m in modules for p in m.parameters()}
@@ -96,7 +87,7 @@ class SavedForBackward:
 
     def _pack(self, t):
         storage = _local(t).untyped_storage()
-        if storage.data_ptr() in self.weights or _casts_a_weight(t) or _casts_a_weight(_local(t)):
+        if storage.data_ptr() in self.weights:
             return t
         return _Held(self, t, storage.data_ptr(), storage.nbytes())
 

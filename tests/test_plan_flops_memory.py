@@ -90,9 +90,12 @@ def test_llama_model_states_follow_zero_sharding(zero):
     plan = build_plan(s)
     mem = plan.memory.train
     assert plan.layout.grad_accum > 1  # so that ZeRO-1 accumulates whole gradients
+    if zero == 0:  # DDP: fp32 weights (AdamW's master copy), fp32 gradients, the two moments
+        assert (mem.weights, mem.gradients, mem.optimizer) == (4 * LLAMA_P, 4 * LLAMA_P, 8 * LLAMA_P)
+        return
     shard = lambda stage: 64 if zero >= stage else 1  # noqa: E731
-    assert mem.weights == int(2 * LLAMA_P / shard(3))
-    assert mem.gradients == int((2 if zero == 0 else 4) * LLAMA_P / shard(2))  # FSDP2 reduces in fp32
+    assert mem.weights == int(2 * LLAMA_P / shard(3))  # FSDP2 gathers bf16 weights
+    assert mem.gradients == int(4 * LLAMA_P / shard(2))  # and reduces in fp32
     assert mem.optimizer == int(12 * LLAMA_P / shard(1))
 
 
@@ -141,9 +144,10 @@ def test_last_pipeline_stage_counts_the_embedding_copy_it_keeps(sets, first, las
 
 
 def test_plan_states_every_pipeline_stage_and_names_the_most_loaded():
-    """plan.json carries each pipeline rank's memory: bf16 weights and gradients (2 bytes), Adam's
-    fp32 master, m and v (12 bytes) of the blocks it holds, the embedding on the first, the final
-    norm and the untied head on the last; `train` is the stage with the highest peak."""
+    """plan.json carries each pipeline rank's memory: without data parallelism, fp32 weights (Adam's
+    master copy) and gradients (4 bytes each), Adam's m and v (8 bytes) of the blocks it holds,
+    the embedding on the first, the final norm and the untied head on the last; `train` is the
+    stage with the highest peak."""
     s = load_spec("specs/tiny.toml", ["parallel.pp=2", "hardware.gpus_per_node=2", "model.mtp.depth=0",
                                       "train.micro_batch_size=4"])
     plan = build_plan(s)
@@ -151,7 +155,7 @@ def test_plan_states_every_pipeline_stage_and_names_the_most_loaded():
     assert len(stages) == 2 and [m.stage for m in stages] == [0, 1]
     first, last = plan.layout.stages
     held = [len(first) * TINY_BLOCK + TINY_EMB, len(last) * TINY_BLOCK + 256 + TINY_EMB]
-    assert [(m.weights, m.gradients, m.optimizer) for m in stages] == [(2 * n, 2 * n, 12 * n) for n in held]
+    assert [(m.weights, m.gradients, m.optimizer) for m in stages] == [(4 * n, 4 * n, 8 * n) for n in held]
     most = max(stages, key=lambda m: m.peak)
     assert plan.memory.train == most
 

@@ -1,14 +1,18 @@
 """Memory per device: training (model states, activations, buffers) and inference (weights, KV cache).
 
-Model states are what llmc's runtime holds at the step's peak (runtime/parallel/data_parallel.py).
-Mixed precision counts 2 bytes of weights, 2 of gradients and `train.optimizer.state_bytes_per_param`
-(12 for AdamW: fp32 master, m, v) per parameter; fp32 training 4 + 4 + (state - 4). ZeRO 0 is DDP,
-all replicated (its fp32 weights and gradients and the 8 bytes of AdamW's moments are the same
-16). ZeRO 1-3 run on FSDP2, which shards the optimizer states and fp32 master weights over the
-data-parallel group and reduces gradients in fp32, so their gradients count 4 bytes: ZeRO 1
-accumulates them unsharded until the step's last micro-batch reduces them once; ZeRO 2 and 3 (and
-ZeRO 1 over one micro-batch) reduce-scatter them unit by unit in every micro-batch's backward and
-keep fp32 shards, plus, as a temporary, the whole gradients that wait for their reduce-scatter.
+Model states are what llmc's runtime holds at the step's peak (runtime/parallel/data_parallel.py),
+per parameter, with `train.optimizer.state_bytes_per_param` of optimizer state (12 for AdamW: fp32
+master, m, v). Replicated weights (ZeRO 0: DDP, whose gradients are views into its all-reduce
+buckets; or no data parallelism) stay fp32 under mixed precision too, as the master copy: 4 bytes
+of weights, 4 of gradients and state - 4 of optimizer state, 16 for AdamW as in the ZeRO paper.
+Under a bf16 (or fp16) autocast each micro-batch's forward also saves a 2-byte copy of every
+matrix it multiplies with for its backward (`autocast_copies`): those count with the
+activations, as many times as micro-batches are in flight. ZeRO 1-3 run on FSDP2, which gathers
+weights in the compute precision (2 bytes, 4 in fp32), shards the optimizer states and fp32
+master weights over the data-parallel group and reduces gradients in fp32, so their gradients
+count 4 bytes: ZeRO 1 accumulates them unsharded until the step's last micro-batch reduces them
+once; ZeRO 2 and 3 (and ZeRO 1 over one micro-batch) reduce-scatter them unit by unit in every
+micro-batch's backward and keep fp32 shards, plus, as a temporary, the whole gradients that wait for their reduce-scatter.
 ZeRO 1 and 2 keep the weights gathered through the step, ZeRO 3 only the units at work. Under
 pipeline parallelism torch's schedules defer every FSDP2 stage's reduction to the step's last
 micro-batch and keep its weights gathered after their backward: every ZeRO stage holds the
@@ -29,23 +33,46 @@ from pydantic import BaseModel, Field
 
 from .activations import ACT, FP32, block_activations, block_bytes, recomputed, value_bytes
 from .hardware import lookup
-from .params import ParamCount, block, norm, shapes
+from .params import ParamCount, attention_matrices, block, ffn_matrices, mla_down_projections, norm, shapes
 
 if TYPE_CHECKING:
     from ..spec import Spec
 
 
-def model_state_bytes(params: float, *, dp: int, zero: int, weight: int = 2, grad: int = 2,
-                      optimizer: int = 12, pipelined: bool = False, deferred: bool = False
-                      ) -> tuple[float, float, float]:
+def model_state_bytes(params: float, *, dp: int, zero: int, weight: int = 2, optimizer: int = 12,
+                      pipelined: bool = False, deferred: bool = False) -> tuple[float, float, float]:
     """(weights, gradients, optimizer) bytes per rank at the step's peak for `params` replicated
-    over a dp group (see the module docstring); `pipelined`: under a pipeline schedule;
-    `deferred`: gradients are reduced once, at the step's last micro-batch (Degrees.deferred)."""
-    if zero == 0 or dp == 1:  # DDP, or nothing to shard over
-        return params * weight, params * grad, params * optimizer
+    over a dp group (see the module docstring): `weight` bytes of the weights FSDP2 computes with,
+    `optimizer` bytes of optimizer state (with an fp32 master copy when weight < 4); `pipelined`:
+    under a pipeline schedule; `deferred`: gradients are reduced once, at the step's last
+    micro-batch (Degrees.deferred)."""
+    if zero == 0 or dp == 1:  # DDP, or nothing to shard over: the fp32 weights are the master copy
+        master = FP32 if weight < FP32 else 0
+        return params * FP32, params * FP32, params * (optimizer - master)
     return (params * weight / (dp if zero >= 3 and not pipelined else 1),
             params * FP32 / (1 if deferred else dp),
             params * optimizer / dp)
+
+
+def autocast_copies(m, d, moe_layer: bool, precision: str) -> tuple[int, int, int]:
+    """Weights of one block whose copies in the autocast dtype (2 bytes) the block's training
+    forward saves for its backward, where the weights stay fp32 under a bf16 or fp16 autocast
+    (replicated ones: FSDP2 gives the others in bf16), as (split by TP, replicated over TP, routed
+    experts) (runtime/parallel/tensor.py: MLA's down-projections and the whole MoE FFN are
+    replicated). Under bf16 and fp16 these are the projection matrices (not norms or biases, nor
+    the DSA indexer's, whose inputs are detached: no input gradient reads them); under fp8 only
+    the layers that stay bf16 (runtime/float8.py): the router, the shared-expert gate and experts
+    with biases."""
+    if precision == "fp32":
+        return 0, 0, 0
+    gates = (d.E * d.D + (d.D if m.moe.shared_expert_gate else 0)) if moe_layer else 0
+    experts = d.E * ffn_matrices(m, d, d.F_e) if moe_layer else 0
+    if precision == "fp8":
+        return 0, gates, experts if m.mlp_bias else 0
+    down = mla_down_projections(m, d) if m.attention.kind == "mla" else 0
+    split = attention_matrices(m, d) - down + (0 if moe_layer else ffn_matrices(m, d, d.F))
+    shared = ffn_matrices(m, d, d.F_s) if moe_layer else 0
+    return split, down + shared + gates, experts
 
 
 @dataclass(frozen=True)
@@ -99,7 +126,8 @@ class TrainMemory(BaseModel):
     weights: int
     gradients: int
     optimizer: int
-    activations: int = Field(description="Saved activations of all micro-batches in flight on the stage.")
+    activations: int = Field(description="Saved activations of all micro-batches in flight on the stage (and "
+                                         "autocast's bf16 copies of fp32 weights, which each of them saves).")
     temporary: int = Field(description="Buffers alive at the peak: the loss's fp32 gradient over the logits, "
                                        "gathered FSDP units, the block being recomputed.")
     overhead: int = Field(description="hardware.memory_reserve x capacity: CUDA context, allocator fragmentation.")
@@ -176,12 +204,18 @@ class TrainMemoryModel:
             kinds[True] = block(m, d, True)
         self.layer_dense, self.layer_expert, self.layer_act = [], [], []
         acts = {k: block_activations(m, k, precision=t.precision) for k in kinds}
+        copies = {k: autocast_copies(m, d, k, t.precision) for k in kinds}
         for i in range(m.n_layers):
             moe = m.is_moe_layer(i)
             self.layer_dense.append(sum(kinds[moe].values()) - kinds[moe]["experts"])
             self.layer_expert.append(kinds[moe]["experts"])
             self.layer_act.append(acts[moe])
         self.mtp_act = [acts[m.is_moe_layer(m.n_layers + k)] for k in range(m.mtp.depth)]
+        # autocast copies of each block (MTP blocks numbered after the layers), and of the head
+        # and MTP's eh_proj (2d -> d), which stay bf16 under fp8 too
+        self.block_copies = [copies[m.is_moe_layer(i)] for i in range(m.n_layers + m.mtp.depth)]
+        cast = t.precision != "fp32"
+        self.head_copy, self.eh_proj_copies = cast * self.V * self.h, cast * m.mtp.depth * 2 * self.h ** 2
         mtp_expert = sum(kinds[True]["experts"] for k in range(m.mtp.depth) if m.is_moe_layer(m.n_layers + k))
         self.mtp_dense, self.mtp_expert = p.mtp - mtp_expert, mtp_expert
         self.embedding = p.components["embedding"] + p.components["positions"]
@@ -192,7 +226,7 @@ class TrainMemoryModel:
         self.embedding_copy = p.components["embedding"] if m.mtp.depth or m.tie_embeddings else 0
         precision = t.precision
         state = t.optimizer.state_bytes_per_param
-        self.bytes_w, self.bytes_g, self.bytes_o = (4, 4, state - 4) if precision == "fp32" else (2, 2, state)
+        self.bytes_w, self.bytes_o = (4, state - 4) if precision == "fp32" else (2, state)
         self.capacity = lookup(spec.hardware.accelerator).memory_bytes
         self.reserve = spec.hardware.memory_reserve
         self._cache: dict = {}
@@ -242,7 +276,7 @@ class TrainMemoryModel:
         tp, ep = deg.tp, deg.ep
         dense, expert = share.dense / tp, share.expert / ep
         pipelined = deg.pp > 1
-        states = dict(zero=deg.zero, weight=self.bytes_w, grad=self.bytes_g, optimizer=self.bytes_o,
+        states = dict(zero=deg.zero, weight=self.bytes_w, optimizer=self.bytes_o,
                       pipelined=pipelined, deferred=deg.deferred)
         wd, gd, od = model_state_bytes(dense, dp=deg.dp, **states)
         we, ge, oe = model_state_bytes(expert, dp=deg.edp, **states)
@@ -274,10 +308,19 @@ class TrainMemoryModel:
     def _activations(self, deg: Degrees, share: RankShare) -> tuple[list[float], float]:
         """(saved bytes of each of the rank's chunks for one micro-batch, the largest working set).
         The last stage's final norm, head and MTP modules belong to its last chunk."""
-        key = (deg.tp, deg.sequence_parallel, deg.micro_batch_size, share.chunks, share.last)
+        # replicated weights stay fp32, and each micro-batch's forward saves autocast's bf16
+        # copies of them; FSDP2 gathers bf16 weights (its experts' only where it shards them)
+        fp32_dense = deg.zero == 0 or deg.dp == 1
+        fp32_experts = fp32_dense or (deg.ep > 1 and deg.edp == 1)
+        key = (deg.tp, deg.ep, deg.sequence_parallel, deg.micro_batch_size, share.chunks, share.last,
+               fp32_dense, fp32_experts)
         if key in self._cache:
             return self._cache[key]
         b, s, h, tp, sp = deg.micro_batch_size, self.s, self.h, deg.tp, deg.sequence_parallel and deg.tp > 1
+
+        def copies(j):  # bytes of block j's autocast copies on this rank
+            split, replicated, expert = self.block_copies[j]
+            return ACT * ((split / tp + replicated) * fp32_dense + expert / deg.ep * fp32_experts)
         recompute, (act, stream) = self.spec.train.recompute, value_bytes(self.spec.train.precision)
         n_layers = len(self.layer_act)
         chunks, working = [], 0.0
@@ -286,10 +329,12 @@ class TrainMemoryModel:
             blocks = list(chunk) + ([n_layers + k for k in range(len(self.mtp_act))] if tail else [])
             saved = 0.0
             for j in blocks:
+                checkpointed = recomputed(recompute, j)
                 kept, work = block_bytes(self.layer_act[j] if j < n_layers else self.mtp_act[j - n_layers], b=b,
-                                         s=s, tp=tp, sp=sp, checkpointed=recomputed(recompute, j), h=h, stream=stream)
-                saved += kept
-                working = max(working, work)
+                                         s=s, tp=tp, sp=sp, checkpointed=checkpointed, h=h, stream=stream)
+                # a checkpointed block casts its weights again when it is rebuilt
+                saved += kept + (0 if checkpointed else copies(j))
+                working = max(working, work + (copies(j) if checkpointed else 0))
             if self.rope_dim and blocks:  # cos and sin, built once per forward and read by every block
                 saved += 2 * act * self.rope_dim * s
             if tail:
@@ -302,7 +347,9 @@ class TrainMemoryModel:
                 # per MTP depth: its enorm input (the stream), eh_proj input (2h, gathered under SP),
                 # final norm input (the stream) and head input
                 per_token += depth * (2 * stream * h / shard + 3 * act * h)
-                saved += per_token * b * s
+                # the head is split by TP, MTP's eh_proj only under sequence parallelism
+                copied = self.head_copy / tp + self.eh_proj_copies / (tp if sp else 1)
+                saved += per_token * b * s + ACT * copied * fp32_dense
             chunks.append(saved)
         self._cache[key] = (chunks, working)
         return self._cache[key]

@@ -72,30 +72,40 @@ def norm(m: ModelSpec, width):
     return 2 * width if m.norm == "layernorm" else width
 
 
+def ffn_matrices(m: ModelSpec, d, hidden):
+    """The weight matrices of one FFN d_model -> hidden -> d_model: gated (three) or plain (two)."""
+    return (3 if m.gated else 2) * d.D * hidden
+
+
 def ffn(m: ModelSpec, d, hidden):
-    """One FFN d_model -> hidden -> d_model: gated (three matrices) or plain (two)."""
-    matrices = 3 if m.gated else 2
-    weights = matrices * d.D * hidden
-    biases = ((matrices - 1) * hidden + d.D) if m.mlp_bias else 0
-    return weights + biases
+    """One FFN: its matrices and, with `mlp_bias`, a bias on each."""
+    biases = ((2 if m.gated else 1) * hidden + d.D) if m.mlp_bias else 0
+    return ffn_matrices(m, d, hidden) + biases
+
+
+def mla_down_projections(m: ModelSpec, d):
+    """MLA's down-projections to its q latent (with q_lora_rank) and to its kv latent + rope key."""
+    return (d.D * d.r_q if m.attention.q_lora_rank else 0) + d.D * (d.r_kv + d.d_rope)
+
+
+def attention_matrices(m: ModelSpec, d):
+    """The projection matrices of one block's attention (MHA/GQA: q, k, v, o; MLA: its low-rank pairs)."""
+    if m.attention.kind == "mla":
+        q_in = d.r_q if m.attention.q_lora_rank else d.D
+        up = q_in * d.H * (d.d_nope + d.d_rope) + d.r_kv * d.H * (d.d_nope + d.d_v)
+        return mla_down_projections(m, d) + up + d.H * d.d_v * d.D
+    return 2 * d.D * d.H * d.d_h + 2 * d.D * d.H_kv * d.d_h
 
 
 def attention(m: ModelSpec, d):
     """All attention projections of one block, their biases, MLA latent norms, qk-norm weights."""
+    out_bias = d.D if m.out_bias else 0
     if m.attention.kind == "mla":
-        qk_head = d.d_nope + d.d_rope
-        if m.attention.q_lora_rank:
-            q = d.D * d.r_q + norm(m, d.r_q) + d.r_q * d.H * qk_head
-        else:
-            q = d.D * d.H * qk_head
-        kv = d.D * (d.r_kv + d.d_rope) + norm(m, d.r_kv) + d.r_kv * d.H * (d.d_nope + d.d_v)
-        out = d.H * d.d_v * d.D + (d.D if m.out_bias else 0)
-        return q + kv + out
-    q = d.D * d.H * d.d_h + (d.H * d.d_h if m.qkv_bias else 0)
-    kv = 2 * (d.D * d.H_kv * d.d_h + (d.H_kv * d.d_h if m.qkv_bias else 0))
-    out = d.H * d.d_h * d.D + (d.D if m.out_bias else 0)
+        latent_norms = (norm(m, d.r_q) if m.attention.q_lora_rank else 0) + norm(m, d.r_kv)
+        return attention_matrices(m, d) + latent_norms + out_bias
+    qkv_bias = (d.H + 2 * d.H_kv) * d.d_h if m.qkv_bias else 0
     qk_norm = 2 * d.d_h if m.qk_norm else 0  # one RMSNorm weight each for q and k, shared by heads
-    return q + kv + out + qk_norm
+    return attention_matrices(m, d) + qkv_bias + out_bias + qk_norm
 
 
 def indexer(m: ModelSpec, d):
