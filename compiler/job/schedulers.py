@@ -48,8 +48,13 @@ def slurm_unreachable(stderr: str) -> bool:
 
 def run_slurm(argv: list[str]) -> subprocess.CompletedProcess:
     """Run a Slurm client (sbatch, sacct, scancel) for its output (text). Its stderr is kept for the
-    CalledProcessError it fails with, where llmc's error shows it; on success it is passed on."""
-    done = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    CalledProcessError it fails with, where llmc's error shows it; on success it is passed on.
+    A client that is not installed here is a UserError (the machine is not a Slurm login node)."""
+    try:
+        done = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    except FileNotFoundError:
+        raise UserError(f"{argv[0]} is not on PATH (is this a Slurm login node?): llmc submits Slurm jobs "
+                        "with sbatch and follows them with sacct and scancel") from None
     if done.returncode != 0:
         raise subprocess.CalledProcessError(done.returncode, argv, done.stdout, done.stderr)
     sys.stderr.write(done.stderr)
