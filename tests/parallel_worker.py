@@ -39,10 +39,13 @@ def parse():
 
 
 def _fsdp_group(module):
-    """FSDP2's parameter group of `module` (None: not an FSDP2 unit, or a `replicate` one)."""
+    """FSDP2's parameter group of `module`, a `fully_shard` or `replicate` unit (else None)."""
+    from torch.distributed._composable.replicate_with_fsdp import ReplicateModule, replicate
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
-    state = fully_shard.state(module) if isinstance(module, FSDPModule) else None
+    if not isinstance(module, FSDPModule):
+        return None
+    state = (replicate if isinstance(module, ReplicateModule) else fully_shard).state(module)
     return state._fsdp_param_group if state is not None else None
 
 

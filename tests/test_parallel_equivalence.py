@@ -49,7 +49,6 @@ LAYOUTS = {
 
 # Layouts whose measured model states are not all the plan's figures: which differ, and why.
 STATES = ("weights", "gradients", "optimizer")
-TP_LAYOUTS = ("tp2", "tp2_sp", "dp2_x_tp2", "dp2_x_tp2_fsdp", "pp2_x_tp2_sp")
 MEMORY_DIFFERS = {
     # the plan states the step's peak. FSDP2 keeps weights sharded at rest, which zero 1/2 hold
     # gathered through the step; and zero 1 (and every stage under pipelining) holds whole
@@ -59,9 +58,6 @@ MEMORY_DIFFERS = {
     "dp2_x_ep2_zero1": {"weights", "gradients"},
     "dp2_x_ep2_zero2": {"weights"},
     "dp2_x_pp2_fsdp": {"weights", "gradients"},
-    # TP keeps norms, MoE layers and MLA's down-projections replicated, the plan divides whole
-    # blocks (pp2_x_tp2_sp for that reason too; its pipeline stages are counted as in pp2_*)
-    **{name: set(STATES) for name in TP_LAYOUTS},
 }
 
 
@@ -96,12 +92,15 @@ def assert_states_match_plan(results, keys=STATES):
 def assert_peak_gradients_match_plan(results):
     """The most gradient bytes a rank held during the steps (sampled before each block's forward
     and backward) is the plan's figure. Where gradients are reduce-scattered every micro-batch
-    (zero 2/3 without pipelining, zero 1 over one micro-batch), some whole gradients also wait for their reduce-scatter, which
-    the plan counts as a temporary: the root unit's (its head's gradient comes first, its
-    reduce-scatter last) and the block's that just finished. The samples see part of them."""
+    (zero 2/3 without pipelining, zero 1 over one micro-batch), some whole gradients also wait
+    for their reduce-scatter, which the plan counts as a temporary: the root unit's (its head's
+    gradient comes first, its reduce-scatter last) and the block's that just finished. The
+    samples see part of them. So too FSDP2's replicate (zero 0 under TP), whose all-reduce of a
+    unit writes new gradients beside the accumulated ones."""
     for rank, r in enumerate(results):
         lay, planned = r["layout"], r["plan_bytes"]["gradients"]
-        if lay["pp"] == 1 and (lay["zero"] >= 2 or lay["zero"] == 1 and lay["grad_accum"] == 1):
+        by_unit = lay["zero"] >= 2 or lay["zero"] == 1 and lay["grad_accum"] == 1 or lay["zero"] == 0 and lay["tp"] > 1
+        if lay["pp"] == 1 and lay["dp"] > 1 and by_unit:
             root, block = r["unit_gradient_bytes"]
             assert planned <= r["peak_gradients"] <= planned + root + block, (rank, r["peak_gradients"], planned,
                                                                              root, block)
@@ -116,8 +115,7 @@ def test_layout_matches_single_process(name, reference, tmp_path):
     assert results[0]["layout"]["world_size"] == nproc
     assert_same_training(results, reference)
     assert_states_match_plan(results, [k for k in STATES if k not in MEMORY_DIFFERS.get(name, ())])
-    if name not in TP_LAYOUTS:  # (whose plan divides whole blocks, see above)
-        assert_peak_gradients_match_plan(results)
+    assert_peak_gradients_match_plan(results)
 
 
 def test_pipeline_model_states_match_plan_without_mtp(tmp_path):

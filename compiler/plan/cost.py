@@ -73,9 +73,11 @@ class RankWork:
 def step_time(work: list[RankWork], *, dp: int, tp: int, pp: int, ep: int, zero: int, micro_batch_size: int,
               grad_accum: int, seq_len: int, d_model: int, top_k: int, peak_flops: float, mfu: float,
               links: Links, world: int, grad_bytes: int, weight_bytes: int, activation_bytes: int = 2,
-              schedule: str = "1f1b", virtual_stages: int = 1, deferred: bool = True) -> StepTime:
+              schedule: str = "1f1b", virtual_stages: int = 1, deferred: bool = True,
+              expert_dp: int | None = None) -> StepTime:
     """Estimated seconds per step of one layout (see the module docstring); `deferred`: gradients
-    are reduced once per step, else every micro-batch (memory.Degrees.deferred)."""
+    are reduced once per step, else every micro-batch (memory.Degrees.deferred); `expert_dp`: the
+    ranks the routed experts' gradients are reduced over (memory.Degrees.expert_dp; default dp)."""
     tokens = micro_batch_size * seq_len
     activation = tokens * d_model * activation_bytes
     bw_tp, bw_ep = links.bandwidth(tp), links.bandwidth(ep)
@@ -93,7 +95,7 @@ def step_time(work: list[RankWork], *, dp: int, tp: int, pp: int, ep: int, zero:
             slot, comp_slot, tp_s, ep_s, pp_s = compute + t_tp + t_ep + t_pp, compute, t_tp, t_ep, t_pp
         grads = (w.dense_params / tp) * grad_bytes
         expert_grads = (w.expert_params / ep) * grad_bytes
-        edp = dp * tp // ep
+        edp = expert_dp or dp
         sync = ring_all_reduce_s(grads, dp, bw_dp) + ring_all_reduce_s(expert_grads, edp, bw_dp)
         reduce = (1 if deferred else grad_accum) * max(0.0, (sync / 2 if zero else sync) - 2 / 3 * compute)
         gather = (ring_gather_s(grads / grad_bytes * weight_bytes, dp, bw_dp)

@@ -188,7 +188,8 @@ class LayoutSearch:
                         self._reject("ep must divide dp x tp", f"ep={ep}, dp x tp={dp * tp}")
                         continue
                     edp = dp * tp // ep
-                    zeros = [par.zero] if par.zero != "auto" else ([0] if dp == 1 and edp == 1 else [0, 1, 2, 3])
+                    sharded = dp > 1 or (ep > 1 and edp > 1)  # anything for ZeRO to shard (Degrees.expert_dp)
+                    zeros = [par.zero] if par.zero != "auto" else ([0, 1, 2, 3] if sharded else [0])
                     per_rank = gb // dp
                     mbs_list = ([t.micro_batch_size] if t.micro_batch_size != "auto"
                                 else [b for b in divisors(per_rank) if b <= MAX_MICRO_BATCH])
@@ -228,7 +229,8 @@ class LayoutSearch:
                          mfu=self.spec.hardware.mfu, links=self.links, world=self.spec.world_size,
                          # gradients are reduced in fp32 (DDP's fp32 gradients, FSDP2's reduce dtype)
                          grad_bytes=4, weight_bytes=precision_bytes, activation_bytes=precision_bytes,
-                         schedule=deg.schedule, virtual_stages=deg.virtual_stages, deferred=deg.deferred)
+                         schedule=deg.schedule, virtual_stages=deg.virtual_stages, deferred=deg.deferred,
+                         expert_dp=deg.expert_dp)
         return _Fit(deg, time, worst, worst_rank, layers)
 
     def run(self) -> tuple[_Fit | None, list[_Fit], Search, _Fit | None]:

@@ -16,12 +16,15 @@ micro-batch's backward and keep fp32 shards, plus, as a temporary, the whole gra
 ZeRO 1 and 2 keep the weights gathered through the step, ZeRO 3 only the units at work. Under
 pipeline parallelism torch's schedules defer every FSDP2 stage's reduction to the step's last
 micro-batch and keep its weights gathered after their backward: every ZeRO stage holds the
-stage's whole weights and fp32 gradients. TP divides each block's weights
-(and the vocab-parallel embedding and head) by tp; PP gives each stage its blocks, the embedding
-(and learned positions) to the first stage, final norm + head + MTP to the last, which also keeps
-one copy of the embedding matrix when pp > 1 and MTP or a tied head reads it. Expert weights are
+stage's whole weights and fp32 gradients. TP divides the attention's per-head projections, dense
+FFNs, the vocab-parallel embedding and the head by tp, and replicates the rest (`tp_split`: norms,
+MLA's down-projections, the MoE FFN, row biases; MTP's eh_proj but under sequence parallelism).
+PP gives each stage its blocks, the embedding (and learned positions) to the first stage, final
+norm + head + MTP to the last, which also keeps one copy of the embedding matrix when pp > 1 and
+MTP or a tied head reads it. Expert weights are
 divided by ep and replicated (and ZeRO-sharded) over the expert-data-parallel group of dp*tp/ep
-ranks (ep is carved out of the dp x tp ranks).
+ranks (ep is carved out of the dp x tp ranks); without expert parallelism they are replicated over
+TP and sharded over dp like the rest of their block (`Degrees.expert_dp`).
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ from pydantic import BaseModel, Field
 
 from .activations import ACT, FP32, block_activations, block_bytes, recomputed, value_bytes
 from .hardware import lookup
-from .params import ParamCount, attention_matrices, block, ffn_matrices, mla_down_projections, norm, shapes
+from .params import (ParamCount, attention_matrices, block, ffn_column_biases, ffn_matrices, mla_down_projections,
+                     norm, qkv_biases, shapes)
 
 if TYPE_CHECKING:
     from ..spec import Spec
@@ -52,6 +56,19 @@ def model_state_bytes(params: float, *, dp: int, zero: int, weight: int = 2, opt
     return (params * weight / (dp if zero >= 3 and not pipelined else 1),
             params * FP32 / (1 if deferred else dp),
             params * optimizer / dp)
+
+
+def tp_split(m, d, moe_layer: bool) -> int:
+    """Parameters of one block that tensor parallelism splits (runtime/parallel/tensor.py): the
+    attention's per-head projections (q, k, v, o; MLA's up-projections and o) with their column
+    biases, and a dense FFN's matrices with their column biases. It replicates the rest: norms,
+    qk-norm, MLA's down-projections and latent norms, the row layers' biases (o, w2) and the whole
+    MoE FFN, whose routed experts expert parallelism splits instead."""
+    down = mla_down_projections(m, d) if m.attention.kind == "mla" else 0
+    split = attention_matrices(m, d) - down + qkv_biases(m, d)
+    if not moe_layer:
+        split += ffn_matrices(m, d, d.F) + ffn_column_biases(m, d, d.F)
+    return split
 
 
 def autocast_copies(m, d, moe_layer: bool, precision: str) -> tuple[int, int, int]:
@@ -95,14 +112,21 @@ class Degrees:
         """Gradients are reduced once, at the step's last micro-batch (DDP; ZeRO-1 over several
         micro-batches; every ZeRO stage under pipelining), rather than unit by unit in every
         micro-batch's backward (ZeRO-2 and 3, and ZeRO-1 over one micro-batch)."""
-        if self.dp == 1 and self.edp == 1:
+        if self.dp == 1 and self.expert_dp == 1:
             return True  # no data parallelism
         return self.zero == 0 or self.pp > 1 or (self.zero == 1 and self.grad_accum > 1)
 
     @property
     def edp(self) -> int:
-        """Expert-data-parallel degree: replicas of each expert."""
+        """Expert-data-parallel degree: replicas of each expert shard (ep is carved out of dp x tp)."""
         return self.dp * self.tp // self.ep
+
+    @property
+    def expert_dp(self) -> int:
+        """Ranks over which data parallelism reduces (and ZeRO shards) the routed experts: the edp
+        group under expert parallelism; without it the dp group, as for the rest of the block
+        (the ranks of a TP group run the same replicated MoE)."""
+        return self.edp if self.ep > 1 else self.dp
 
 
 @dataclass(frozen=True)
@@ -115,6 +139,7 @@ class RankShare:
     expert: int                # routed-expert parameters
     first: bool                # holds the embedding
     last: bool                 # holds final norm, head, MTP (and the embedding copy they read)
+    replicated: int            # dense parameters TP replicates (MTP's eh_proj aside: split under SP only)
     unit_dense: int            # the biggest block FSDP gathers at once (its dense part)
     unit_expert: int           #   and its routed experts
     root_dense: int            # the chunks' root FSDP units: embedding, final norm, head (and copy)
@@ -202,23 +227,28 @@ class TrainMemoryModel:
         kinds = {False: block(m, d, False)}
         if m.moe:
             kinds[True] = block(m, d, True)
-        self.layer_dense, self.layer_expert, self.layer_act = [], [], []
+        self.layer_dense, self.layer_expert, self.layer_replicated, self.layer_act = [], [], [], []
         acts = {k: block_activations(m, k, precision=t.precision) for k in kinds}
         copies = {k: autocast_copies(m, d, k, t.precision) for k in kinds}
         for i in range(m.n_layers):
             moe = m.is_moe_layer(i)
             self.layer_dense.append(sum(kinds[moe].values()) - kinds[moe]["experts"])
             self.layer_expert.append(kinds[moe]["experts"])
+            self.layer_replicated.append(self.layer_dense[-1] - tp_split(m, d, moe))
             self.layer_act.append(acts[moe])
         self.mtp_act = [acts[m.is_moe_layer(m.n_layers + k)] for k in range(m.mtp.depth)]
+        mtp_expert = sum(kinds[True]["experts"] for k in range(m.mtp.depth) if m.is_moe_layer(m.n_layers + k))
+        self.mtp_dense, self.mtp_expert = p.mtp - mtp_expert, mtp_expert
+        self.eh_proj = m.mtp.depth * 2 * self.h ** 2
+        self.mtp_replicated = self.mtp_dense - self.eh_proj - sum(tp_split(m, d, m.is_moe_layer(m.n_layers + k))
+                                                                  for k in range(m.mtp.depth))
         # autocast copies of each block (MTP blocks numbered after the layers), and of the head
         # and MTP's eh_proj (2d -> d), which stay bf16 under fp8 too
         self.block_copies = [copies[m.is_moe_layer(i)] for i in range(m.n_layers + m.mtp.depth)]
         cast = t.precision != "fp32"
-        self.head_copy, self.eh_proj_copies = cast * self.V * self.h, cast * m.mtp.depth * 2 * self.h ** 2
-        mtp_expert = sum(kinds[True]["experts"] for k in range(m.mtp.depth) if m.is_moe_layer(m.n_layers + k))
-        self.mtp_dense, self.mtp_expert = p.mtp - mtp_expert, mtp_expert
+        self.head_copy, self.eh_proj_copies = cast * self.V * self.h, cast * self.eh_proj
         self.embedding = p.components["embedding"] + p.components["positions"]
+        self.positions = p.components["positions"]
         self.final_norm = norm(m, m.d_model)
         self.head = p.components["head"]
         # what the last stage adds when it is not the first: MTP embeds the next tokens and a tied
@@ -238,23 +268,26 @@ class TrainMemoryModel:
         n = len(assignment)
         out = []
         for rank in range(pp):
-            dense = expert = unit_d = unit_e = roots = 0
+            dense = expert = replicated = unit_d = unit_e = roots = 0
             for i in range(rank, n, pp):
                 layers = assignment[i]
                 dense += sum(self.layer_dense[j] for j in layers)
                 expert += sum(self.layer_expert[j] for j in layers)
+                replicated += sum(self.layer_replicated[j] for j in layers)
                 unit_d = max([unit_d] + [self.layer_dense[j] for j in layers])
                 unit_e = max([unit_e] + [self.layer_expert[j] for j in layers])
-                if i == 0:
+                if i == 0:  # the vocabulary-parallel embedding; learned positions replicated
                     dense += self.embedding
+                    replicated += self.positions
                     roots += self.embedding
                 if i == n - 1:
                     copy = self.embedding_copy if pp > 1 else 0
                     dense += self.final_norm + self.head + copy + self.mtp_dense
                     expert += self.mtp_expert
+                    replicated += self.final_norm + self.mtp_replicated
                     roots += self.final_norm + self.head + copy
             out.append(RankShare(rank, tuple(tuple(assignment[i]) for i in range(rank, n, pp)), dense, expert,
-                                 rank == 0, (n - 1) % pp == rank, unit_d, unit_e, roots))
+                                 rank == 0, (n - 1) % pp == rank, replicated, unit_d, unit_e, roots))
         return out
 
     def in_flight(self, deg: Degrees, rank: int) -> list[float]:
@@ -274,12 +307,14 @@ class TrainMemoryModel:
     def rank_bytes(self, deg: Degrees, share: RankShare) -> tuple[float, ...]:
         """(weights, gradients, optimizer, activations, temporary, overhead, peak, in-flight) of one rank."""
         tp, ep = deg.tp, deg.ep
-        dense, expert = share.dense / tp, share.expert / ep
+        # TP splits the dense parameters but those it replicates (MTP's eh_proj split under SP only)
+        replicated = share.replicated + (self.eh_proj if share.last and not deg.sequence_parallel else 0)
+        dense, expert = (share.dense - replicated) / tp + replicated, share.expert / ep
         pipelined = deg.pp > 1
         states = dict(zero=deg.zero, weight=self.bytes_w, optimizer=self.bytes_o,
                       pipelined=pipelined, deferred=deg.deferred)
         wd, gd, od = model_state_bytes(dense, dp=deg.dp, **states)
-        we, ge, oe = model_state_bytes(expert, dp=deg.edp, **states)
+        we, ge, oe = model_state_bytes(expert, dp=deg.expert_dp, **states)
         chunks, working = self._activations(deg, share)
         counts = self.in_flight(deg, share.rank)
         act = sum(n * saved for n, saved in zip(counts, chunks))
@@ -293,6 +328,10 @@ class TrainMemoryModel:
             # copy to reduce): the root unit's, whose head gradient comes first and is reduced
             # last, and the block's that has just finished its backward
             temporary += (root + block) * (self.bytes_w + (FP32 if self.bytes_w != FP32 else 0))
+        elif deg.zero == 0 and tp > 1 and deg.dp > 1 and not pipelined:
+            # FSDP2's replicate (ZeRO-0 under TP) all-reduces unit by unit at the step's last
+            # micro-batch, into new fp32 gradients beside the ones accumulated
+            temporary += (root + block) * FP32
         if deg.zero >= 3 and not pipelined:  # gathered weights: the root (kept), this block and the next
             temporary += (root + 2 * block) * self.bytes_w
         overhead = self.reserve * self.capacity
@@ -311,7 +350,7 @@ class TrainMemoryModel:
         # replicated weights stay fp32, and each micro-batch's forward saves autocast's bf16
         # copies of them; FSDP2 gathers bf16 weights (its experts' only where it shards them)
         fp32_dense = deg.zero == 0 or deg.dp == 1
-        fp32_experts = fp32_dense or (deg.ep > 1 and deg.edp == 1)
+        fp32_experts = fp32_dense or deg.expert_dp == 1
         key = (deg.tp, deg.ep, deg.sequence_parallel, deg.micro_batch_size, share.chunks, share.last,
                fp32_dense, fp32_experts)
         if key in self._cache:

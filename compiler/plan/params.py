@@ -77,10 +77,19 @@ def ffn_matrices(m: ModelSpec, d, hidden):
     return (3 if m.gated else 2) * d.D * hidden
 
 
+def ffn_column_biases(m: ModelSpec, d, hidden):
+    """With `mlp_bias`, the biases of an FFN's layers into its hidden width (w1, and w3 when gated)."""
+    return (2 if m.gated else 1) * hidden if m.mlp_bias else 0
+
+
 def ffn(m: ModelSpec, d, hidden):
-    """One FFN: its matrices and, with `mlp_bias`, a bias on each."""
-    biases = ((2 if m.gated else 1) * hidden + d.D) if m.mlp_bias else 0
-    return ffn_matrices(m, d, hidden) + biases
+    """One FFN: its matrices and, with `mlp_bias`, a bias on each (w2's of d_model)."""
+    return ffn_matrices(m, d, hidden) + ffn_column_biases(m, d, hidden) + (d.D if m.mlp_bias else 0)
+
+
+def qkv_biases(m: ModelSpec, d):
+    """With `qkv_bias`, the biases of MHA/GQA's q, k and v projections (MLA has none)."""
+    return (d.H + 2 * d.H_kv) * d.d_h if m.qkv_bias and m.attention.kind != "mla" else 0
 
 
 def mla_down_projections(m: ModelSpec, d):
@@ -103,9 +112,8 @@ def attention(m: ModelSpec, d):
     if m.attention.kind == "mla":
         latent_norms = (norm(m, d.r_q) if m.attention.q_lora_rank else 0) + norm(m, d.r_kv)
         return attention_matrices(m, d) + latent_norms + out_bias
-    qkv_bias = (d.H + 2 * d.H_kv) * d.d_h if m.qkv_bias else 0
     qk_norm = 2 * d.d_h if m.qk_norm else 0  # one RMSNorm weight each for q and k, shared by heads
-    return attention_matrices(m, d) + qkv_bias + out_bias + qk_norm
+    return attention_matrices(m, d) + qkv_biases(m, d) + out_bias + qk_norm
 
 
 def indexer(m: ModelSpec, d):
