@@ -31,7 +31,8 @@ def test_compile_writes_every_file(tmp_path):
     assert role["resource"]["cpu"] == 2 and role["resource"]["memMB"] == 3 * 1024 and role["resource"]["gpu"] == 0
     args = role["args"]
     assert args[args.index("--nproc_per_node") + 1] == "2"
-    assert args[-4:] == ["--plan", "out/plan.json", "--out", "runs/tiny"]
+    # job.retries = 1: a restart continues the job's own run, named by TorchX's app id (test_job_retries_resume)
+    assert args[-6:] == ["--plan", "out/plan.json", "--out", "runs/tiny", "--job-id", "${app_id}"]
 
 
 def test_sbatch_script_carries_the_plan_and_the_job_table(tmp_path):

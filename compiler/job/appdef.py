@@ -118,11 +118,15 @@ def relative_path(path: str) -> str:
     return "./" + path if path.startswith("-") else path
 
 
-def torchrun_args(layout: Layout, plan_path: str, run_dir: str, resume: bool = False) -> list[str]:
+def torchrun_args(layout: Layout, plan_path: str, run_dir: str, resume: bool = False,
+                  restartable: bool = False) -> list[str]:
     """Arguments after the interpreter: torchrun, then the training entry.
 
     One node: an agent-local store on a free port (localhost:0). Several nodes: the endpoint comes
     from the environment at launch (see RENDEZVOUS_SCRIPT), so --rdzv_endpoint is omitted here.
+    `restartable` (job.retries > 0): the scheduler re-runs this same command after a failure, so
+    the entry is given the job's id (the same in every attempt): an attempt continues from the
+    checkpoints an earlier attempt of this job wrote, and refuses another run's.
     """
     args = ["-m", "torch.distributed.run",
             "--nnodes", str(layout.nodes), "--nproc_per_node", str(layout.procs_per_node),
@@ -130,7 +134,8 @@ def torchrun_args(layout: Layout, plan_path: str, run_dir: str, resume: bool = F
     if layout.nodes == 1:
         args += ["--rdzv_endpoint", "localhost:0"]
     args += ["-m", ENTRY_MODULE, "--plan", relative_path(plan_path), "--out", relative_path(run_dir)]
-    return args + (["--resume"] if resume else [])
+    return (args + (["--resume"] if resume else [])
+            + (["--job-id", specs.macros.app_id] if restartable else []))
 
 
 def build_appdef(plan: dict, scheduler: str, plan_path: str, run_dir: str,
@@ -155,7 +160,7 @@ def build_appdef(plan: dict, scheduler: str, plan_path: str, run_dir: str,
            "LOGLEVEL": "WARNING"}
     env.update(spec.job.env)  # the spec wins
 
-    command = [python] + torchrun_args(layout, plan_path, run_dir, resume)
+    command = [python] + torchrun_args(layout, plan_path, run_dir, resume, restartable=spec.job.retries > 0)
     if layout.nodes == 1:
         entrypoint, args = command[0], command[1:]
     else:

@@ -42,7 +42,10 @@ class JobSpec(Table):
                                                   "lowercase letters, digits and '-' (at most 63).")
     time_limit: int = Field(0, ge=0, description="Wall-clock limit (minutes; 0 = none).")
     retries: int = Field(0, ge=0, le=100, description="Restarts after a failure (count): Slurm requeues the job, "
-                                                      "Volcano restarts it; the local scheduler does not "
+                                                      "Volcano restarts it, and a restarted attempt continues from "
+                                                      "the newest complete checkpoint the job wrote (checkpoints of "
+                                                      "another run are refused; `llmc run --resume` continues "
+                                                      "them); the local scheduler does not restart "
                                                       "(TorchX's local scheduler has no retries).")
     env: dict[str, str] = Field(default_factory=dict, description="Environment variables of every process.")
     mounts: list[MountSpec] = Field(default_factory=list, description="Host paths mounted into the job.")
