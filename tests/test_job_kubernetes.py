@@ -177,3 +177,53 @@ def test_job_namespace_defaults_to_default():
     from llmc.compiler.spec.job import JobSpec
     assert JobSpec().namespace == "default"
     assert JobSpec(namespace="a" * 63).namespace == "a" * 63
+
+
+# TorchX's UserWarning for a Volcano Job with retries, which Python printed over four lines with
+# TorchX's file and source line; what llmc says instead, once per command, in one line.
+VOLCANO_RETRIES_WARNING = ("warning: TorchX: Role tiny configured with restarts: 2. As of 1.4.0 Volcano does NOT "
+                           "support retries correctly. More info: https://github.com/volcano-sh/volcano/issues/1651")
+
+
+def warning_lines(stderr: str) -> list[str]:
+    assert "UserWarning" not in stderr and "warnings.warn" not in stderr and ".py:" not in stderr, stderr
+    return [line for line in stderr.splitlines() if "Volcano" in line]
+
+
+def test_volcano_retries_warning_is_one_line(tmp_path, api_server):
+    retries = [*SPEC, "--set", "job.retries=2"]   # two nodes: TorchX warns for each of the two tasks
+    result = llmc("compile", TINY, "-o", "build", *retries, "--set", "job.scheduler=kubernetes", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert warning_lines(result.stderr) == [VOLCANO_RETRIES_WARNING]
+    result = llmc("run", TINY, "--scheduler", "kubernetes", "--dryrun", *retries, cwd=tmp_path)
+    assert result.returncode == 0 and warning_lines(result.stderr) == [VOLCANO_RETRIES_WARNING], result.stderr
+    # compiled, then submitted (TorchX builds the Volcano Job again): said once
+    result = llmc("run", TINY, "--scheduler", "kubernetes", "--no-follow", *retries, cwd=tmp_path,
+                  env={"KUBECONFIG": str(tmp_path / "kubeconfig")})
+    assert result.returncode == 0 and warning_lines(result.stderr) == [VOLCANO_RETRIES_WARNING], result.stderr
+    (job,) = api_server.volcano_jobs().values()
+    assert job["spec"]["maxRetry"] == 2
+
+
+def test_volcano_retries_warning_only_for_a_kubernetes_job_with_retries(tmp_path):
+    result = llmc("compile", TINY, "-o", "build", *SPEC, "--set", "job.scheduler=kubernetes", cwd=tmp_path)
+    assert result.returncode == 0 and warning_lines(result.stderr) == [], result.stderr   # no retries
+    # A Slurm job (job.image its working folder) with retries: the Volcano Job is compiled beside it.
+    slurm_job = ["--set", "job.retries=2", "--set", f"job.image={tmp_path}", "--set", "job.scheduler=slurm"]
+    result = llmc("compile", TINY, "-o", "build", *slurm_job, cwd=tmp_path)
+    assert result.returncode == 0 and (tmp_path / "build" / "kubernetes.volcano.yaml").is_file(), result.stderr
+    assert warning_lines(result.stderr) == [], result.stderr
+
+
+def test_other_warnings_are_shown_as_ever(capsys):
+    import warnings
+
+    from llmc.compiler.job.schedulers import volcano_retries_warning
+    with pytest.warns(DeprecationWarning, match="something else") as shown:
+        with volcano_retries_warning(shown=True):
+            warnings.warn("\nRole r configured with restarts: 1. As of 1.4.0 Volcano\n"
+                          "does NOT support retries correctly. More info: https://example/1\n    ")
+            warnings.warn("something else", DeprecationWarning)
+    assert [str(w.message) for w in shown] == ["something else"]
+    assert capsys.readouterr().err == ("warning: TorchX: Role r configured with restarts: 1. As of 1.4.0 Volcano "
+                                       "does NOT support retries correctly. More info: https://example/1\n")

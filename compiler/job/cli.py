@@ -22,7 +22,7 @@ from ..spec import load_spec
 from . import track
 from .emit import REQUEST_FILES, compile_job, workdir_of
 from .follow import follow, print_logs, print_report
-from .schedulers import BACKENDS, SESSION, make_runner, slurm_unreachable, torchx_scheduler
+from .schedulers import BACKENDS, SESSION, make_runner, slurm_unreachable, torchx_scheduler, volcano_retries_warning
 
 
 def compile_main(args) -> int:
@@ -93,8 +93,9 @@ def run_main(args) -> int:
 
 
 def _submit(runner, app, scheduler: str, cfg: dict) -> str:
-    """Submit through TorchX; a scheduler that refuses or cannot be reached is the user's to fix."""
-    with _scheduler_errors(f"submitting to {scheduler}"):
+    """Submit through TorchX; a scheduler that refuses or cannot be reached is the user's to fix.
+    (TorchX's Volcano retries warning was said when the job was compiled.)"""
+    with _scheduler_errors(f"submitting to {scheduler}"), volcano_retries_warning(shown=False):
         return runner.run(app, scheduler, cfg=cfg)
 
 

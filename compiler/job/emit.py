@@ -26,7 +26,7 @@ from ..errors import UserError
 from ..plan import build_plan
 from ..spec import Spec, spec_to_toml
 from .appdef import SCHEDULERS, build_appdef, layout_of, node_resources
-from .schedulers import make_runner, scheduler_cfg, torchx_scheduler
+from .schedulers import make_runner, scheduler_cfg, torchx_scheduler, volcano_retries_warning
 
 REQUEST_FILES = {"local": "local.request.txt", "slurm": "slurm.sbatch.sh", "kubernetes": "kubernetes.volcano.yaml"}
 
@@ -105,7 +105,8 @@ def _render_request(runner, job: CompiledJob, scheduler: str) -> str:
             raise UserError('the Kubernetes scheduler needs the kubernetes client: pip install "torchx[kubernetes]"'
                             ) from None
     app = build_appdef(job.plan, scheduler, job.plan_path, job.run_dir, resume=job.resume)
-    with _warnings_of_torchx_local(shown=scheduler == job.scheduler):
+    shown = scheduler == job.scheduler
+    with _warnings_of_torchx_local(shown), volcano_retries_warning(shown):
         info = runner.dryrun(app, torchx_scheduler(job.spec, scheduler), cfg=job.cfg(scheduler))
     if scheduler == "slurm":
         request = info.request

@@ -7,6 +7,7 @@ Volcano-based Kubernetes scheduler (stopping where no cluster is configured).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import json
@@ -172,6 +173,26 @@ class KubernetesSchedulerFixed(KubernetesScheduler):
                 raise UserError(f"no Kubernetes cluster to talk to ({warning.message}); "
                                 "KUBECONFIG or ~/.kube/config names one")
         return api_client
+
+
+@contextlib.contextmanager
+def volcano_retries_warning(shown: bool):
+    """TorchX warns, as it builds a Volcano Job with retries (once per task), that Volcano as of 1.4.0
+    does not support retries correctly: a UserWarning of several lines, printed with TorchX's source
+    line. Within this block it is said once as one `warning:` line (`shown`), or not at all (a job
+    for another scheduler, or a submission after the compile said it); other warnings show as ever."""
+    with warnings.catch_warnings(record=True) as caught:
+        yield
+    said = {}
+    for warning in caught:
+        text = " ".join(str(warning.message).split())
+        if issubclass(warning.category, UserWarning) and "Volcano does NOT support retries correctly" in text:
+            said[text] = None
+        else:
+            warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno,
+                                 warning.file, warning.line)
+    for text in said if shown else ():
+        print(f"warning: TorchX: {text}", file=sys.stderr)
 
 
 def _create_kubernetes(session_name: str, **_: Any) -> KubernetesSchedulerFixed:
