@@ -1,5 +1,6 @@
 """The folders commands write their results into: `llmc quantize`, `export hf` and `import hf`
-(`-o OUT`), and `data prepare` (the cache folder of the prepared data).
+(`-o OUT`), and `data prepare` (the cache folder of the prepared data); and a run directory's
+complete checkpoints (`checkpoints`), which `llmc run` also checks before it submits a job.
 
 `output_folder` refuses an `-o` that would replace or mix with other files; `staged_folder` writes
 through a temporary sibling, so that a command that fails or is killed midway never leaves a
@@ -80,3 +81,22 @@ def _running(pid: int) -> bool:
     except PermissionError:  # another user's process
         pass
     return True
+
+
+def checkpoints(run_dir) -> list[Path]:
+    """The complete checkpoints of a run directory (RUN_DIR/checkpoints/step-N), oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.glob("step-*") if is_checkpoint(p))
+
+
+def latest_checkpoint(run_dir) -> Path | None:
+    found = checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def is_checkpoint(path) -> bool:
+    """`path` is a complete checkpoint folder: RUN_DIR/checkpoints/step-N with its meta.json (an
+    unfinished one is written under a temporary name, runtime/train/checkpoint.py)."""
+    return Path(path).name.startswith("step-") and (Path(path) / "meta.json").is_file()

@@ -55,6 +55,7 @@ def run_main(args) -> int:
             print((job.out / REQUEST_FILES[scheduler]).read_text(encoding="utf-8"))
         return 0
 
+    _check_fresh(run_dir, scheduler, args.resume)
     job = compile_job(spec, run_dir / "job", scheduler=scheduler, spec_path=args.spec, overrides=args.overrides,
                       resume=args.resume)
     if scheduler in job.unavailable:
@@ -90,6 +91,17 @@ def run_main(args) -> int:
         print_report(run_dir)
         return 0
     return 1
+
+
+def _check_fresh(run_dir: Path, scheduler: str, resume: bool) -> None:
+    """Refuse to submit a job whose run directory, on this machine's file system (local and Slurm
+    jobs run where they are submitted from), holds checkpoints of a run, unless it is to continue
+    them: the job itself would refuse (runtime/entry.py), after waiting in the queue."""
+    from ...runtime.folders import checkpoints  # (torch-free)
+
+    if scheduler != "kubernetes" and not resume and checkpoints(run_dir):
+        raise UserError(f"{run_dir} already holds checkpoints of a run: pass --resume to continue it, "
+                        "or set job.name (or job.out_dir) for a new run directory")
 
 
 def _submit(runner, app, scheduler: str, cfg: dict) -> str:

@@ -25,6 +25,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from ..parallel.checkpoint import load_train_state_dict, train_state_dict
 
 from ...compiler.errors import UserError
+from ..folders import checkpoints, is_checkpoint, latest_checkpoint  # noqa: F401  (read from here too)
 from .distributed import DistEnv, all_reduce_sum
 
 # Keys a resumed run may change: budget, cadence, logging, compilation, launch settings, and the
@@ -52,24 +53,6 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-
-
-def checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
-    root = Path(run_dir) / "checkpoints"
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.glob("step-*") if is_checkpoint(p))
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    found = checkpoints(run_dir)
-    return found[-1] if found else None
-
-
-def is_checkpoint(path: Path) -> bool:
-    """`path` is a complete checkpoint folder (RUN_DIR/checkpoints/step-N)."""
-    return Path(path).name.startswith("step-") and (Path(path) / "meta.json").is_file()
 
 
 # What meta.json records that a reader needs (plan_hash may be null: a plan without a spec hash).
