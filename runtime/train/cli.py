@@ -41,6 +41,7 @@ def _finished(run_dir: Path, step: int) -> bool:
 def main(args) -> int:
     from ...compiler.plan import build_plan
     from ..data.prepare import prepare, summary
+    from ..data.wording import counted
     from .checkpoint import check_resumable, checkpoints, latest_checkpoint
 
     spec = _spec_for(args)
@@ -54,7 +55,7 @@ def main(args) -> int:
         if ckpt is None:
             print(f"no complete checkpoint in {run_dir}: starting from step 0", file=sys.stderr)
         elif (step := check_resumable(ckpt, plan, spec.train.steps)) == spec.train.steps and _finished(run_dir, step):
-            print(f"{run_dir} has finished its {spec.train.steps} steps ({ckpt.name}): nothing to train; "
+            print(f"{run_dir} has finished its {counted(spec.train.steps, 'step')} ({ckpt.name}): nothing to train; "
                   "raise train.max_steps to continue it", file=sys.stderr)
             return 0
     elif checkpoints(run_dir):
