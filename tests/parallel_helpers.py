@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -22,27 +23,81 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_worker(out: Path, nproc: int, layout: dict | None = None, sets: list[str] = (), extra: list[str] = (),
-               timeout: float = 300) -> list[dict]:
-    """Run the worker on `nproc` ranks (plain python for one) and return each rank's result.
-
-    Without `layout` the worker takes the planner's layout for the spec with `sets` (e.g.
-    "parallel.dp=2"); with it, that layout directly."""
+def worker_args(out: Path, layout: dict | None = None, sets: list[str] = (), extra: list[str] = ()) -> list[str]:
+    """The worker's arguments for one run. Without `layout` the worker takes the planner's layout
+    for the spec with `sets` (e.g. "parallel.dp=2"); with it, that layout directly."""
     args = ["--spec", SPEC, "--out", str(out)]
     if layout is not None:
         args += ["--layout", json.dumps(layout)]
     for s in [*SETS, *sets]:
         args += ["--set", s]
-    args += list(extra)
+    return args + list(extra)
+
+
+def _launch(nproc: int, args: list[str], timeout: float) -> subprocess.CompletedProcess:
     if nproc == 1:
         cmd = [sys.executable, str(WORKER), *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
                "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(WORKER), *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def _results(out: Path, nproc: int) -> list[dict]:
     return [torch.load(out / f"rank{r}.pt") for r in range(nproc)]
+
+
+def run_worker(out: Path, nproc: int, layout: dict | None = None, sets: list[str] = (), extra: list[str] = (),
+               timeout: float = 300) -> list[dict]:
+    """Run the worker on `nproc` ranks (plain python for one) and return each rank's result."""
+    proc = _launch(nproc, worker_args(out, layout, sets, extra), timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return _results(out, nproc)
+
+
+class Batch:
+    """Several worker runs on the same number of ranks, done by one launch of the worker (each
+    rank imports torch once): `batch[name]` is that run's per-rank results, or fails the calling
+    test with the run's error (a failed run stops the launch: the runs after it are not done)."""
+
+    def __init__(self, root: Path, nproc: int, runs: dict[str, dict], timeout: float = 900):
+        root.mkdir(parents=True, exist_ok=True)
+        self.outs = {name: root / name for name in runs}
+        listing = root / "batch.json"
+        listing.write_text(json.dumps([worker_args(self.outs[name], **run) for name, run in runs.items()]))
+        self.nproc, self.proc = nproc, _launch(nproc, ["--batch", str(listing)], timeout)
+
+    def __getitem__(self, name: str) -> list[dict]:
+        out = self.outs[name]
+        if all((out / f"rank{r}.pt").is_file() for r in range(self.nproc)):
+            return _results(out, self.nproc)
+        errors = "".join(e.read_text() for e in sorted(out.glob("error*.txt")))
+        detail = errors or (f"not run: an earlier run of the batch failed\n" if self.proc.returncode else "")
+        pytest.fail(f"{name} on {self.nproc} ranks: {detail}{self.proc.stdout[-2000:]}{self.proc.stderr[-3000:]}")
+
+
+class Batches:
+    """Named worker runs {name: (nproc, worker_args' keywords)}, launched a Batch per number of
+    ranks when one of its runs is first asked for (after every run of `after`, whose outputs they
+    may read)."""
+
+    def __init__(self, root: Path, runs: dict[str, tuple[int, dict]], after: "Batches | None" = None):
+        self.root, self.runs, self.after, self.batches = root, runs, after, {}
+
+    def __getitem__(self, name: str) -> list[dict]:
+        return self._batch(self.runs[name][0])[name]
+
+    def _batch(self, nproc: int) -> Batch:
+        if nproc not in self.batches:
+            if self.after is not None:
+                self.after.launch_all()
+            same = {n: run for n, (k, run) in self.runs.items() if k == nproc}
+            self.batches[nproc] = Batch(self.root / f"ranks{nproc}", nproc, same)
+        return self.batches[nproc]
+
+    def launch_all(self) -> None:
+        for nproc in sorted({k for k, _ in self.runs.values()}):
+            self._batch(nproc)
 
 
 def merged_state(results: list[dict]) -> dict:

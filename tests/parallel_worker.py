@@ -11,6 +11,9 @@ pipeline stage}.
 Every rank reads the same global batch; data-parallel rank d takes micro-batches
 d*accum .. d*accum+accum-1 of it, so one process with accum' = dp*accum sees the same
 micro-batches in the same grouping.
+
+With `--batch FILE` the processes do several runs one after another (parallel_helpers.run_workers):
+each rank's start, torch's import, costs seconds, more than a tiny run's training.
 """
 
 import argparse
@@ -22,9 +25,13 @@ import torch
 import torch.distributed as dist
 
 
-def parse():
+def parse(argv=None):
     ap = argparse.ArgumentParser()
-    ap.add_argument("--spec", required=True)
+    ap.add_argument("--batch", default=None,
+                    help="a JSON file listing the argument lists of several runs, done one after another "
+                         "in these processes (each its own meshes, model and results); the other "
+                         "arguments are then not given")
+    ap.add_argument("--spec")
     ap.add_argument("--set", action="append", default=[])
     ap.add_argument("--layout", default=None, help="JSON layout (dp, tp, pp, ep, zero, ...) instead of the plan's")
     ap.add_argument("--steps", type=int, default=3)
@@ -32,10 +39,13 @@ def parse():
     ap.add_argument("--micro", type=int, default=2, help="micro-batch size")
     ap.add_argument("--n-micro", type=int, default=4, help="micro-batches in the global batch")
     ap.add_argument("--seq", type=int, default=16)
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out")
     ap.add_argument("--save-dcp", default=None, help="save a DCP checkpoint (model + optimizer) here at the end")
     ap.add_argument("--load-dcp", default=None, help="load a DCP checkpoint before training")
-    return ap.parse_args()
+    args = ap.parse_args(argv)
+    if args.batch is None and not (args.spec and args.out):
+        ap.error("--spec and --out are required (or --batch)")
+    return args
 
 
 def _fsdp_group(module):
@@ -127,13 +137,44 @@ def validation_loss(pipe, model, samples, micro: int) -> float:
 def main():
     args = parse()
     torch.set_num_threads(1)
+    from llmc.runtime.parallel import init_distributed
+
+    init_distributed(timeout_s=120)
+    if args.batch is None:
+        run(args)
+    else:  # one process start (torch's import: seconds a rank) for many runs
+        with open(args.batch) as f:
+            batch = json.load(f)
+        for argv in batch:
+            run_args = parse(argv)
+            try:
+                run(run_args)
+            except BaseException:
+                # the other ranks may wait in a collective: stop them all (torchrun ends the job),
+                # with what went wrong beside the run's results
+                import traceback
+                os.makedirs(run_args.out, exist_ok=True)
+                rank = dist.get_rank() if dist.is_initialized() else 0
+                with open(os.path.join(run_args.out, f"error{rank}.txt"), "w") as f:
+                    f.write(traceback.format_exc())
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(1)
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0)
+
+
+def run(args):
+    """One run: train under its layout, write OUT/rank{r}.pt."""
     from llmc.compiler.spec import load_spec
     from llmc.runtime.model import Transformer
     from llmc.runtime.parallel.data_parallel import micro_batch, zero_grad
-    from llmc.runtime.parallel import Layout, build_mesh, clip_grad_norm_, init_distributed, measure_state_bytes, \
-        parallelize, reduce_expert_counts
+    from llmc.runtime.parallel import Layout, build_mesh, clip_grad_norm_, measure_state_bytes, parallelize, \
+        reduce_expert_counts
 
-    init_distributed(timeout_s=120)
     world = dist.get_world_size() if dist.is_initialized() else 1
     plan_memory = plan_stages = None
     if args.layout is None:  # the planner's layout for these degrees, as a job would run it
@@ -232,10 +273,7 @@ def main():
                 "peak_gradients": peak["peak"], "unit_gradient_bytes": unit_gradient_bytes(raw),
                 "plan_memory": plan_memory, "plan_bytes": plan_bytes}, os.path.join(args.out, f"rank{rank}.pt"))
     if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-    sys.stdout.flush()
-    os._exit(0)
+        dist.barrier()  # every rank has written its results before the next run (or the end)
 
 
 if __name__ == "__main__":

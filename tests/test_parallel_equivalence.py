@@ -9,11 +9,14 @@ every weight (and routing-bias buffer) afterwards must equal the single-process 
 relative in fp32. The weights / gradients / optimizer bytes each rank holds, counted from its
 local shards, must equal the plan's figures for its pipeline stage (and the most loaded device's
 the plan reports).
+
+The runs of one world size share one launch of the worker (`RUNS`, parallel_helpers.Batches):
+a rank's start costs more than its training, so selecting one layout still runs its world size's.
 """
 
 import pytest
 
-from parallel_helpers import merged_state, relative_error, run_worker
+from parallel_helpers import Batches, merged_state, relative_error
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -61,9 +64,38 @@ MEMORY_DIFFERS = {
 }
 
 
+# GQA with learned absolute positions (MLA carries RoPE): under sequence parallelism pos_embed's
+# output is sliced over the sequence like the embedding's (on the first stage with pp)
+LEARNED_POSITIONS = ['model.attention.kind="gqa"', "model.n_kv_heads=2", 'model.positions="learned"']
+SEQUENCE_PARALLEL_LEARNED = {"tp2_sp": (2, degrees(tp=2, sequence_parallel=True)),
+                             "pp2_x_tp2_sp": (4, degrees(pp=2, tp=2, sequence_parallel=True))}
+
+# 8 ranks: pp 2 x dp 4 with ep 2, so each stage's experts are sharded over ep {0,1},{2,3} and
+# replicated (ZeRO-1: FSDP2-sharded) over edp {0,2},{1,3}; a global batch of 8 micro-batches of 1
+# gives each pipeline the 2 micro-batches 1F1B needs.
+EIGHT = ["--micro", "1", "--n-micro", "8"]
+
+RUNS = {  # name: (ranks, the worker's arguments)
+    "reference": (1, {"sets": degrees()}),
+    "reference_learned": (1, {"sets": degrees() + LEARNED_POSITIONS}),
+    "reference_eight": (1, {"sets": degrees(), "extra": EIGHT}),
+    **{name: (nproc, {"sets": sets}) for name, (nproc, sets) in LAYOUTS.items()},
+    "pp2_without_mtp": (2, {"sets": degrees(pp=2) + ["model.mtp.depth=0"]}),
+    **{f"{name}_learned": (nproc, {"sets": sets + LEARNED_POSITIONS})
+       for name, (nproc, sets) in SEQUENCE_PARALLEL_LEARNED.items()},
+    **{f"pp2_dp4_ep2_zero{zero}": (8, {"sets": degrees(dp=4, pp=2, ep=2, zero=zero), "extra": EIGHT})
+       for zero in (0, 1)},
+}
+
+
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    return run_worker(tmp_path_factory.mktemp("ref"), 1, sets=degrees())[0]
+def runs(tmp_path_factory):
+    return Batches(tmp_path_factory.mktemp("equivalence"), RUNS)
+
+
+@pytest.fixture(scope="module")
+def reference(runs):
+    return runs["reference"][0]
 
 
 def assert_same_training(results, reference):
@@ -109,52 +141,32 @@ def assert_peak_gradients_match_plan(results):
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
-def test_layout_matches_single_process(name, reference, tmp_path):
-    nproc, sets = LAYOUTS[name]
-    results = run_worker(tmp_path, nproc, sets=sets)
-    assert results[0]["layout"]["world_size"] == nproc
+def test_layout_matches_single_process(name, runs, reference):
+    results = runs[name]
+    assert results[0]["layout"]["world_size"] == LAYOUTS[name][0]
     assert_same_training(results, reference)
     assert_states_match_plan(results, [k for k in STATES if k not in MEMORY_DIFFERS.get(name, ())])
     assert_peak_gradients_match_plan(results)
 
 
-def test_pipeline_model_states_match_plan_without_mtp(tmp_path):
+def test_pipeline_model_states_match_plan_without_mtp(runs):
     """With no MTP (and an untied head) the last stage keeps no embedding copy."""
-    results = run_worker(tmp_path, 2, sets=degrees(pp=2) + ["model.mtp.depth=0"])
-    assert_states_match_plan(results)
+    assert_states_match_plan(runs["pp2_without_mtp"])
 
 
-# GQA with learned absolute positions (MLA carries RoPE): under sequence parallelism pos_embed's
-# output is sliced over the sequence like the embedding's (on the first stage with pp)
-LEARNED_POSITIONS = ['model.attention.kind="gqa"', "model.n_kv_heads=2", 'model.positions="learned"']
-
-
-@pytest.fixture(scope="module")
-def learned_reference(tmp_path_factory):
-    return run_worker(tmp_path_factory.mktemp("ref_learned"), 1, sets=degrees() + LEARNED_POSITIONS)[0]
-
-
-@pytest.mark.parametrize("nproc, sets", [(2, degrees(tp=2, sequence_parallel=True)),
-                                         (4, degrees(pp=2, tp=2, sequence_parallel=True))], ids=["tp2_sp", "pp2_x_tp2_sp"])
-def test_sequence_parallel_with_learned_positions(nproc, sets, learned_reference, tmp_path):
-    results = run_worker(tmp_path, nproc, sets=sets + LEARNED_POSITIONS)
+@pytest.mark.parametrize("name", list(SEQUENCE_PARALLEL_LEARNED))
+def test_sequence_parallel_with_learned_positions(name, runs):
+    results, reference = runs[f"{name}_learned"], runs["reference_learned"][0]
     assert results[0]["layout"]["tp"] == 2 and results[0]["layout"]["sequence_parallel"]
-    assert "pos_embed.weight" in learned_reference["state"]
-    assert_same_training(results, learned_reference)
-
-
-# 8 ranks: pp 2 x dp 4 with ep 2, so each stage's experts are sharded over ep {0,1},{2,3} and
-# replicated (ZeRO-1: FSDP2-sharded) over edp {0,2},{1,3}; a global batch of 8 micro-batches of 1
-# gives each pipeline the 2 micro-batches 1F1B needs.
-EIGHT = ["--micro", "1", "--n-micro", "8"]
+    assert "pos_embed.weight" in reference["state"]
+    assert_same_training(results, reference)
 
 
 @pytest.mark.parametrize("zero", [0, 1])
-def test_pipeline_with_experts_over_expert_data_parallel(zero, tmp_path):
-    reference = run_worker(tmp_path / "ref", 1, sets=degrees(), extra=EIGHT)[0]
-    results = run_worker(tmp_path / "pp2_dp4_ep2", 8, sets=degrees(dp=4, pp=2, ep=2, zero=zero), extra=EIGHT)
+def test_pipeline_with_experts_over_expert_data_parallel(zero, runs):
+    results = runs[f"pp2_dp4_ep2_zero{zero}"]
     assert (results[0]["layout"]["edp"], results[0]["layout"]["grad_accum"]) == (2, 2)
-    assert_same_training(results, reference)
+    assert_same_training(results, runs["reference_eight"][0])
     # as dp2_x_pp2_fsdp: weights and gradients are whole at the peak, sharded at rest
     assert_states_match_plan(results, ["optimizer"] if zero else STATES)
     assert_peak_gradients_match_plan(results)
