@@ -42,8 +42,10 @@ def main(args) -> int:
     from ...compiler.plan import build_plan
     from ..data.prepare import prepare, summary
     from ..data.wording import counted
-    from .checkpoint import check_resumable, checkpoints, latest_checkpoint
+    from ..folders import checkpoints, latest_checkpoint
 
+    # torch is imported only to resume or to train in this process: a mistake in the spec is
+    # said at once, and a launcher of several processes does not load it beside them
     spec = _spec_for(args)
     plan = build_plan(spec).model_dump(mode="json")
     run_dir = Path(args.out) if args.out else Path(spec.job.out_dir) / spec.job.name
@@ -51,6 +53,7 @@ def main(args) -> int:
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"{run_dir} exists and is not a folder (expected a run directory: give --out another path)")
     if args.resume:
+        from .checkpoint import check_resumable
         ckpt = latest_checkpoint(run_dir)
         if ckpt is None:
             print(f"no complete checkpoint in {run_dir}: starting from step 0", file=sys.stderr)
