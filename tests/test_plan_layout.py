@@ -37,7 +37,6 @@ def test_cpu_specs_plan_to_one_process(path):
     (["parallel.ep=2", "parallel.zero=3"], (2, 1, 1, 2, 3)),
     (["parallel.pp=2"], (1, 1, 2, 1, 0)),
     (["parallel.tp=2"], (1, 2, 1, 1, 0)),
-    (["parallel.tp=2", "parallel.ep=2"], (1, 2, 1, 2, 0)),
 ])
 def test_fixed_cpu_layouts_of_the_parallel_runtime(overrides, expected):
     layout = layout_of("specs/tiny_moe.toml", "hardware.gpus_per_node=2", *overrides)
@@ -46,6 +45,28 @@ def test_fixed_cpu_layouts_of_the_parallel_runtime(overrides, expected):
     assert layout.dp * layout.tp * layout.pp == layout.world_size
     assert (layout.dp * layout.tp) % layout.ep == 0
     assert layout.micro_batch_size * layout.grad_accum * layout.dp == 8
+
+
+def test_expert_parallelism_is_planned_with_tp_1_only(write_spec):
+    """The runtime refuses ep > 1 under tp > 1 (Layout.check raised in every rank of a job of such
+    a plan, which `llmc plan` had chosen or accepted): the search keeps ep = 1 where tp > 1, and a
+    spec that fixes both is an error at its line."""
+    from llmc.compiler.spec import SpecError
+    plan = build_plan(load_spec("specs/tiny_moe.toml", ["hardware.gpus_per_node=2", "parallel.tp=2"]))
+    assert (plan.layout.tp, plan.layout.ep) == (2, 1)
+    reason = rejected_for(plan.search, "expert parallelism needs tp = 1")
+    assert plan.search.examples[reason] == "tp=2, ep=2"
+    assert all(a.ep == 1 for a in plan.search.alternatives)
+    plan = build_plan(load_spec("specs/tiny_moe.toml", ["hardware.gpus_per_node=2", "parallel.ep=2"]))
+    assert (plan.layout.tp, plan.layout.ep) == (1, 2) and all(a.tp == 1 for a in plan.search.alternatives)
+
+    text = SMALL.replace("[train]", "[model.moe]\nn_experts = 4\ntop_k = 2\nexpert_hidden = 32\n\n[train]")
+    text += "\n[parallel]\ntp = 2\nep = 2\n"
+    with pytest.raises(SpecError) as e:
+        load_spec(write_spec(text))
+    (problem,) = e.value.problems
+    assert problem.key == "parallel.ep" and problem.line == text.splitlines().index("ep = 2") + 1
+    assert "expert parallelism needs tp = 1" in problem.message and "found tp = 2 with ep = 2" in problem.message
 
 
 def test_fixed_four_process_combination():

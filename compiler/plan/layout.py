@@ -4,7 +4,7 @@ Constraints: dp x tp x pp = world size; tp divides the devices of a node (a TP g
 a node) and meets what the runtime's TP needs of the model (`tensor_parallel_limits`: heads, kv
 heads, dense FFN width, seq_len under sequence parallelism; tp = 1 with tied embeddings or the DSA
 indexer); pp <= n_layers (x virtual stages); ep divides n_experts and dp x tp (ep is carved out
-of the dp x tp ranks of a stage); dp x micro_batch_size divides global_batch_size; the 1F1B
+of the dp x tp ranks of a stage), and ep > 1 only with tp = 1 (the runtime's limit); dp x micro_batch_size divides global_batch_size; the 1F1B
 schedule needs grad_accum >= pp, the interleaved one grad_accum divisible by pp. Degrees the spec
 fixes are kept; "auto" ones are searched. Only memory and these rules reject a layout, never its speed.
 """
@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, Field
 
-from ..spec.spec import tensor_parallel_limits
+from ..spec.spec import EP_WITH_TP, tensor_parallel_limits
 from .activations import recomputed
 from .cost import Links, RankWork, StepTime, step_time
 from .flops import head_params, layer_train_flops, mtp_train_flops
@@ -186,6 +186,9 @@ class LayoutSearch:
                 for ep in ([par.ep] if par.ep != "auto" else divisors(experts)):
                     if (dp * tp) % ep:
                         self._reject("ep must divide dp x tp", f"ep={ep}, dp x tp={dp * tp}")
+                        continue
+                    if ep > 1 and tp > 1:
+                        self._reject(EP_WITH_TP, f"tp={tp}, ep={ep}")
                         continue
                     edp = dp * tp // ep
                     sharded = dp > 1 or (ep > 1 and edp > 1)  # anything for ZeRO to shard (Degrees.expert_dp)

@@ -15,7 +15,8 @@ class ParallelSpec(Table):
     dp: Degree = Field("auto", description="Data-parallel degree (count) or auto.")
     tp: Degree = Field("auto", description="Tensor-parallel degree (count, within a node) or auto.")
     pp: Degree = Field("auto", description="Pipeline-parallel stages (count) or auto.")
-    ep: Degree = Field("auto", description="Expert-parallel degree (count, carved out of dp x tp) or auto.")
+    ep: Degree = Field("auto", description="Expert-parallel degree (count, carved out of dp x tp) or auto; "
+                                           "above 1 only with tp = 1 (the runtime does not combine them).")
     zero: Literal[0, 1, 2, 3, "auto"] = Field("auto", description="ZeRO stage: 0 DDP, 1 optimizer, 2 +gradients, "
                                                                   "3 +weights (FSDP), or auto. Under pipeline "
                                                                   "parallelism a stage keeps its weights and "

@@ -65,6 +65,10 @@ def tensor_parallel_limits(model, tp: int, seq_len: int, sequence_parallel: bool
         yield "tp must be 1 with the DSA sparse indexer: TP does not shard it", "index_n_heads", m.attention.index_n_heads
 
 
+# runtime/parallel/mesh.py's Layout.check: the expert all-to-all and the TP shards are not combined
+EP_WITH_TP = "expert parallelism needs tp = 1: the runtime does not combine it with tensor parallelism"
+
+
 def _tensor_fits_model(parallel, model, train):
     tp = parallel.tp
     if tp == "auto":
@@ -90,6 +94,8 @@ def _experts_fit(parallel, model, hardware):
     if moe.n_experts % ep:
         yield "parallel.ep", (f"parallel.ep must divide model.moe.n_experts "
                               f"(expected a divisor of {moe.n_experts}, found {ep})")
+    if ep > 1 and parallel.tp not in ("auto", 1):
+        yield "parallel.ep", f"{EP_WITH_TP} (found tp = {parallel.tp} with ep = {ep})"
     # a parallel.world_size that disagrees with the hardware is reported by _layout_fits_hardware
     if parallel.world_size in ("auto", ws) and ws % ep:
         yield "parallel.ep", f"parallel.ep must divide the world size (expected a divisor of {ws}, found {ep})"
