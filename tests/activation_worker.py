@@ -4,9 +4,11 @@ OUT/rank{r}.json.
 
     activation_worker.py tp MODEL SEQUENCE_PARALLEL(0|1) RECOMPUTE PRECISION OUT    tp = 2: one forward
     activation_worker.py pp MODEL SCHEDULE VIRTUAL_STAGES MICRO_BATCHES OUT    pp = 2: a schedule step
+    activation_worker.py --batch LISTING    the argument lists of LISTING (JSON), one after another
 """
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -43,16 +45,32 @@ def pipeline(folder: Path, name: str, schedule: str, virtual_stages: str, micro_
     return saved.peak, plan.memory.train_stages[dist.get_rank()]
 
 
-def main():
-    mode, *args, out = sys.argv[1:]
-    init_distributed(timeout_s=120)
-    torch.set_num_threads(1)
+def measure(mode: str, *args: str) -> None:
+    *args, out = args
     rank = dist.get_rank()
     folder = Path(out) / f"spec{rank}"
     folder.mkdir(parents=True, exist_ok=True)
     kept, memory = {"tp": tensor_parallel, "pp": pipeline}[mode](folder, *args)
     (Path(out) / f"rank{rank}.json").write_text(json.dumps(
         {"kept": kept, "plan": memory.activations, "in_flight": memory.in_flight_micro_batches}))
+    dist.barrier()
+
+
+def main():
+    init_distributed(timeout_s=120)
+    torch.set_num_threads(1)
+    if sys.argv[1] != "--batch":
+        measure(*sys.argv[1:])
+    else:  # one start of the processes (torch's import: seconds a rank) for many measurements
+        for args in json.loads(Path(sys.argv[2]).read_text()):
+            try:
+                measure(*args)
+            except BaseException:  # stop every rank (torchrun ends the job), saying why beside the results
+                import traceback
+                Path(args[-1]).mkdir(parents=True, exist_ok=True)
+                (Path(args[-1]) / f"error{dist.get_rank()}.txt").write_text(traceback.format_exc())
+                sys.stderr.flush()
+                os._exit(1)
     dist.destroy_process_group()
 
 

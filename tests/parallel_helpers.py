@@ -1,4 +1,5 @@
-"""Launching tests/parallel_worker.py under torchrun (gloo, CPU) with a hard timeout."""
+"""Launching tests/parallel_worker.py (and workers like it) under torchrun (gloo, CPU), several runs
+to a launch, with a hard timeout."""
 
 import json
 import os
@@ -34,45 +35,38 @@ def worker_args(out: Path, layout: dict | None = None, sets: list[str] = (), ext
     return args + list(extra)
 
 
-def _launch(nproc: int, args: list[str], timeout: float) -> subprocess.CompletedProcess:
+def _launch(nproc: int, args: list[str], timeout: float, worker: Path = WORKER) -> subprocess.CompletedProcess:
     if nproc == 1:
-        cmd = [sys.executable, str(WORKER), *args]
+        cmd = [sys.executable, str(worker), *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-               "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(WORKER), *args]
+               "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(worker), *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
-
-
-def _results(out: Path, nproc: int) -> list[dict]:
-    return [torch.load(out / f"rank{r}.pt") for r in range(nproc)]
-
-
-def run_worker(out: Path, nproc: int, layout: dict | None = None, sets: list[str] = (), extra: list[str] = (),
-               timeout: float = 300) -> list[dict]:
-    """Run the worker on `nproc` ranks (plain python for one) and return each rank's result."""
-    proc = _launch(nproc, worker_args(out, layout, sets, extra), timeout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return _results(out, nproc)
 
 
 class Batch:
     """Several worker runs on the same number of ranks, done by one launch of the worker (each
     rank imports torch once): `batch[name]` is that run's per-rank results, or fails the calling
-    test with the run's error (a failed run stops the launch: the runs after it are not done)."""
+    test with the run's error (a failed run stops the launch: the runs after it are not done).
 
-    def __init__(self, root: Path, nproc: int, runs: dict[str, dict], timeout: float = 900):
+    Each run's arguments are `args(root / name, **run)`; the worker (`worker --batch LISTING`) does
+    them in turn and writes `result` (of each rank r) in the run's folder, which `load` reads."""
+
+    def __init__(self, root: Path, nproc: int, runs: dict[str, dict], timeout: float = 900, *, worker: Path = WORKER,
+                 args=worker_args, result: str = "rank{}.pt", load=torch.load):
         root.mkdir(parents=True, exist_ok=True)
         self.outs = {name: root / name for name in runs}
         listing = root / "batch.json"
-        listing.write_text(json.dumps([worker_args(self.outs[name], **run) for name, run in runs.items()]))
-        self.nproc, self.proc = nproc, _launch(nproc, ["--batch", str(listing)], timeout)
+        listing.write_text(json.dumps([args(self.outs[name], **run) for name, run in runs.items()]))
+        self.nproc, self.result, self.load = nproc, result, load
+        self.proc = _launch(nproc, ["--batch", str(listing)], timeout, worker)
 
-    def __getitem__(self, name: str) -> list[dict]:
-        out = self.outs[name]
-        if all((out / f"rank{r}.pt").is_file() for r in range(self.nproc)):
-            return _results(out, self.nproc)
-        errors = "".join(e.read_text() for e in sorted(out.glob("error*.txt")))
-        detail = errors or (f"not run: an earlier run of the batch failed\n" if self.proc.returncode else "")
+    def __getitem__(self, name: str) -> list:
+        files = [self.outs[name] / self.result.format(r) for r in range(self.nproc)]
+        if all(f.is_file() for f in files):
+            return [self.load(f) for f in files]
+        errors = "".join(e.read_text() for e in sorted(self.outs[name].glob("error*.txt")))
+        detail = errors or ("not run: an earlier run of the batch failed\n" if self.proc.returncode else "")
         pytest.fail(f"{name} on {self.nproc} ranks: {detail}{self.proc.stdout[-2000:]}{self.proc.stderr[-3000:]}")
 
 

@@ -12,7 +12,7 @@ Every rank reads the same global batch; data-parallel rank d takes micro-batches
 d*accum .. d*accum+accum-1 of it, so one process with accum' = dp*accum sees the same
 micro-batches in the same grouping.
 
-With `--batch FILE` the processes do several runs one after another (parallel_helpers.run_workers):
+With `--batch FILE` the processes do several runs one after another (parallel_helpers.Batch):
 each rank's start, torch's import, costs seconds, more than a tiny run's training.
 """
 

@@ -11,9 +11,6 @@ and pipeline schedule (the micro-batches in flight on each stage).
 """
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,8 +21,6 @@ from llmc.compiler.spec import load_spec
 from llmc.runtime.model import Transformer
 from llmc.runtime.precision import autocast
 from llmc.runtime.train.loop import apply_train_modes
-
-from parallel_helpers import free_port
 
 torch.set_num_threads(2)
 
@@ -166,25 +161,39 @@ def test_plan_counts_what_other_blocks_keep(tmp_path, name, precision):
     assert kept_for_backward(spec) == pytest.approx(expected, rel=5e-3)
 
 
-def run_activation_worker(tmp_path, *args: str) -> list[dict]:
-    """tests/activation_worker.py on two gloo ranks; each rank's result."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(free_port()), str(Path(__file__).parent / "activation_worker.py"), *args,
-           str(tmp_path)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    return [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+TENSOR_PARALLEL = {  # name: (model, sequence parallel, recompute, precision)
+    f"{name}-{int(sp)}-{recompute}-{precision}": (name, sp, recompute, precision)
+    for name, sp, recompute, precision in [
+        ("gqa_swiglu", False, "none", "bf16"), ("moe_mtp", True, "none", "bf16"), ("mla_moe", True, "none", "bf16"),
+        ("moe_mtp", True, "selective", "bf16"),  # its MTP block checkpointed, then sharded
+        ("gqa_swiglu", True, "none", "fp8"), ("moe_mtp", False, "none", "fp8")]}
+PIPELINE = {  # name: (schedule, virtual stages, the micro-batches each stage holds at its peak)
+    "1f1b": ("1f1b", 1, [2, 1]), "gpipe": ("gpipe", 1, [4, 4]),
+    # torch's interleaved 1F1B: (v - 1) p + 2 (p - 1 - rank) warm-up forwards of 1/v of the
+    # rank's layers each, and one more
+    "interleaved-1": ("interleaved", 1, [3, 1]), "interleaved-2": ("interleaved", 2, [2.5, 1.5])}
 
 
-@pytest.mark.parametrize("name, sequence_parallel, recompute, precision", [
-    ("gqa_swiglu", False, "none", "bf16"), ("moe_mtp", True, "none", "bf16"), ("mla_moe", True, "none", "bf16"),
-    ("moe_mtp", True, "selective", "bf16"),  # its MTP block checkpointed, then sharded
-    ("gqa_swiglu", True, "none", "fp8"), ("moe_mtp", False, "none", "fp8")])
-def test_plan_counts_what_each_tensor_parallel_rank_keeps(tmp_path, name, sequence_parallel, recompute, precision):
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """tests/activation_worker.py's measurements on two gloo ranks, in one launch; each rank's result."""
+    from parallel_helpers import Batch
+    runs = {f"tp-{key}": ["tp", name, str(int(sp)), recompute, precision]
+            for key, (name, sp, recompute, precision) in TENSOR_PARALLEL.items()}
+    runs |= {f"pp-{key}": ["pp", "moe_mtp", schedule, str(virtual), "4"]
+             for key, (schedule, virtual, _) in PIPELINE.items()}
+    return Batch(tmp_path_factory.mktemp("activations"), 2, {name: {"argv": argv} for name, argv in runs.items()},
+                 worker=Path(__file__).parent / "activation_worker.py", args=lambda out, argv: [*argv, str(out)],
+                 result="rank{}.json", load=lambda f: json.loads(f.read_text()))
+
+
+@pytest.mark.parametrize("key", list(TENSOR_PARALLEL))
+def test_plan_counts_what_each_tensor_parallel_rank_keeps(two_ranks, tmp_path, key):
     """tp = 2 on two gloo processes: attention and dense FFN split by heads and columns, the MoE
     replicated on the whole sequence, and under sequence parallelism the norms' inputs split by
     the sequence while the projections keep their gathered inputs (runtime/parallel/tensor.py)."""
-    for result in run_activation_worker(tmp_path, "tp", name, str(int(sequence_parallel)), recompute, precision):
+    name, sequence_parallel, _, precision = TENSOR_PARALLEL[key]
+    for result in two_ranks[f"tp-{key}"]:
         expected = result["plan"]
         if name.startswith("mla"):
             expected += cpu_mla_padding(spec_for(tmp_path, name, precision, "none"), tp=2)
@@ -196,16 +205,12 @@ def test_plan_counts_what_each_tensor_parallel_rank_keeps(tmp_path, name, sequen
         assert result["kept"] == pytest.approx(expected, rel=5e-3)
 
 
-@pytest.mark.parametrize("schedule, virtual_stages, in_flight", [
-    ("1f1b", 1, [2, 1]), ("gpipe", 1, [4, 4]),
-    # torch's interleaved 1F1B: (v - 1) p + 2 (p - 1 - rank) warm-up forwards of 1/v of the
-    # rank's layers each, and one more
-    ("interleaved", 1, [3, 1]), ("interleaved", 2, [2.5, 1.5])])
-def test_plan_counts_the_micro_batches_each_pipeline_stage_holds(tmp_path, schedule, virtual_stages, in_flight):
+@pytest.mark.parametrize("key", list(PIPELINE))
+def test_plan_counts_the_micro_batches_each_pipeline_stage_holds(two_ranks, key):
     """pp = 2, 4 micro-batches on two gloo processes, a whole training step through the schedule:
     under 1F1B the first stage holds 2 micro-batches at its peak and the last 1 (Korthikanti et
     al. §4.2.3), under GPipe both hold all 4; the plan's per-stage activations match each peak."""
-    results = run_activation_worker(tmp_path, "pp", "moe_mtp", schedule, str(virtual_stages), "4")
-    for rank, result in enumerate(results):
+    in_flight = PIPELINE[key][2]
+    for rank, result in enumerate(two_ranks[f"pp-{key}"]):
         assert result["in_flight"] == in_flight[rank]
         assert result["kept"] == pytest.approx(result["plan"], rel=5e-3)
