@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from ..compiler.errors import UserError
+from .data.tokenizer import encode_text
 
 
 def read_text(path: str) -> str:
@@ -79,7 +80,7 @@ def main(args) -> int:
     if tokenizer is None:
         raise UserError(f"{args.checkpoint}: the model folder has no tokenizer.json")
     context = plan["spec"]["model"]["max_seq_len"]
-    ids = tokenizer.encode(text, add_special_tokens=False).ids
+    ids = encode_text(tokenizer, text)
     console = Console(stderr=True, quiet=not sys.stderr.isatty())  # a bar on a terminal, nothing in logs
     columns = [TextColumn("evaluating"), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"),
                TimeRemainingColumn()]

@@ -64,6 +64,19 @@ def special_ids(tok: Tokenizer) -> dict[str, int | None]:
     return ids
 
 
+def encode_text(tok: Tokenizer, text: str) -> list[int]:
+    """The ids a model reads for `text` on its own (a prompt, a text to evaluate): what the
+    tokenizer's template puts before a text (the BOS of Llama, Mistral and DeepSeek, whose models
+    were trained on sequences that begin with it; nothing for GPT-2, Qwen or llmc's own tokenizer),
+    then the text's tokens. Not what a template puts after it: an end of sequence would end a prompt."""
+    plain = tok.encode(text, add_special_tokens=False).ids
+    framed = tok.encode(text).ids
+    for start in range(len(framed) - len(plain) + 1):
+        if framed[start:start + len(plain)] == plain:
+            return framed[:start] + plain
+    return plain  # a template that changes the text's own tokens: keep them as they are
+
+
 def unknown_token(tok: Tokenizer) -> tuple[str, int] | None:
     """(name, id) of the token the tokenizer's model writes for text it has no token for, or None
     if it has none (a byte-level BPE, llmc's own, spells any text in bytes). From the model's own

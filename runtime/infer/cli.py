@@ -9,6 +9,7 @@ import torch
 from llmc.compiler.errors import UserError
 
 from ..allocator import keep_freed_memory
+from ..data.tokenizer import encode_text
 from .checkpoint import load_for_inference, quantize_checkpoint
 from .generate import generate
 from .sampling import SamplingParams
@@ -60,7 +61,7 @@ def generate_main(args) -> int:
                             top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
                             stop_tokens=_stop_ids(tokenizer), stop_strings=tuple(args.stop), seed=args.seed)
     texts = _read_prompts(args)
-    prompts = [tokenizer.encode(t, add_special_tokens=False).ids for t in texts]
+    prompts = [encode_text(tokenizer, t) for t in texts]
     room = model.cfg.max_seq_len - max(map(len, prompts), default=0)
     if 0 < room < params.max_new_tokens:  # (a prompt that leaves no room is refused by generate)
         print(f"note: at most {room} new tokens fit in the model's context of {model.cfg.max_seq_len} tokens "
