@@ -208,6 +208,29 @@ def test_given_tokenizer_is_used_and_must_fit_the_model(tmp_path):
         prepare(small)
 
 
+def test_documents_begin_as_a_given_tokenizer_begins_a_text(tmp_path):
+    """A Llama-style tokenizer.json, whose template puts <s> before a text: each document of the
+    shards is the tokenizer's own encoding of it (BOS first, as Llama's pretraining saw them),
+    then the end-of-text token; llmc's own tokenizer (no template) adds nothing (above)."""
+    from tokenizers import models, pre_tokenizers, processors
+    words = [f"w{i}" for i in range(300)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["<unk>", "<s>", "<|endoftext|>", *words])},
+                                     unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(["<unk>", "<s>", "<|endoftext|>"])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok.save(str(tmp_path / "llama_like.json"))
+    texts = [" ".join(words[(7 * i + j) % 300] for j in range(3 + i % 4)) for i in range(10)]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    out = prepare(make_spec(tmp_path, '[[data.sources]]\npath = "a.jsonl"\nformat = "jsonl"\n',
+                            extra=f'[data.tokenizer]\npath = "{tmp_path / "llama_like.json"}"\n'))
+    manifest = load_manifest(out)
+    (source,) = manifest["sources"]
+    docs = shard_documents(out, source["train"], 2) + shard_documents(out, source["val"], 2)
+    assert sorted(docs) == sorted(tok.encode(t).ids for t in texts)
+    assert all(d[0] == 1 and d.count(1) == 1 for d in docs)
+
+
 def test_stdlib_corpus_is_the_sorted_standard_library_capped_by_max_bytes(tmp_path):
     import hashlib
     import sysconfig

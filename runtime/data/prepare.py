@@ -30,10 +30,10 @@ from ..folders import staged_folder
 from .chat import ChatTemplate, render_chat
 from .shards import ShardWriter, split_tail, token_dtype
 from .sources import BadRecords, DataError, iter_documents, source_files
-from .tokenizer import check_vocab, load_tokenizer, special_ids, train_tokenizer, unknown_token
+from .tokenizer import check_vocab, load_tokenizer, special_ids, text_prefix, train_tokenizer, unknown_token
 from .wording import counted
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a document begins as its tokenizer begins a text (a BOS for Llama's)
 WORKERS = 2
 _BATCH = 32
 # A tokenizer made for the text spells next to all of it: byte-level BPEs never need their unknown
@@ -101,6 +101,7 @@ def _init_worker(tokenizer_json: str, chat_template: str) -> None:
     os.environ["RAYON_NUM_THREADS"] = "1"  # the processes are the parallelism
     from tokenizers import Tokenizer
     _worker["tok"] = Tokenizer.from_str(tokenizer_json)
+    _worker["prefix"] = text_prefix(_worker["tok"])  # each document begins as the tokenizer begins a text
     _worker["template"] = ChatTemplate(chat_template)
 
 
@@ -121,7 +122,7 @@ def _encode(batch: list[tuple[str | None, list | None]]) -> list[tuple[list[int]
     out: list = [None] * len(batch)
     texts = [(i, text) for i, (text, _) in enumerate(batch) if text is not None]
     for (i, _), enc in zip(texts, tok.encode_batch([t for _, t in texts], add_special_tokens=False)):
-        out[i] = (enc.ids, None)
+        out[i] = (_worker["prefix"] + enc.ids, None)
     for i, (_, messages) in enumerate(batch):
         if messages is not None:
             out[i] = render_chat(messages, tok, template)

@@ -64,17 +64,21 @@ def special_ids(tok: Tokenizer) -> dict[str, int | None]:
     return ids
 
 
-def encode_text(tok: Tokenizer, text: str) -> list[int]:
-    """The ids a model reads for `text` on its own (a prompt, a text to evaluate): what the
-    tokenizer's template puts before a text (the BOS of Llama, Mistral and DeepSeek, whose models
-    were trained on sequences that begin with it; nothing for GPT-2, Qwen or llmc's own tokenizer),
-    then the text's tokens. Not what a template puts after it: an end of sequence would end a prompt."""
-    plain = tok.encode(text, add_special_tokens=False).ids
-    framed = tok.encode(text).ids
+def text_prefix(tok: Tokenizer) -> list[int]:
+    """The ids the tokenizer's template puts before a text: the BOS of Llama, Mistral and DeepSeek,
+    whose models were trained on documents that begin with it; nothing for GPT-2, Qwen or llmc's
+    own tokenizer. (Not what a template puts after a text: an end of sequence would end a prompt,
+    and packing puts llmc's own between documents.)"""
+    plain, framed = tok.encode("a", add_special_tokens=False).ids, tok.encode("a").ids
     for start in range(len(framed) - len(plain) + 1):
         if framed[start:start + len(plain)] == plain:
-            return framed[:start] + plain
-    return plain  # a template that changes the text's own tokens: keep them as they are
+            return framed[:start]
+    return []  # a template that changes the text's own tokens: add nothing
+
+
+def encode_text(tok: Tokenizer, text: str) -> list[int]:
+    """The ids a model reads for `text` on its own (a document, a prompt, a text to evaluate)."""
+    return text_prefix(tok) + tok.encode(text, add_special_tokens=False).ids
 
 
 def unknown_token(tok: Tokenizer) -> tuple[str, int] | None:
