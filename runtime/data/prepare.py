@@ -5,6 +5,9 @@ shards depend on (sources, their files' sizes and modification times, the tokeni
 split, the objective's format), so a second prepare of unchanged data finds `manifest.json` with the
 same fingerprint and returns at once. Mixture weights are not part of it: they act at sampling time.
 
+A document is its tokenizer's beginning of a text (`text_prefix`: Llama's BOS; nothing for llmc's
+own tokenizer), its tokens, then the end-of-text token that packing separates documents with.
+
 Split: every k-th document of a source (k = round(1 / val_fraction)) is held out for validation;
 a source with fewer than k documents gives the last val_fraction of its tokens instead.
 
