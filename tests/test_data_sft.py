@@ -98,3 +98,18 @@ def test_sft_record_errors(tmp_path):
     bad = BadRecords("skip")
     assert list(iter_documents(str(path), "jsonl", "messages", "**/*", sft=True, bad=bad)) == []
     assert bad.total == 2
+
+
+def test_a_conversation_begins_as_its_tokenizer_begins_a_text():
+    """A Llama-style tokenizer (its template puts <s> before a text) begins each conversation with
+    its BOS, untrained, as transformers' Llama chat templates do; llmc's own begins with the first
+    header (above)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "user", "assistant", ":", "hi", "hello"])}
+    llama_like = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    llama_like.pre_tokenizer = pre_tokenizers.Whitespace()
+    llama_like.add_special_tokens(["<unk>", "<s>"])
+    llama_like.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    conversation = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    ids, mask = render_chat(conversation, llama_like, ChatTemplate("{{ role }}: {{ content }}\n"))
+    assert ids == [1, 2, 4, 5, 3, 4, 6] and mask == [0, 0, 0, 0, 0, 0, 1]

@@ -11,6 +11,7 @@ import jinja2
 from tokenizers import Tokenizer
 
 from .sources import DataError
+from .tokenizer import text_prefix
 
 CHATML = "<|im_start|>{{ role }}\n{{ content }}<|im_end|>\n"
 _PLACEHOLDER = "\x00CONTENT\x00"
@@ -43,9 +44,10 @@ class ChatTemplate:
 
 
 def render_chat(messages: list[dict], tok: Tokenizer, template: ChatTemplate) -> tuple[list[int], list[int]]:
-    """Token ids of a conversation and the loss mask (1 on assistant content and its footer)."""
-    ids: list[int] = []
-    mask: list[int] = []
+    """Token ids of a conversation and the loss mask (1 on assistant content and its footer). The
+    conversation begins as the tokenizer begins a text (Llama's BOS; nothing for llmc's own), untrained."""
+    ids = text_prefix(tok)
+    mask = [0] * len(ids)
     for m in messages:
         header, footer = template.parts(m["role"])
         learn = 1 if m["role"] == "assistant" else 0
