@@ -4,9 +4,10 @@ Constraints: dp x tp x pp = world size; tp divides the devices of a node (a TP g
 a node) and meets what the runtime's TP needs of the model (`tensor_parallel_limits`: heads, kv
 heads, dense FFN width, seq_len under sequence parallelism; tp = 1 with tied embeddings or the DSA
 indexer); pp <= n_layers (x virtual stages); ep divides n_experts and dp x tp (ep is carved out
-of the dp x tp ranks of a stage), and ep > 1 only with tp = 1 (the runtime's limit); dp x micro_batch_size divides global_batch_size; the 1F1B
-schedule needs grad_accum >= pp, the interleaved one grad_accum divisible by pp. Degrees the spec
-fixes are kept; "auto" ones are searched. Only memory and these rules reject a layout, never its speed.
+of the dp x tp ranks of a stage), and ep > 1 only with tp = 1 (the runtime's limit); dp x
+micro_batch_size divides global_batch_size; the 1F1B schedule needs grad_accum >= pp, the
+interleaved one grad_accum divisible by pp. Degrees the spec fixes are kept; "auto" ones are
+searched. Only memory and these rules reject a layout, never its speed.
 """
 
 from __future__ import annotations
