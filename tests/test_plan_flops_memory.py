@@ -269,3 +269,26 @@ def test_tensor_parallel_all_reduces_of_recomputed_blocks_and_fp32():
     assert tp_seconds("train.recompute=selective") == pytest.approx(none * 20 / 16)
     assert tp_seconds("train.recompute=full") == pytest.approx(none * 24 / 16)
     assert tp_seconds("train.recompute=none", 'train.precision="fp32"') == pytest.approx(2 * none)
+
+
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_data_parallel_all_reduce_moves_the_gradients_a_tensor_parallel_rank_holds(moe):
+    """Under ZeRO-0 the cost model's all-reduce over dp carries the fp32 gradients the plan says a
+    rank holds (test_parallel_equivalence measures those): under TP the split parameters' shards
+    and whole what TP replicates (norms, a MoE FFN, MTP's eh_proj without SP). It divided every
+    dense parameter by tp. With no compute to hide behind (an unbounded peak), all of it shows."""
+    from llmc.compiler.plan.cost import ring_all_reduce_s
+    from llmc.compiler.plan.layout import LayoutSearch
+    from llmc.compiler.plan.memory import Degrees
+    spec = load_spec(f"specs/{'tiny_moe' if moe else 'tiny'}.toml",
+                     ["hardware.gpus_per_node=4", "parallel.dp=2", "parallel.tp=2", "parallel.zero=0",
+                      "parallel.sequence_parallel=false", "train.global_batch_size=16"])
+    plan = build_plan(spec)
+    lay = plan.layout
+    search = LayoutSearch(spec, count_params(spec.model))
+    search.peak = float("inf")
+    fit = search.evaluate(Degrees(lay.dp, lay.tp, lay.pp, lay.ep, lay.zero, lay.micro_batch_size, lay.grad_accum,
+                                  lay.sequence_parallel))
+    assert lay.tp == 2 and plan.memory.train.gradients > 0
+    bandwidth = search.links.bandwidth(2, 2)
+    assert fit.time.dp_comm == pytest.approx(ring_all_reduce_s(plan.memory.train.gradients, 2, bandwidth), rel=1e-9)

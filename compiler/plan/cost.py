@@ -65,7 +65,7 @@ class RankWork:
     flops: float          # training FLOPs per token, the checkpointed blocks' second forward included
     blocks: int           # Transformer blocks (MTP blocks included)
     moe_blocks: int
-    dense_params: float   # parameters to synchronise over dp (before TP division)
+    dense_params: float   # dense parameters one TP rank synchronises over dp (its shards, what TP replicates)
     expert_params: float  # routed-expert parameters (before EP division)
     recomputed: int = 0   # checkpointed blocks: their forward's 2 TP all-reduces run again
 
@@ -93,7 +93,7 @@ def step_time(work: list[RankWork], *, dp: int, tp: int, pp: int, ep: int, zero:
         t_pp = 2 * activation / tp / (bw_pp * 1e9) if pp > 1 else 0.0
         if compute + t_tp + t_ep + t_pp > slot:
             slot, comp_slot, tp_s, ep_s, pp_s = compute + t_tp + t_ep + t_pp, compute, t_tp, t_ep, t_pp
-        grads = (w.dense_params / tp) * grad_bytes
+        grads = w.dense_params * grad_bytes
         expert_grads = (w.expert_params / ep) * grad_bytes
         edp = expert_dp or dp
         sync = ring_all_reduce_s(grads, dp, bw_dp) + ring_all_reduce_s(expert_grads, edp, bw_dp)

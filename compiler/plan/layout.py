@@ -12,7 +12,7 @@ searched. Only memory and these rules reject a layout, never its speed.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, Field
@@ -149,8 +149,8 @@ class LayoutSearch:
                     mine += list(range(m.n_layers, m.n_layers + m.mtp.depth))  # MTP blocks
                 again = [j for j in mine if recomputed(self.spec.train.recompute, j)]
                 flops += sum(self.block_flops[j] for j in again) / 3
-                work.append(RankWork(flops, len(mine), sum(m.is_moe_layer(j) for j in mine), sh.dense, sh.expert,
-                                     len(again)))
+                work.append(RankWork(flops, len(mine), sum(m.is_moe_layer(j) for j in mine),
+                                     sh.dense, sh.expert, len(again)))  # (dense at tp = 1: see evaluate)
             self._shares[key] = (layers, shares, work)
         return self._shares[key]
 
@@ -227,6 +227,8 @@ class LayoutSearch:
             return _Fit(deg, None, worst, worst_rank, layers)
         m, t = self.spec.model, self.spec.train
         precision_bytes = 4 if t.precision == "fp32" else 2
+        work = [replace(w, dense_params=self.memory.dense_per_tp_rank(sh, deg.tp, deg.sequence_parallel))
+                for w, sh in zip(work, shares)]
         time = step_time(work, dp=deg.dp, tp=deg.tp, pp=deg.pp, ep=deg.ep, zero=deg.zero,
                          micro_batch_size=deg.micro_batch_size, grad_accum=deg.grad_accum, seq_len=t.seq_len,
                          d_model=m.d_model, top_k=m.moe.top_k if m.moe else 0, peak_flops=self.peak,

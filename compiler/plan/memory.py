@@ -304,12 +304,16 @@ class TrainMemoryModel:
         forwards = min((v - 1) * p + 2 * (p - 1 - rank) + 1, m * v)
         return [sum(1 for k in range(forwards) if (k // p) % v == c) for c in range(v)]
 
+    def dense_per_tp_rank(self, share: RankShare, tp: int, sequence_parallel: bool) -> float:
+        """The rank's dense parameters on one TP rank: TP splits them but those it replicates (MTP's
+        eh_proj is split under sequence parallelism only)."""
+        replicated = share.replicated + (self.eh_proj if share.last and not sequence_parallel else 0)
+        return (share.dense - replicated) / tp + replicated
+
     def rank_bytes(self, deg: Degrees, share: RankShare) -> tuple[float, ...]:
         """(weights, gradients, optimizer, activations, temporary, overhead, peak, in-flight) of one rank."""
         tp, ep = deg.tp, deg.ep
-        # TP splits the dense parameters but those it replicates (MTP's eh_proj split under SP only)
-        replicated = share.replicated + (self.eh_proj if share.last and not deg.sequence_parallel else 0)
-        dense, expert = (share.dense - replicated) / tp + replicated, share.expert / ep
+        dense, expert = self.dense_per_tp_rank(share, tp, deg.sequence_parallel), share.expert / ep
         pipelined = deg.pp > 1
         states = dict(zero=deg.zero, weight=self.bytes_w, optimizer=self.bytes_o,
                       pipelined=pipelined, deferred=deg.deferred)
