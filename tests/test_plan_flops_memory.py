@@ -292,3 +292,22 @@ def test_data_parallel_all_reduce_moves_the_gradients_a_tensor_parallel_rank_hol
     assert lay.tp == 2 and plan.memory.train.gradients > 0
     bandwidth = search.links.bandwidth(2, 2)
     assert fit.time.dp_comm == pytest.approx(ring_all_reduce_s(plan.memory.train.gradients, 2, bandwidth), rel=1e-9)
+
+
+def test_fsdp_gathers_a_tensor_parallel_ranks_share_of_the_root_and_a_block():
+    """ZeRO-3 over dp = 2 under tp = 2 (fp32, so FSDP2 gathers fp32 weights and the activations
+    are those of ZeRO-2): beyond ZeRO-2, each rank gathers the root unit and two blocks (this one
+    and the next), each as one TP rank holds it: the embedding and head split by vocabulary, the
+    q/k/v/o and FFN matrices split, the norms whole (they were divided by tp too)."""
+    def temporary(zero):
+        spec = load_spec("specs/tiny.toml", ["hardware.gpus_per_node=4", "parallel.dp=2", "parallel.tp=2",
+                                             f"parallel.zero={zero}", 'train.precision="fp32"',
+                                             "train.global_batch_size=16"])
+        plan = build_plan(spec)
+        assert (plan.layout.tp, plan.layout.dp, plan.layout.pp, plan.layout.zero) == (2, 2, 1, zero)
+        return plan.memory.train.temporary
+    d, f, H, Q, kv, V = 256, 704, 4, 64, 2, 4096
+    split_block = d * (H * Q + 2 * kv * Q) + H * Q * d + 3 * d * f   # q, k, v, o; w1, w2, w3
+    block = split_block / 2 + 2 * d                                   # and its two norms
+    root = 2 * V * d / 2 + d                                          # embedding, head; the final norm
+    assert temporary(3) - temporary(2) == pytest.approx(4 * (root + 2 * block), abs=2)

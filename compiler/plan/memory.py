@@ -141,8 +141,15 @@ class RankShare:
     last: bool                 # holds final norm, head, MTP (and the embedding copy they read)
     replicated: int            # dense parameters TP replicates (MTP's eh_proj aside: split under SP only)
     unit_dense: int            # the biggest block FSDP gathers at once (its dense part)
+    unit_replicated: int       #   of which TP replicates
     unit_expert: int           #   and its routed experts
     root_dense: int            # the chunks' root FSDP units: embedding, final norm, head (and copy)
+    root_replicated: int       #   of which TP replicates (the final norm)
+
+
+def per_tp_rank(params: float, replicated: float, tp: int) -> float:
+    """Parameters on one TP rank of `params`, `replicated` of which TP keeps whole."""
+    return (params - replicated) / tp + replicated
 
 
 class TrainMemory(BaseModel):
@@ -268,13 +275,14 @@ class TrainMemoryModel:
         n = len(assignment)
         out = []
         for rank in range(pp):
-            dense = expert = replicated = unit_d = unit_e = roots = 0
+            dense = expert = replicated = unit_e = roots = roots_r = 0
+            unit = (0, 0)  # (dense, replicated) of the biggest block
             for i in range(rank, n, pp):
                 layers = assignment[i]
                 dense += sum(self.layer_dense[j] for j in layers)
                 expert += sum(self.layer_expert[j] for j in layers)
                 replicated += sum(self.layer_replicated[j] for j in layers)
-                unit_d = max([unit_d] + [self.layer_dense[j] for j in layers])
+                unit = max([unit] + [(self.layer_dense[j], self.layer_replicated[j]) for j in layers])
                 unit_e = max([unit_e] + [self.layer_expert[j] for j in layers])
                 if i == 0:  # the vocabulary-parallel embedding; learned positions replicated
                     dense += self.embedding
@@ -286,8 +294,9 @@ class TrainMemoryModel:
                     expert += self.mtp_expert
                     replicated += self.final_norm + self.mtp_replicated
                     roots += self.final_norm + self.head + copy
+                    roots_r += self.final_norm
             out.append(RankShare(rank, tuple(tuple(assignment[i]) for i in range(rank, n, pp)), dense, expert,
-                                 rank == 0, (n - 1) % pp == rank, replicated, unit_d, unit_e, roots))
+                                 rank == 0, (n - 1) % pp == rank, replicated, *unit, unit_e, roots, roots_r))
         return out
 
     def in_flight(self, deg: Degrees, rank: int) -> list[float]:
@@ -308,7 +317,7 @@ class TrainMemoryModel:
         """The rank's dense parameters on one TP rank: TP splits them but those it replicates (MTP's
         eh_proj is split under sequence parallelism only)."""
         replicated = share.replicated + (self.eh_proj if share.last and not sequence_parallel else 0)
-        return (share.dense - replicated) / tp + replicated
+        return per_tp_rank(share.dense, replicated, tp)
 
     def rank_bytes(self, deg: Degrees, share: RankShare) -> tuple[float, ...]:
         """(weights, gradients, optimizer, activations, temporary, overhead, peak, in-flight) of one rank."""
@@ -326,7 +335,8 @@ class TrainMemoryModel:
         temporary = working
         if share.last:  # the loss's fp32 gradient over one head's logits (full vocabulary: see below)
             temporary += FP32 * self.V * deg.micro_batch_size * self.s
-        block, root = share.unit_dense / tp + share.unit_expert / ep, share.root_dense / tp
+        block = per_tp_rank(share.unit_dense, share.unit_replicated, tp) + share.unit_expert / ep
+        root = per_tp_rank(share.root_dense, share.root_replicated, tp)
         if not deg.deferred:
             # whole gradients waiting for their reduce-scatter (in the compute dtype, and an fp32
             # copy to reduce): the root unit's, whose head gradient comes first and is reduced
