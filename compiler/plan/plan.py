@@ -10,8 +10,9 @@ from pydantic import BaseModel, Field
 
 from ..errors import UserError
 from .flops import Flops, count_flops
+from .inference import InferenceMemory, inference_memory
 from .layout import Layout, LayoutSearch, Search
-from .memory import InferenceMemory, TrainMemory, inference_memory
+from .memory import TrainMemory
 from .params import ParamCount, count_params
 from .suggest import no_fit_message
 
