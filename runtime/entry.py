@@ -18,7 +18,8 @@ from pathlib import Path
 
 from llmc.compiler.errors import UserError
 from llmc.compiler.spec import SpecError
-from llmc.runtime.train.checkpoint import latest_checkpoint, read_meta
+from llmc.runtime.folders import latest_checkpoint
+from llmc.runtime.train.checkpoint import read_meta
 from llmc.runtime.train.distributed import finish, init_distributed
 from llmc.runtime.train.loop import read_plan, train
 

@@ -91,6 +91,14 @@ def checkpoints(run_dir) -> list[Path]:
     return sorted(p for p in root.glob("step-*") if is_checkpoint(p))
 
 
+def refuse_a_used_run_dir(run_dir, elsewhere: str) -> None:
+    """Refuse to start a run in a run directory that holds checkpoints (it would train over them);
+    `elsewhere`: how to name another run directory."""
+    if checkpoints(run_dir):
+        raise UserError(f"{run_dir} already holds checkpoints of a run: pass --resume to continue it, "
+                        f"or {elsewhere} for a new run directory")
+
+
 def latest_checkpoint(run_dir) -> Path | None:
     found = checkpoints(run_dir)
     return found[-1] if found else None

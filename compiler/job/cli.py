@@ -97,11 +97,10 @@ def _check_fresh(run_dir: Path, scheduler: str, resume: bool) -> None:
     """Refuse to submit a job whose run directory, on this machine's file system (local and Slurm
     jobs run where they are submitted from), holds checkpoints of a run, unless it is to continue
     them: the job itself would refuse (runtime/entry.py), after waiting in the queue."""
-    from ...runtime.folders import checkpoints  # (torch-free)
+    from ...runtime.folders import refuse_a_used_run_dir  # (torch-free)
 
-    if scheduler != "kubernetes" and not resume and checkpoints(run_dir):
-        raise UserError(f"{run_dir} already holds checkpoints of a run: pass --resume to continue it, "
-                        "or set job.name (or job.out_dir) for a new run directory")
+    if scheduler != "kubernetes" and not resume:
+        refuse_a_used_run_dir(run_dir, "set job.name (or job.out_dir)")
 
 
 def _submit(runner, app, scheduler: str, cfg: dict) -> str:

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from llmc.compiler.errors import UserError
 
+from ..folders import is_checkpoint, latest_checkpoint
 from .components import WRAPPER_PARTS
 from .transformer import Transformer
 
@@ -60,10 +61,10 @@ def resolve_model_dir(path) -> Path:
     complete checkpoint (a finished run resumed for more steps and stopped before its end keeps the
     old final model), saying so on stderr when it is the checkpoint."""
     path = Path(path)
-    if _is_model_folder(path) or _train_checkpoint().is_checkpoint(path):
+    if _is_model_folder(path) or is_checkpoint(path):
         return path
     final = path / "model" if _is_model_folder(path / "model") else None
-    ckpt = _train_checkpoint().latest_checkpoint(path)
+    ckpt = latest_checkpoint(path)
     if final is not None and (ckpt is None or not _older(final, ckpt)):
         return final
     if ckpt is not None:
@@ -111,7 +112,7 @@ def tokenizer_file(model_dir) -> Path | None:
     final model's, else its prepared data's (found as training finds it, with data.cache_dir relative
     to the working directory), refused when neither is there."""
     model_dir = Path(model_dir)
-    if not _train_checkpoint().is_checkpoint(model_dir):
+    if not is_checkpoint(model_dir):
         return model_dir / "tokenizer.json" if (model_dir / "tokenizer.json").is_file() else None
     final = model_dir.parent.parent / "model" / "tokenizer.json"
     if final.is_file():
@@ -228,7 +229,7 @@ def load_model(path, device="cpu", dtype=None):
     dtype: torch dtype or "fp32" / "bf16"; default: as stored.
     """
     model_dir = resolve_model_dir(path)
-    if _train_checkpoint().is_checkpoint(model_dir):
+    if is_checkpoint(model_dir):
         plan = _train_checkpoint().checkpoint_plan(model_dir)
         model = build_model(plan, device)
         _train_checkpoint().load_model_weights(model_dir, model)

@@ -25,7 +25,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from ..parallel.checkpoint import load_train_state_dict, train_state_dict
 
 from ...compiler.errors import UserError
-from ..folders import checkpoints, is_checkpoint, latest_checkpoint  # noqa: F401  (read from here too)
+from ..folders import checkpoints
 from .distributed import DistEnv, all_reduce_sum
 
 # Keys a resumed run may change: budget, cadence, logging, compilation, launch settings, and the

@@ -42,7 +42,7 @@ def main(args) -> int:
     from ...compiler.plan import build_plan
     from ..data.prepare import prepare, summary
     from ..data.wording import counted
-    from ..folders import checkpoints, latest_checkpoint
+    from ..folders import latest_checkpoint, refuse_a_used_run_dir
 
     # torch is imported only to resume or to train in this process: a mistake in the spec is
     # said at once, and a launcher of several processes does not load it beside them
@@ -61,9 +61,8 @@ def main(args) -> int:
             print(f"{run_dir} has finished its {counted(spec.train.steps, 'step')} ({ckpt.name}): nothing to train; "
                   "raise train.max_steps to continue it", file=sys.stderr)
             return 0
-    elif checkpoints(run_dir):
-        raise UserError(f"{run_dir} already holds checkpoints of a run: pass --resume to continue it, "
-                        "or --out for a new run directory")
+    else:
+        refuse_a_used_run_dir(run_dir, "--out")
     print(summary(prepare(spec)), file=sys.stderr)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "plan.json").write_text(json.dumps(plan, indent=2))
@@ -77,7 +76,8 @@ def main(args) -> int:
 
 def _interrupted_note(run_dir: Path) -> str:
     """What an interrupted run keeps: its newest checkpoint, which --resume continues from."""
-    from .checkpoint import latest_checkpoint, read_meta
+    from ..folders import latest_checkpoint
+    from .checkpoint import read_meta
     ckpt = latest_checkpoint(run_dir)
     if ckpt is None:
         return f"{run_dir} holds no checkpoint yet: a new run starts from step 0"

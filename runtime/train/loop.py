@@ -20,7 +20,8 @@ from ...compiler.spec import Spec
 from ..allocator import keep_freed_memory
 from ..data.dataset import TrainData
 from ..data.prepare import prepare, prepared_dir
-from .checkpoint import check_resumable, latest_checkpoint, load_checkpoint, save_checkpoint
+from ..folders import latest_checkpoint
+from .checkpoint import check_resumable, load_checkpoint, save_checkpoint
 from .distributed import DistEnv, all_reduce_sum, layout_of, parallelize, unwrap
 from ..parallel.data_parallel import micro_batch, zero_grad
 from ..parallel.run import (clip_grad_norm, data_rank, full_state_dict, model_states,  # parallel-runtime hooks
