@@ -43,10 +43,12 @@ class ChatTemplate:
         return "".join(h + m["content"] + f for m in messages for h, f in [self.parts(m["role"])])
 
 
-def render_chat(messages: list[dict], tok: Tokenizer, template: ChatTemplate) -> tuple[list[int], list[int]]:
+def render_chat(messages: list[dict], tok: Tokenizer, template: ChatTemplate,
+                prefix: list[int] | None = None) -> tuple[list[int], list[int]]:
     """Token ids of a conversation and the loss mask (1 on assistant content and its footer). The
-    conversation begins as the tokenizer begins a text (Llama's BOS; nothing for llmc's own), untrained."""
-    ids = text_prefix(tok)
+    conversation begins as the tokenizer begins a text (`prefix`, by default text_prefix(tok):
+    Llama's BOS; nothing for llmc's own), untrained."""
+    ids = list(text_prefix(tok) if prefix is None else prefix)
     mask = [0] * len(ids)
     for m in messages:
         header, footer = template.parts(m["role"])

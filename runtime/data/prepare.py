@@ -128,7 +128,7 @@ def _encode(batch: list[tuple[str | None, list | None]]) -> list[tuple[list[int]
         out[i] = (_worker["prefix"] + enc.ids, None)
     for i, (_, messages) in enumerate(batch):
         if messages is not None:
-            out[i] = render_chat(messages, tok, template)
+            out[i] = render_chat(messages, tok, template, _worker["prefix"])
     return out
 
 
