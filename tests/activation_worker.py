@@ -8,7 +8,6 @@ OUT/rank{r}.json.
 """
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -62,15 +61,8 @@ def main():
     if sys.argv[1] != "--batch":
         measure(*sys.argv[1:])
     else:  # one start of the processes (torch's import: seconds a rank) for many measurements
-        for args in json.loads(Path(sys.argv[2]).read_text()):
-            try:
-                measure(*args)
-            except BaseException:  # stop every rank (torchrun ends the job), saying why beside the results
-                import traceback
-                Path(args[-1]).mkdir(parents=True, exist_ok=True)
-                (Path(args[-1]) / f"error{dist.get_rank()}.txt").write_text(traceback.format_exc())
-                sys.stderr.flush()
-                os._exit(1)
+        from parallel_helpers import run_each
+        run_each(sys.argv[2], lambda args: measure(*args), lambda args: args[-1])
     dist.destroy_process_group()
 
 

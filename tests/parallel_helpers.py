@@ -44,6 +44,24 @@ def _launch(nproc: int, args: list[str], timeout: float, worker: Path = WORKER) 
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
+def run_each(listing: str, run, out_of) -> None:
+    """In a worker launched by Batch: `run(entry)` for each entry of the JSON file `listing`. When
+    one fails, its traceback goes to OUT/error{rank}.txt (OUT = `out_of(entry)`) and the process
+    ends: the other ranks may wait in a collective, and torchrun then stops them all."""
+    import traceback
+    import torch.distributed as dist
+    for entry in json.loads(Path(listing).read_text()):
+        try:
+            run(entry)
+        except BaseException:
+            out = Path(out_of(entry))
+            out.mkdir(parents=True, exist_ok=True)
+            (out / f"error{dist.get_rank() if dist.is_initialized() else 0}.txt").write_text(traceback.format_exc())
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1)
+
+
 class Batch:
     """Several worker runs on the same number of ranks, done by one launch of the worker (each
     rank imports torch once): `batch[name]` is that run's per-rank results, or fails the calling

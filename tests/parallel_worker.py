@@ -143,23 +143,8 @@ def main():
     if args.batch is None:
         run(args)
     else:  # one process start (torch's import: seconds a rank) for many runs
-        with open(args.batch) as f:
-            batch = json.load(f)
-        for argv in batch:
-            run_args = parse(argv)
-            try:
-                run(run_args)
-            except BaseException:
-                # the other ranks may wait in a collective: stop them all (torchrun ends the job),
-                # with what went wrong beside the run's results
-                import traceback
-                os.makedirs(run_args.out, exist_ok=True)
-                rank = dist.get_rank() if dist.is_initialized() else 0
-                with open(os.path.join(run_args.out, f"error{rank}.txt"), "w") as f:
-                    f.write(traceback.format_exc())
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(1)
+        from parallel_helpers import run_each
+        run_each(args.batch, lambda argv: run(parse(argv)), lambda argv: parse(argv).out)
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
