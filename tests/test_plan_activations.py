@@ -15,10 +15,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from llmc.compiler.plan import build_plan
 from llmc.compiler.spec import load_spec
+from llmc.compiler.plan.memory import loss_gradient_bytes
 from llmc.runtime.model import Transformer
+from llmc.runtime.model.transformer import cross_entropy
 from llmc.runtime.precision import autocast
 from llmc.runtime.train.loop import apply_train_modes
 
@@ -109,6 +114,27 @@ class _Held:
             self.count.now -= self.nbytes
 
 
+class MadeAlive(TorchDispatchMode):
+    """The bytes of the tensors that ops make while it is active (new storages, each once; not
+    views of their inputs) that are alive at once: the most, `peak`."""
+
+    def __init__(self):
+        super().__init__()
+        self.alive: dict[int, tuple[StorageWeakRef, int]] = {}
+        self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
+                storage = t.untyped_storage()
+                self.alive.setdefault(storage.data_ptr(), (StorageWeakRef(storage), storage.nbytes()))
+        self.alive = {key: held for key, held in self.alive.items() if not held[0].expired()}
+        self.peak = max(self.peak, sum(nbytes for _, nbytes in self.alive.values()))
+        return out
+
+
 def kept_for_backward(spec, wrap=lambda model: model) -> int:
     """Bytes a one-micro-batch training forward (with its loss) of the runtime keeps for the
     backward, on this rank after `wrap` (the layout's parallelism)."""
@@ -159,6 +185,20 @@ def test_plan_counts_what_other_blocks_keep(tmp_path, name, precision):
     if spec.model.attention.kind == "mla":
         expected += cpu_mla_padding(spec)
     assert kept_for_backward(spec) == pytest.approx(expected, rel=5e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_plan_counts_the_gradients_of_the_loss_over_the_logits(dtype):
+    """The loss's backward makes the fp32 gradients of the NLL and of the log-softmax over the
+    [tokens, vocabulary] logits, alive together (beside the log-probabilities the forward kept,
+    which the plan counts as activations); then the logits' own gradient, in their dtype."""
+    tokens, vocab = 1024, 512
+    logits = torch.randn(1, tokens, vocab, dtype=dtype, requires_grad=True)
+    loss = cross_entropy(logits, torch.randint(0, vocab, (1, tokens)))
+    with MadeAlive() as made:
+        loss.backward()
+    assert made.peak == pytest.approx(2 * 4 * tokens * vocab, rel=1e-4)
+    assert loss_gradient_bytes(vocab, tokens) == 2 * 4 * tokens * vocab
 
 
 TENSOR_PARALLEL = {  # name: (model, sequence parallel, recompute, precision)

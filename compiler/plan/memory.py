@@ -152,6 +152,13 @@ def per_tp_rank(params: float, replicated: float, tp: int) -> float:
     return (params - replicated) / tp + replicated
 
 
+def loss_gradient_bytes(vocab_size: int, tokens: int) -> int:
+    """What the loss's backward makes over one head's logits beside the fp32 log-probabilities it
+    keeps (activations): the gradient of the NLL and that of the log-softmax, fp32 [tokens, V] each,
+    alive together (over the full vocabulary: TP gathers the logits)."""
+    return 2 * FP32 * vocab_size * tokens
+
+
 class TrainMemory(BaseModel):
     """Training memory of the devices of one pipeline rank, in bytes."""
 
@@ -160,7 +167,7 @@ class TrainMemory(BaseModel):
     optimizer: int
     activations: int = Field(description="Saved activations of all micro-batches in flight on the stage (and "
                                          "autocast's bf16 copies of fp32 weights, which each of them saves).")
-    temporary: int = Field(description="Buffers alive at the peak: the loss's fp32 gradient over the logits, "
+    temporary: int = Field(description="Buffers alive at the peak: the loss's fp32 gradients over the logits, "
                                        "gathered FSDP units, the block being recomputed.")
     overhead: int = Field(description="hardware.memory_reserve x capacity: CUDA context, allocator fragmentation.")
     peak: int
@@ -281,8 +288,8 @@ class TrainMemoryModel:
         act = sum(n * saved for n, saved in zip(counts, chunks))
         in_flight = sum(counts) / len(counts)  # in micro-batches of the whole rank
         temporary = working
-        if share.last:  # the loss's fp32 gradient over one head's logits (full vocabulary: see below)
-            temporary += FP32 * self.V * deg.micro_batch_size * self.s
+        if share.last:
+            temporary += loss_gradient_bytes(self.V, deg.micro_batch_size * self.s)
         block = per_tp_rank(share.unit_dense, share.unit_replicated, tp) + share.unit_expert / ep
         root = per_tp_rank(share.root_dense, share.root_replicated, tp)
         if not deg.deferred:
