@@ -40,7 +40,7 @@ def pipeline(folder: Path, name: str, schedule: str, virtual_stages: str, micro_
     pipe = pipeline_for_plan(model, plan.model_dump(mode="json"), micro_batch_size=1, seq_len=T)
     tokens = torch.randint(0, spec.model.vocab_size, (int(micro_batches), T))
     with SavedForBackward(pipe.modules) as saved:  # as the training loop: each stage forward enters its autocast
-        pipe.step(tokens, tokens)
+        pipe.step(tokens, tokens.roll(-1, 1))  # labels, as packing makes them
     return saved.peak, plan.memory.train_stages[dist.get_rank()]
 
 

@@ -39,6 +39,7 @@ def parse(argv=None):
     ap.add_argument("--micro", type=int, default=2, help="micro-batch size")
     ap.add_argument("--n-micro", type=int, default=4, help="micro-batches in the global batch")
     ap.add_argument("--seq", type=int, default=16)
+    ap.add_argument("--loss-chunk", type=int, default=0, help="tokens per chunk of the loss (0: whole logits)")
     ap.add_argument("--out")
     ap.add_argument("--save-dcp", default=None, help="save a DCP checkpoint (model + optimizer) here at the end")
     ap.add_argument("--load-dcp", default=None, help="load a DCP checkpoint before training")
@@ -183,6 +184,7 @@ def run(args):
     torch.manual_seed(0)
     model = Transformer(spec.model)
     model.init_weights()
+    model.loss_chunk = args.loss_chunk
     g = torch.Generator().manual_seed(1)
     V = spec.model.vocab_size
     stream = torch.randint(0, V, (args.start_step + args.steps, args.n_micro, args.micro, args.seq + 1), generator=g)

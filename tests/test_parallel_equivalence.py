@@ -75,6 +75,10 @@ SEQUENCE_PARALLEL_LEARNED = {"tp2_sp": (2, degrees(tp=2, sequence_parallel=True)
 # gives each pipeline the 2 micro-batches 1F1B needs.
 EIGHT = ["--micro", "1", "--n-micro", "8"]
 
+# the loss 5 tokens at a time (runtime/model/loss.py; training uses it under train.recompute): on
+# FSDP2's gathered weights, and on a pipeline's last stage with the MTP head
+CHUNKED_LOSS, CHUNKED_LOSS_LAYOUTS = ["--loss-chunk", "5"], ("dp2_fsdp", "pp2_1f1b")
+
 RUNS = {  # name: (ranks, the worker's arguments)
     "reference": (1, {"sets": degrees()}),
     "reference_learned": (1, {"sets": degrees() + LEARNED_POSITIONS}),
@@ -85,6 +89,7 @@ RUNS = {  # name: (ranks, the worker's arguments)
        for name, (nproc, sets) in SEQUENCE_PARALLEL_LEARNED.items()},
     **{f"pp2_dp4_ep2_zero{zero}": (8, {"sets": degrees(dp=4, pp=2, ep=2, zero=zero), "extra": EIGHT})
        for zero in (0, 1)},
+    **{f"{name}_chunked_loss": (2, {"sets": LAYOUTS[name][1], "extra": CHUNKED_LOSS}) for name in CHUNKED_LOSS_LAYOUTS},
 }
 
 
@@ -147,6 +152,11 @@ def test_layout_matches_single_process(name, runs, reference):
     assert_same_training(results, reference)
     assert_states_match_plan(results, [k for k in STATES if k not in MEMORY_DIFFERS.get(name, ())])
     assert_peak_gradients_match_plan(results)
+
+
+@pytest.mark.parametrize("name", CHUNKED_LOSS_LAYOUTS)
+def test_chunked_loss_trains_like_whole_logits(name, runs, reference):
+    assert_same_training(runs[f"{name}_chunked_loss"], reference)
 
 
 def test_pipeline_model_states_match_plan_without_mtp(runs):

@@ -196,20 +196,21 @@ def test_flash_attention_keeps_no_score_matrix():
 def test_1f1b_first_stage_holds_p_micro_batches():
     """Korthikanti §4.2.3: under 1F1B the first stage keeps p micro-batches of its layers in flight,
     so its activations are p x (its layers) x (one layer's), whatever p is; beside the layers,
-    each micro-batch keeps the bf16 RoPE tables its blocks share (cos and sin, seq_len x 128)."""
+    each micro-batch keeps the bf16 RoPE tables its blocks share (cos and sin, seq_len x 128) and
+    the embedding's int64 token ids."""
     from llmc.compiler.plan.layout import LayoutSearch
     from llmc.compiler.plan.memory import Degrees
     s = load_spec("specs/llama3_8b.toml", ["train.recompute=none"])
     search = LayoutSearch(s, count_params(s.model))
     per_layer = set()
-    rope_tables = 2 * 2 * 8192 * 128
+    beside_layers = 2 * 2 * 8192 * 128 + 8 * 8192
     for pp in (2, 4, 8):
         _, shares, _ = search.shares(pp, 1)
         deg = Degrees(64 // pp, 1, pp, 1, 3, 1, 8 * pp, False)
         first = shares[0]
         activations, in_flight = search.memory.rank_bytes(deg, first)[3], search.memory.rank_bytes(deg, first)[7]
         assert in_flight == pp
-        per_layer.add((activations / pp - rope_tables) / len(first.chunks[0]))
+        per_layer.add((activations / pp - beside_layers) / len(first.chunks[0]))
         last = search.memory.rank_bytes(deg, shares[-1])[7]
         assert last == 1  # the last stage runs each micro-batch's backward at once
     assert len(per_layer) == 1
@@ -245,14 +246,15 @@ def test_quantized_weights_count_block_scales():
 def test_recomputed_blocks_cost_their_forward_again(recompute, recomputed_layers):
     """A checkpointed block runs its forward again in the backward: per token 2 x its parameters
     plus its attention forward, 4 x H x Q x T (a third of the PaLM training count). tiny: 4 blocks;
-    `selective` checkpoints blocks 0 and 2."""
+    `selective` checkpoints blocks 0 and 2. Both chunk the loss, which runs the head's forward
+    again: 2 x V x d per token."""
     sets = ["hardware.gpus_per_node=1", "hardware.peak_tflops=1", "hardware.mfu=0.5"]
     base = build_plan(load_spec("specs/tiny.toml", sets + ["train.recompute=none"]))
     plan = build_plan(load_spec("specs/tiny.toml", sets + [f"train.recompute={recompute}"]))
-    d, f, H, Q, kv, T = 256, 704, 4, 64, 2, 256
+    d, f, H, Q, kv, T, V = 256, 704, 4, 64, 2, 256, 4096
     # q, k, v, o; w1, w2, w3; and the two norms, which 6N counts too
     block_params = d * (H * Q + 2 * kv * Q) + H * Q * d + 3 * d * f + 2 * d
-    again = recomputed_layers * (2 * block_params + 4 * H * Q * T)
+    again = recomputed_layers * (2 * block_params + 4 * H * Q * T) + 2 * V * d
     tokens_per_step = 8 * 256
     extra = plan.layout.time_breakdown["compute"] - base.layout.time_breakdown["compute"]
     assert extra == pytest.approx(tokens_per_step * again / (1e12 * 0.5))

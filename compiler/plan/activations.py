@@ -29,6 +29,11 @@ block's working set is a temporary); `selective` does so for every other block, 
 ids (`recomputed`), which halves the activations for half a forward more. (Korthikanti's
 selective recompute of the attention core alone would keep almost as much as `none` under flash
 attention, which keeps no score matrix.)
+`selective` and `full` also chunk the loss (`loss_chunk_tokens`, runtime/model/loss.py): the head
+and its cross entropy run a chunk of tokens at a time, in the forward for the loss and again in
+the backward for its gradient, so the fp32 log-probabilities over the vocabulary are not kept and
+one chunk's logits exist at a time, for one more forward of the head. Not under TP, which gathers
+the logits over the vocabulary.
 """
 
 from __future__ import annotations
@@ -48,6 +53,15 @@ INT64 = 8
 def value_bytes(precision: str) -> tuple[int, int]:
     """(bytes per activation, bytes per value of the residual stream) under `precision`."""
     return {"fp32": (FP32, FP32), "fp16": (ACT, FP32)}.get(precision, (ACT, ACT))
+
+
+LOSS_CHUNK_BYTES = 2 ** 30  # fp32 logits of one chunk of the loss, at most (at least one token a chunk)
+
+
+def loss_chunk_tokens(recompute: str, vocab_size: int, tp: int = 1) -> int:
+    """Tokens per chunk of the loss under `recompute` and tp (0: the logits are made whole and
+    their fp32 log-probabilities kept for the backward): at most LOSS_CHUNK_BYTES of fp32 logits."""
+    return 0 if recompute == "none" or tp > 1 else max(1, LOSS_CHUNK_BYTES // (FP32 * vocab_size))
 
 
 def recomputed(recompute: str, block_id: int) -> bool:

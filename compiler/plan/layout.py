@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from pydantic import BaseModel, Field
 
 from ..spec.spec import EP_WITH_TP, tensor_parallel_limits
-from .activations import recomputed
+from .activations import loss_chunk_tokens, recomputed
 from .cost import Links, RankWork, StepTime, step_time
 from .flops import head_params, layer_train_flops, mtp_train_flops
 from .formatting import exceeds
@@ -227,8 +227,11 @@ class LayoutSearch:
             return _Fit(deg, None, worst, worst_rank, layers)
         m, t = self.spec.model, self.spec.train
         precision_bytes = 4 if t.precision == "fp32" else 2
-        work = [replace(w, dense_params=self.memory.dense_per_tp_rank(sh, deg.tp, deg.sequence_parallel))
-                for w, sh in zip(work, shares)]
+        # the chunked loss runs each head's forward again in the backward (the last stage)
+        again = loss_chunk_tokens(t.recompute, m.vocab_size, deg.tp) > 0
+        head_again = again * 2 * head_params(m) * (1 + m.mtp.depth)
+        work = [replace(w, dense_params=self.memory.dense_per_tp_rank(sh, deg.tp, deg.sequence_parallel),
+                        flops=w.flops + head_again * sh.last) for w, sh in zip(work, shares)]
         time = step_time(work, dp=deg.dp, tp=deg.tp, pp=deg.pp, ep=deg.ep, zero=deg.zero,
                          micro_batch_size=deg.micro_batch_size, grad_accum=deg.grad_accum, seq_len=t.seq_len,
                          d_model=m.d_model, top_k=m.moe.top_k if m.moe else 0, peak_flops=self.peak,

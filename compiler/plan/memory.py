@@ -34,7 +34,8 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, Field
 
-from .activations import ACT, FP32, block_activations, block_bytes, recomputed, value_bytes
+from .activations import (ACT, FP32, INT64, block_activations, block_bytes, loss_chunk_tokens, recomputed,
+                          value_bytes)
 from .hardware import lookup
 from .params import (ParamCount, attention_matrices, block, ffn_column_biases, ffn_matrices, mla_down_projections,
                      norm, qkv_biases, shapes)
@@ -152,11 +153,24 @@ def per_tp_rank(params: float, replicated: float, tp: int) -> float:
     return (params - replicated) / tp + replicated
 
 
-def loss_gradient_bytes(vocab_size: int, tokens: int) -> int:
-    """What the loss's backward makes over one head's logits beside the fp32 log-probabilities it
-    keeps (activations): the gradient of the NLL and that of the log-softmax, fp32 [tokens, V] each,
-    alive together (over the full vocabulary: TP gathers the logits)."""
-    return 2 * FP32 * vocab_size * tokens
+def loss_temporary_bytes(vocab_size: int, d_model: int, tokens: int, *, chunk: int = 0, act: int = ACT,
+                         fp32_weights: bool = True, heads: int = 1) -> float:
+    """What the loss's backward over a head makes beside what the forward kept (runtime/model/loss.py).
+
+    Whole logits (chunk 0): the gradients of the NLL and of the log-softmax, fp32 [tokens, V]
+    each, alive together (over the full vocabulary: TP gathers the logits). Chunked: the head's
+    fp32 weight gradient and input gradient (act [tokens, d]), a cast of fp32 weights, and one
+    chunk's logits (act [chunk, V]) beside the largest of their fp32 softmax, its weight product
+    (act [V, d]) or its input product (act [chunk, d]); with MTP heads, the weight gradient of one
+    head waits for the next's."""
+    V, h = vocab_size, d_model
+    if not chunk:
+        return 2 * FP32 * V * tokens
+    c, cast = min(chunk, tokens), act != FP32
+    held = FP32 * V * h + act * tokens * h + (act * V * h if cast and fp32_weights else 0)
+    per_chunk = act * c * V + max(FP32 * c * V if cast else 0, act * V * h if cast else 0, act * c * h)
+    waiting = (heads > 1) * (FP32 if fp32_weights else act) * V * h
+    return held + per_chunk + waiting
 
 
 class TrainMemory(BaseModel):
@@ -289,7 +303,10 @@ class TrainMemoryModel:
         in_flight = sum(counts) / len(counts)  # in micro-batches of the whole rank
         temporary = working
         if share.last:
-            temporary += loss_gradient_bytes(self.V, deg.micro_batch_size * self.s)
+            temporary += loss_temporary_bytes(self.V, self.h, deg.micro_batch_size * self.s,
+                                              chunk=loss_chunk_tokens(self.spec.train.recompute, self.V, tp),
+                                              act=value_bytes(self.spec.train.precision)[0],
+                                              fp32_weights=deg.zero == 0 or deg.dp == 1, heads=1 + len(self.mtp_act))
         block = per_tp_rank(share.unit_dense, share.unit_replicated, tp) + share.unit_expert / ep
         root = per_tp_rank(share.root_dense, share.root_replicated, tp)
         if not deg.deferred:
@@ -320,7 +337,7 @@ class TrainMemoryModel:
         # copies of them; FSDP2 gathers bf16 weights (its experts' only where it shards them)
         fp32_dense = deg.zero == 0 or deg.dp == 1
         fp32_experts = fp32_dense or deg.expert_dp == 1
-        key = (deg.tp, deg.ep, deg.sequence_parallel, deg.micro_batch_size, share.chunks, share.last,
+        key = (deg.tp, deg.ep, deg.sequence_parallel, deg.micro_batch_size, share.chunks, share.first, share.last,
                fp32_dense, fp32_experts)
         if key in self._cache:
             return self._cache[key]
@@ -345,18 +362,23 @@ class TrainMemoryModel:
                 working = max(working, work + (copies(j) if checkpointed else 0))
             if self.rope_dim and blocks:  # cos and sin, built once per forward and read by every block
                 saved += 2 * act * self.rope_dim * s
+            if share.first and c == 0:  # the embedding's token ids
+                saved += INT64 * b * s
             if tail:
-                shard = tp if sp else 1
-                depth = len(self.mtp_act)
+                shard, depth = tp if sp else 1, len(self.mtp_act)
+                chunked = loss_chunk_tokens(recompute, self.V, tp) > 0
                 # the final norm's input (the stream), the head's (gathered over the sequence under
-                # SP), and each head's fp32 log-probabilities, which the loss keeps over the full
-                # vocabulary (TP gathers the logits); the logits themselves are freed before the backward
-                per_token = stream * h / shard + act * h + (1 + depth) * FP32 * self.V
+                # SP), and what each head's loss keeps: its fp32 log-probabilities over the full
+                # vocabulary (TP gathers the logits), or chunked a log-sum-exp per token; the
+                # logits themselves are freed before the backward
+                per_token = stream * h / shard + act * h + (1 + depth) * FP32 * (1 if chunked else self.V)
                 # per MTP depth: its enorm input (the stream), eh_proj input (2h, gathered under SP),
-                # final norm input (the stream) and head input
-                per_token += depth * (2 * stream * h / shard + 3 * act * h)
-                # the head is split by TP, MTP's eh_proj only under sequence parallelism
-                copied = self.head_copy / tp + self.eh_proj_copies / (tp if sp else 1)
+                # final norm input (the stream) and head input, and its embedding's token ids; the
+                # labels of each head
+                per_token += depth * (2 * stream * h / shard + 3 * act * h + INT64) + (1 + depth) * INT64
+                # the head is split by TP, MTP's eh_proj only under sequence parallelism; the
+                # chunked loss casts the head for each chunk (a temporary)
+                copied = (0 if chunked else self.head_copy / tp) + self.eh_proj_copies / (tp if sp else 1)
                 saved += per_token * b * s + ACT * copied * fp32_dense
             chunks.append(saved)
         self._cache[key] = (chunks, working)

@@ -8,7 +8,6 @@ and head are the main model's (shared, not parameters of the module).
 """
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .norm import build_norm
@@ -30,8 +29,3 @@ class MTPModule(nn.Module):
         """h [B, T, D] previous depth's hidden state, next_emb [B, T, D] embedding of token t+k."""
         x = self.eh_proj(torch.cat((self.hnorm(h), self.enorm(next_emb)), dim=-1))
         return self.block(x, cos, sin)
-
-    def output(self, h, model):
-        """Logits through this module's norm and the model's shared head."""
-        h = self.norm(h)
-        return model.head(h) if model.head is not None else F.linear(h, model.embed.weight)

@@ -17,6 +17,7 @@ from torch import nn
 
 from ..precision import autocast_stream_dtype, compute_dtype
 from .attention import Attention
+from .loss import chunked_cross_entropy, cross_entropy
 from .mlp import MLP
 from .norm import build_norm
 from .rope import rope_attention_factor, rope_cos_sin, rope_inv_freq
@@ -26,7 +27,7 @@ from .rope import rope_attention_factor, rope_cos_sin, rope_inv_freq
 class ModelOutput:
     """What the model returns. Losses are None when not applicable (no labels, no MoE, no MTP)."""
 
-    logits: torch.Tensor                          # [B, T, V]
+    logits: torch.Tensor | None                   # [B, T, V]; None with labels and a chunked loss
     loss: torch.Tensor | None = None              # lm_loss + aux_loss + mtp.loss_weight * mtp_loss
                                                   #   (+ indexer_loss with the DSA indexer)
     lm_loss: torch.Tensor | None = None           # mean next-token cross entropy over labels != -100
@@ -35,12 +36,6 @@ class ModelOutput:
     expert_counts: torch.Tensor | None = None     # [n_moe_layers, n_experts] tokens routed per expert,
                                                   #   then a row per MoE MTP block (with labels)
     indexer_loss: torch.Tensor | None = None      # DSA indexers' alignment KL, summed over layers
-
-
-def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean token cross entropy in fp32 over labels != -100 (0 when every label is ignored)."""
-    losses = F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten(), ignore_index=-100, reduction="none")
-    return losses.sum() / (labels != -100).sum().clamp(min=1)
 
 
 class Block(nn.Module):
@@ -84,6 +79,7 @@ class Transformer(nn.Module):
             self.mtp = nn.ModuleList(MTPModule(cfg, k) for k in range(1, cfg.mtp.depth + 1))
         else:
             self.mtp = nn.ModuleList()
+        self.loss_chunk = 0  # tokens per chunk of the loss (runtime/model/loss.py); 0: whole logits
         self.moe_layer_ids = [i for i in range(cfg.n_layers) if cfg.is_moe_layer(i)]
         self.mtp_moe_depths = [k for k, m in enumerate(self.mtp) if m.block.is_moe]  # 0-based
         self.rope_attention_factor = rope_attention_factor(cfg.rope)
@@ -126,7 +122,8 @@ class Transformer(nn.Module):
         indexed `cache[layer_id]` (int); start_pos, the first new position, is positions[..., 0]
         of the first row; rows with other offsets need a cache carrying `mask` (see attention.py
         and mla.py for the per-layer hook). last_only: logits [B, 1, V] of the last position only
-        (a prefill needs no more; a long prompt's full logits would be T x V floats).
+        (a prefill needs no more; a long prompt's full logits would be T x V floats). With labels
+        and `loss_chunk` set (training under recompute), the loss is chunked and logits None.
         """
         if last_only and labels is not None:
             raise ValueError("last_only computes no logits to take a loss over: pass labels or last_only, not both")
@@ -139,13 +136,12 @@ class Transformer(nn.Module):
         for layer_id, layer in self.layers.items():
             layer_cache = cache[int(layer_id)] if cache is not None else None
             h = layer(h, cos, sin, cache=layer_cache, start_pos=start_pos)
-        logits = self.output(h[:, -1:] if last_only else h)
-
-        out = ModelOutput(logits=logits)
+        chunked = labels is not None and self.loss_chunk
+        out = ModelOutput(logits=None if chunked else self.output(h[:, -1:] if last_only else h))
         aux, counts = self._collect_moe_stats(h.device)
         out.aux_loss, out.expert_counts = aux, counts
         if labels is not None:
-            out.lm_loss = cross_entropy(logits, labels)
+            out.lm_loss = self.lm_loss(h, labels) if chunked else cross_entropy(out.logits, labels)
             out.loss = out.lm_loss
             if self.mtp:
                 out.mtp_loss = self._mtp_loss(h, tokens, labels, cos, sin)
@@ -177,10 +173,22 @@ class Transformer(nn.Module):
             h = h + self.pos_embed(positions)
         return h.to(autocast_stream_dtype(h))
 
+    def lm_loss(self, h: torch.Tensor, labels: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
+        """The next-token loss of hidden states h through `norm` (default: the final norm) and the
+        head; `loss_chunk` tokens at a time when set (runtime/model/loss.py)."""
+        x = (norm or self.norm)(h)
+        if not self.loss_chunk:
+            return cross_entropy(self.project(x), labels)
+        weight = self.head.weight if self.head is not None else self.embed.weight
+        return chunked_cross_entropy(x, weight, labels, self.loss_chunk, compute_dtype(x))
+
     def output(self, h: torch.Tensor) -> torch.Tensor:
-        """Final norm and head (the embedding matrix when tied)."""
-        h = self.norm(h)
-        return self.head(h) if self.head is not None else F.linear(h, self.embed.weight)
+        """Final norm and head: the logits."""
+        return self.project(self.norm(h))
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """The head (the embedding matrix when tied), shared by the MTP modules."""
+        return self.head(x) if self.head is not None else F.linear(x, self.embed.weight)
 
     def _mtp_loss(self, h, tokens, labels, cos, sin):
         """DeepSeek-V3 MTP: depth k at position t reads token t+k and predicts token t+k+1."""
@@ -190,7 +198,7 @@ class Transformer(nn.Module):
             targets = labels.roll(-k, dims=1).clone()      # token t+k+1
             targets[:, -k:] = -100
             h = module(h, self.embed_tokens(next_tokens), cos, sin)
-            losses.append(cross_entropy(module.output(h, self), targets))
+            losses.append(self.lm_loss(h, targets, module.norm))
         return torch.stack(losses).mean()
 
     def _collect_moe_stats(self, device, mtp: bool = False):

@@ -76,8 +76,6 @@ def _stage_compute(self, x, tokens, labels):
     Appends (lm loss, mtp loss, balance loss, expert counts) of the micro-batch to
     self._llmc_stats; Pipeline.step keeps the entries of the real micro-batches (the schedule
     also runs one forward on placeholder tensors to infer shapes)."""
-    from llmc.runtime.model.transformer import cross_entropy
-
     T = tokens.shape[1]
     positions = torch.arange(T, device=tokens.device)
     if self._llmc_first:
@@ -95,7 +93,7 @@ def _stage_compute(self, x, tokens, labels):
     if not self._llmc_last:
         self._llmc_stats.append((zero, zero, aux.detach() if aux is not None else zero, counts))
         return _AttachAux.apply(h, aux) if aux is not None else h
-    lm = cross_entropy(self.output(h), labels)
+    lm = self.lm_loss(h, labels)
     # in a training step, the micro-batch's share of the step's target tokens (as the loop's
     # StepShare.token_weight), times the micro-batches the schedule averages over
     per_target = self._llmc_lm_per_target

@@ -135,6 +135,7 @@ def apply_tp(model: nn.Module, tp_mesh, sequence_parallel: bool = False) -> nn.M
         # the head is F.linear over the embedding's weight, which would be a vocabulary-sharded DTensor
         raise ValueError("tensor parallelism does not shard tied embeddings (the planner does not choose "
                          "tp > 1 for model.tie_embeddings = true)")
+    model.loss_chunk = 0  # the head's logits are gathered over the vocabulary for a whole loss (the plan's rule)
     top = {}
     if model.embed is not None:
         top["embed"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1) if sp else Replicate())

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ...compiler.plan.activations import recomputed
+from ...compiler.plan.activations import loss_chunk_tokens, recomputed
 from ...compiler.spec import Spec
 from ..allocator import keep_freed_memory
 from ..data.dataset import TrainData
@@ -49,9 +49,11 @@ def apply_recompute(model, mode: str) -> None:
     """Activation checkpointing around blocks, from outside the model: `full` wraps every block,
     `selective` the even ones, by block id over the whole model (layers 0, 2, 4, ..., then MTP
     block k as block n_layers + k), whatever stage a pipeline later puts them in: half the
-    activation memory saved for half a forward recomputed: the plan's rule (`recomputed`)."""
+    activation memory saved for half a forward recomputed: the plan's rule (`recomputed`). Both
+    also chunk the loss (`loss_chunk_tokens`; apply_tp undoes it)."""
     if mode == "none":
         return
+    model.loss_chunk = loss_chunk_tokens(mode, model.cfg.vocab_size)
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
     wrap = lambda block: checkpoint_wrapper(block, preserve_rng_state=True)  # noqa: E731
     for i, key in enumerate(list(model.layers.keys())):

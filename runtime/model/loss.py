@@ -1,0 +1,86 @@
+"""The next-token loss over the head's logits: whole, or a chunk of tokens at a time.
+
+`cross_entropy` takes logits the caller made, [tokens, V]: the loss keeps their fp32
+log-probabilities for the backward, whose gradient over them is two more fp32 [tokens, V]
+tensors. For a large vocabulary and a long sequence that is most of a device's temporary memory
+(llama3_8b at 8,192 tokens: 3.9 GiB per copy).
+
+`chunked_cross_entropy` never makes them whole: it is given the head's input x and weight and
+makes the logits of `chunk` tokens at a time, in the forward for the loss (keeping a log-sum-exp
+per token) and again in the backward for the gradient, which it writes into the head's input
+gradient and an fp32 weight gradient chunk by chunk. It keeps x and its log-sum-exps for one more
+forward of the head, and casts fp32 weights to the compute dtype for each chunk (the cast is
+small beside the chunk's matmul) rather than keep a copy. The training runtime
+uses it under `train.recompute` (compiler/plan/activations.loss_chunk_tokens); the plan counts
+both (compiler/plan/memory.py).
+"""
+
+import torch
+import torch.nn.functional as F
+
+IGNORE = -100
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean token cross entropy in fp32 over labels != -100 (0 when every label is ignored)."""
+    losses = F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten(), ignore_index=IGNORE, reduction="sum")
+    return losses / (labels != IGNORE).sum().clamp(min=1)
+
+
+def chunked_cross_entropy(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int,
+                          dtype: torch.dtype) -> torch.Tensor:
+    """cross_entropy(x @ weight.T, labels), `chunk` tokens of x [..., D] at a time; the logits are
+    computed in `dtype` (the autocast's), the loss in fp32. weight [V, D] is a plain tensor."""
+    total = _ChunkedCrossEntropy.apply(x.flatten(0, -2).to(dtype), weight, labels.flatten(), chunk)
+    return total / (labels != IGNORE).sum().clamp(min=1)
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    """The summed fp32 cross entropy of x @ weight.T, one chunk of rows at a time in both passes."""
+
+    @staticmethod
+    def forward(ctx, x, weight, labels, chunk: int):
+        lse = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+        total = torch.zeros((), dtype=torch.float32, device=x.device)
+        for rows in _chunks(x.shape[0], chunk):
+            total += _chunk_loss(x[rows], weight, labels[rows], lse[rows])
+        ctx.save_for_backward(x, weight, labels, lse)
+        ctx.chunk = chunk
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        x, weight, labels, lse = ctx.saved_tensors
+        grad_x = torch.empty_like(x)
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        for rows in _chunks(x.shape[0], ctx.chunk):
+            grad_x[rows] = _chunk_gradients(x[rows], weight, labels[rows], lse[rows], grad_total, grad_w)
+        return grad_x, grad_w.to(weight.dtype), None, None
+
+
+def _chunks(n: int, chunk: int):
+    return (slice(i, min(i + chunk, n)) for i in range(0, n, chunk))
+
+
+def _chunk_loss(x, weight, y, lse_out) -> torch.Tensor:
+    """The chunk's summed loss; its log-sum-exps written to lse_out."""
+    z = (x @ weight.to(x.dtype).T).float()
+    lse_out.copy_(torch.logsumexp(z, dim=-1))
+    picked = z.gather(1, y.clamp(min=0)[:, None])[:, 0]
+    return ((lse_out - picked) * (y != IGNORE)).sum()
+
+
+def _chunk_gradients(x, weight, y, lse, grad_total, grad_w) -> torch.Tensor:
+    """The chunk's input gradient; its weight gradient added to grad_w (fp32)."""
+    w = weight.to(x.dtype)
+    p = (x @ w.T).float().sub_(lse[:, None]).exp_()  # softmax
+    hit = (y != IGNORE).nonzero()[:, 0]
+    p[hit, y[hit]] -= 1.0                            # minus the one-hot target
+    p.mul_(((y != IGNORE) * grad_total)[:, None])
+    g = p.to(x.dtype)
+    del p
+    if g.dtype == torch.float32:
+        grad_w.addmm_(g.T, x)
+    else:  # one product per chunk in the compute dtype, summed in fp32
+        grad_w += g.T @ x
+    return g @ w
