@@ -13,7 +13,6 @@ from ..data.tokenizer import encode_text
 from .checkpoint import load_for_inference, quantize_checkpoint
 from .generate import generate
 from .sampling import SamplingParams
-from .stream import TextStream
 
 
 def _threads(model) -> None:

@@ -65,8 +65,9 @@ def _chunks(n: int, chunk: int):
 def _chunk_loss(x, weight, y, lse_out) -> torch.Tensor:
     """The chunk's summed loss; its log-sum-exps written to lse_out."""
     z = (x @ weight.to(x.dtype).T).float()
-    lse_out.copy_(torch.logsumexp(z, dim=-1))
     picked = z.gather(1, y.clamp(min=0)[:, None])[:, 0]
+    top = z.amax(dim=-1)  # log-sum-exp in place: no second [chunk, V] tensor beside the logits
+    lse_out.copy_(z.sub_(top[:, None]).exp_().sum(dim=-1).log_().add_(top))
     return ((lse_out - picked) * (y != IGNORE)).sum()
 
 
