@@ -20,8 +20,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from llmc.compiler.plan import build_plan
-from llmc.compiler.spec import load_spec
 from llmc.compiler.plan.memory import loss_temporary_bytes
+from llmc.compiler.spec import load_spec
 from llmc.runtime.model import Transformer
 from llmc.runtime.model.loss import chunked_cross_entropy, cross_entropy
 from llmc.runtime.precision import autocast

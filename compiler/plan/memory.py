@@ -118,6 +118,12 @@ class Degrees:
         return self.zero == 0 or self.pp > 1 or (self.zero == 1 and self.grad_accum > 1)
 
     @property
+    def fp32_dense(self) -> bool:
+        """Dense weights stay fp32 in the forward (autocast casts them): replicated ones; FSDP2
+        gathers them in bf16."""
+        return self.zero == 0 or self.dp == 1
+
+    @property
     def edp(self) -> int:
         """Expert-data-parallel degree: replicas of each expert shard (ep is carved out of dp x tp)."""
         return self.dp * self.tp // self.ep
@@ -306,7 +312,7 @@ class TrainMemoryModel:
             temporary += loss_temporary_bytes(self.V, self.h, deg.micro_batch_size * self.s,
                                               chunk=loss_chunk_tokens(self.spec.train.recompute, self.V, tp),
                                               act=value_bytes(self.spec.train.precision)[0],
-                                              fp32_weights=deg.zero == 0 or deg.dp == 1, heads=1 + len(self.mtp_act))
+                                              fp32_weights=deg.fp32_dense, heads=1 + len(self.mtp_act))
         block = per_tp_rank(share.unit_dense, share.unit_replicated, tp) + share.unit_expert / ep
         root = per_tp_rank(share.root_dense, share.root_replicated, tp)
         if not deg.deferred:
@@ -335,7 +341,7 @@ class TrainMemoryModel:
         The last stage's final norm, head and MTP modules belong to its last chunk."""
         # replicated weights stay fp32, and each micro-batch's forward saves autocast's bf16
         # copies of them; FSDP2 gathers bf16 weights (its experts' only where it shards them)
-        fp32_dense = deg.zero == 0 or deg.dp == 1
+        fp32_dense = deg.fp32_dense
         fp32_experts = fp32_dense or deg.expert_dp == 1
         key = (deg.tp, deg.ep, deg.sequence_parallel, deg.micro_batch_size, share.chunks, share.first, share.last,
                fp32_dense, fp32_experts)
