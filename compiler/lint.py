@@ -34,17 +34,19 @@ def find_specs(paths: list[str]) -> list[Path]:
     return found
 
 
-def lint(paths: list[str], overrides: list[str] = ()) -> tuple[list[Path], list[Problem]]:
+def lint(paths: list[str], overrides: list[str] = ()) -> tuple[list[Path], list[Problem], list[Problem]]:
+    """(the specs found, their problems, the warnings of those that loaded)."""
     specs = find_specs(paths)
     problems: list[Problem] = []
+    warnings: list[Problem] = []
     for path in specs:
         if _is_preset(path):
             continue
         try:
-            load_spec(path, overrides)
+            warnings += load_spec(path, overrides).warnings
         except SpecError as e:
             problems += e.problems
-    return specs, problems
+    return specs, problems, warnings
 
 
 def _is_preset(path: Path) -> bool:
@@ -53,20 +55,26 @@ def _is_preset(path: Path) -> bool:
 
 
 def main(args) -> int:
-    specs, problems = lint(args.paths, args.overrides)
+    """Problems fail (exit 1); warnings are said and do not."""
+    specs, problems, warnings = lint(args.paths, args.overrides)
     if args.format == "json":
-        print(json.dumps({"specs": [str(p) for p in specs], "problems": [p.to_dict() for p in problems]}, indent=2))
+        print(json.dumps({"specs": [str(p) for p in specs], "problems": [p.to_dict() for p in problems],
+                          "warnings": [w.to_dict() for w in warnings]}, indent=2))
     elif args.format == "github":
-        for p in problems:
-            line = f",line={p.line}" if p.line else ""
-            message = f"{p.key}: {p.message}" if p.key else p.message
-            print(f"::error file={p.file}{line},title=llmc lint::{_escape(message)}")
+        for level, found in (("error", problems), ("warning", warnings)):
+            for p in found:
+                line = f",line={p.line}" if p.line else ""
+                message = f"{p.key}: {p.message}" if p.key else p.message
+                print(f"::{level} file={p.file}{line},title=llmc lint::{_escape(message)}")
     else:
         for p in problems:
             print(p)
+        for w in warnings:
+            print(f"warning: {w}")
         checked = sum(not _is_preset(p) for p in specs)
         print(f"{checked} spec{'s' if checked != 1 else ''} checked, "
-              f"{len(problems)} problem{'s' if len(problems) != 1 else ''}", file=sys.stderr)
+              f"{len(problems)} problem{'s' if len(problems) != 1 else ''}"
+              + (f", {len(warnings)} warning{'s' if len(warnings) != 1 else ''}" if warnings else ""), file=sys.stderr)
     return 1 if problems else 0
 
 

@@ -11,7 +11,7 @@ import sys
 
 from .plan.formatting import (GiB, duration, flops_rows, gib, human, memory_rows, param_rows, stage_rows,
                               stored_note, total_rows)
-from .spec import load_spec
+from .spec import load_spec, print_warnings
 
 BAR_WIDTH = 40
 COLOURS = {"weights": "blue", "gradients": "magenta", "optimizer": "yellow", "activations": "green",
@@ -20,6 +20,7 @@ COLOURS = {"weights": "blue", "gradients": "magenta", "optimizer": "yellow", "ac
 
 def main(args) -> int:
     spec = load_spec(args.spec, args.overrides)
+    print_warnings(spec)
     if args.formula:
         print_formulas(spec)
         return 0

@@ -128,3 +128,46 @@ def test_train_refuses_a_process_count_below_one(capsys):
         with pytest.raises(SystemExit) as e:
             main(["train", str(SPECS / "tiny.toml"), "--nproc", bad])
         assert e.value.code == 2 and "expected a positive integer" in capsys.readouterr().err
+
+
+WARMUP_PAST_THE_RUN = ("[model]\nvocab_size = 64\nd_model = 32\nn_layers = 1\nn_heads = 2\nffn_hidden = 64\n"
+                       "max_seq_len = 16\n[train]\nseq_len = 16\nglobal_batch_size = 2\nmax_steps = 4\n"
+                       "[train.schedule]\nwarmup_steps = 10\n")
+
+
+def test_a_warmup_past_the_run_is_a_warning_at_its_line(write_spec, capsys):
+    """Valid, but the learning rate would rise for the whole run to 4/10 of its peak and never
+    decay: lint says so at the key's line and passes; json and GitHub formats carry it too."""
+    path = write_spec(WARMUP_PAST_THE_RUN)
+    assert main(["lint", str(path)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.splitlines() == [
+        f"warning: {path}:13: train.schedule.warmup_steps: the run warms up for all of its 4 steps and never "
+        "decays: the learning rate ends at 40% of train.optimizer.lr (expected warmup_steps below the run's "
+        "steps, found 10)"]
+    assert "1 spec checked, 0 problems, 1 warning" in captured.err
+    assert main(["lint", str(path), "--format", "json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["problems"] == [] and [(w["line"], w["key"]) for w in report["warnings"]] == [
+        (13, "train.schedule.warmup_steps")]
+    assert main(["lint", str(path), "--format", "github"]) == 0
+    assert capsys.readouterr().out.startswith(f"::warning file={path},line=13,title=llmc lint::train.schedule.")
+    # a run long enough, or set so on the command line, is fine; the warning names --set when it came from there
+    assert main(["lint", str(path), "--set", "train.max_steps=11"]) == 0
+    assert "warning" not in capsys.readouterr().out
+    assert main(["lint", str(path), "--set", "train.schedule.warmup_steps=4"]) == 0
+    assert capsys.readouterr().out.startswith("warning: --set: train.schedule.warmup_steps: ")
+
+
+def test_plan_says_the_warnings_of_its_spec_and_plans(write_spec, capsys):
+    path = write_spec(WARMUP_PAST_THE_RUN)
+    assert main(["plan", str(path), "--format", "json"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f"warning: {path}:13: train.schedule.warmup_steps: the run warms up")
+    assert json.loads(captured.out)["layout"] is not None
+
+
+def test_shipped_specs_have_no_warnings():
+    from llmc.compiler.spec import load_spec
+    for path in sorted(SPECS.glob("*.toml")):
+        assert load_spec(path).warnings == [], path

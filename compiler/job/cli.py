@@ -18,7 +18,7 @@ from torchx.specs import AppState, parse_app_handle
 from torchx.specs.api import MalformedAppHandleException
 
 from ..errors import UserError
-from ..spec import load_spec
+from ..spec import load_spec, print_warnings
 from . import track
 from .emit import REQUEST_FILES, compile_job, workdir_of
 from .follow import follow, print_logs, print_report
@@ -28,6 +28,7 @@ from .schedulers import BACKENDS, SESSION, make_runner, slurm_unreachable, torch
 def compile_main(args) -> int:
     """`llmc compile SPEC -o OUT`."""
     spec = load_spec(args.spec, args.overrides)
+    print_warnings(spec)
     job = compile_job(spec, Path(args.output), spec_path=args.spec, overrides=args.overrides)
     for what, name in job.files.items():
         print(f"{job.out / name}  ({what})")
@@ -39,6 +40,7 @@ def compile_main(args) -> int:
 def run_main(args) -> int:
     """`llmc run SPEC`: plan, compile into RUN_DIR/job, submit through TorchX, follow."""
     spec = load_spec(args.spec, args.overrides)
+    print_warnings(spec)
     scheduler = args.scheduler or spec.job.scheduler
     workdir = workdir_of(spec, scheduler)
     run_dir = workdir / spec.job.out_dir / spec.job.name

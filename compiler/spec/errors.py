@@ -1,5 +1,6 @@
 """Spec errors: every mistake located by file, line and key path, all reported at once."""
 
+import sys
 from dataclasses import asdict, dataclass
 
 
@@ -29,3 +30,9 @@ class SpecError(Exception):
     def __init__(self, problems: list[Problem]):
         self.problems = problems
         super().__init__("\n".join(map(str, problems)))
+
+
+def print_warnings(spec) -> None:
+    """A loaded spec's warnings (Spec.warnings) on stderr."""
+    for problem in spec.warnings:
+        print(f"warning: {problem}", file=sys.stderr)

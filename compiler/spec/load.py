@@ -182,9 +182,13 @@ def load_spec(path: str | Path, overrides: typing.Sequence[str] = ()) -> Spec:
 
 def validate(data: dict, origins: dict[Key, Origin], display: str) -> Spec:
     try:
-        return Spec.model_validate(data)
+        spec = Spec.model_validate(data)
     except ValidationError as e:
         errors = e.errors()
+    else:
+        advice = failures(Spec._advice, {name: getattr(spec, name) for name in Spec.model_fields})
+        spec._warnings = [_problem(tuple(key.split(".")), message, origins, display) for key, message in advice]
+        return spec
     _, mistakes = _unchecked(Spec, data, [err["loc"] for err in errors])
     raise SpecError(_problems(errors, mistakes, origins, display)) from None
 

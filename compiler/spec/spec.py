@@ -1,8 +1,10 @@
 """The root of a spec: one table per concern, and the checks that span tables."""
 
-from pydantic import Field
+from typing import ClassVar
 
-from .base import Table
+from pydantic import Field, PrivateAttr
+
+from .base import Check, Table
 from .data import DataSpec
 from .hardware import HardwareSpec
 from .job import JobSpec
@@ -113,6 +115,16 @@ def _batch_divides(parallel, train):
                                           f"{dp * t.micro_batch_size} (found {t.global_batch_size})")
 
 
+def _warmup_within_run(train):
+    warmup, steps = train.schedule.warmup_steps, train.steps
+    if warmup and warmup >= steps:
+        reached = "reaches train.optimizer.lr on the last step" if warmup == steps else \
+            f"ends at {steps / warmup:.0%} of train.optimizer.lr"
+        yield "train.schedule.warmup_steps", (f"the run warms up for all of its {steps} steps and never decays: "
+                                              f"the learning rate {reached} (expected warmup_steps below the "
+                                              f"run's steps, found {warmup})")
+
+
 class Spec(Table):
     """An llmc spec: a model and a run."""
 
@@ -127,6 +139,16 @@ class Spec(Table):
 
     _checks = (_context_fits, _layout_fits_hardware, _tensor_fits_model, _stages_fit_model,
                _experts_fit, _batch_divides)
+    # checks of the same form for settings that are valid but most likely not meant: warnings,
+    # which do not stop a spec; the loader locates them like mistakes (`warnings`)
+    _advice: ClassVar[tuple[Check, ...]] = (_warmup_within_run,)
+    _warnings: list = PrivateAttr(default_factory=list)
+
+    @property
+    def warnings(self) -> list:
+        """Problems of settings that are valid but most likely not meant, located as load_spec
+        found them (empty for a spec not loaded from a file)."""
+        return self._warnings
 
     @property
     def world_size(self) -> int:

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from ...compiler.errors import UserError
-from ...compiler.spec import SpecError, load_spec, spec_to_toml
+from ...compiler.spec import SpecError, load_spec, print_warnings, spec_to_toml
 
 
 def _spec_for(args):
@@ -47,6 +47,7 @@ def main(args) -> int:
     # torch is imported only to resume or to train in this process: a mistake in the spec is
     # said at once, and a launcher of several processes does not load it beside them
     spec = _spec_for(args)
+    print_warnings(spec)
     plan = build_plan(spec).model_dump(mode="json")
     run_dir = Path(args.out) if args.out else Path(spec.job.out_dir) / spec.job.name
     nproc = args.nproc or (plan.get("layout") or {}).get("world_size") or spec.world_size
