@@ -187,8 +187,9 @@ class TrainMemory(BaseModel):
     optimizer: int
     activations: int = Field(description="Saved activations of all micro-batches in flight on the stage (and "
                                          "autocast's bf16 copies of fp32 weights, which each of them saves).")
-    temporary: int = Field(description="Buffers alive at the peak: the loss's fp32 gradients over the logits, "
-                                       "gathered FSDP units, the block being recomputed.")
+    temporary: int = Field(description="Buffers alive at the peak: the loss's fp32 gradients over the logits "
+                                       "(one chunk of them under recompute), gathered FSDP units, the block being "
+                                       "recomputed.")
     overhead: int = Field(description="hardware.memory_reserve x capacity: CUDA context, allocator fragmentation.")
     peak: int
     capacity: int
