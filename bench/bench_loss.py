@@ -54,11 +54,11 @@ def one(args) -> dict:
             "maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "chunk": chunk}
 
 
-def planned(args, chunk: int) -> dict:
+def planned(args, precision: str, chunk: int) -> dict:
     """The plan's bytes for each variant's loss: saved log-probabilities plus the temporaries."""
     from llmc.compiler.plan.memory import loss_temporary_bytes
 
-    act = 2 if args.precision == "bf16" else 4
+    act = 2 if precision == "bf16" else 4
     whole = 4 * args.tokens * args.vocab + loss_temporary_bytes(args.vocab, args.d, args.tokens)
     chunked = loss_temporary_bytes(args.vocab, args.d, args.tokens, chunk=chunk, act=act)
     return {"whole": whole, "chunked": chunked}
@@ -88,7 +88,7 @@ def main():
             command = [sys.executable, __file__, "--variant", variant, "--precision", precision,
                        *(f"--{k}={getattr(args, k)}" for k in ("tokens", "d", "vocab", "reps", "threads"))]
             runs[variant] = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
-        plan = planned(argparse.Namespace(**{**vars(args), "precision": precision}), runs["chunked"]["chunk"])
+        plan = planned(args, precision, runs["chunked"]["chunk"])
         for variant in ("whole", "chunked"):
             r = runs[variant]
             table.add_row(precision, variant, f"{r['chunk']:,}" if variant == "chunked" else "-",
