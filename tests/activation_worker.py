@@ -4,6 +4,7 @@ OUT/rank{r}.json.
 
     activation_worker.py tp MODEL SEQUENCE_PARALLEL(0|1) RECOMPUTE PRECISION OUT    tp = 2: one forward
     activation_worker.py pp MODEL SCHEDULE VIRTUAL_STAGES MICRO_BATCHES OUT    pp = 2: a schedule step
+    activation_worker.py loss DTYPE OUT    the loss of logits split over the vocabulary, against the whole
     activation_worker.py --batch LISTING    the argument lists of LISTING (JSON), one after another
 """
 
@@ -15,7 +16,11 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_plan_activations import T, SavedForBackward, kept_for_backward, spec_for  # noqa: E402
+from test_plan_activations import T, MadeAlive, SavedForBackward, kept_for_backward, spec_for  # noqa: E402
+from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
+from torch.distributed.tensor import Shard, distribute_tensor  # noqa: E402
+
+from llmc.runtime.model.loss import cross_entropy  # noqa: E402
 
 from llmc.compiler.plan import build_plan  # noqa: E402
 from llmc.runtime.model import Transformer  # noqa: E402
@@ -44,9 +49,41 @@ def pipeline(folder: Path, name: str, schedule: str, virtual_stages: str, micro_
     return saved.peak, plan.memory.train_stages[dist.get_rank()]
 
 
+LOSS_TOKENS, LOSS_VOCAB = 256, 8193  # split unevenly over two ranks: 4,097 and 4,096 columns
+
+
+def vocabulary_parallel_loss(dtype: str) -> dict:
+    """The loss and gradient of [tokens, V] logits split over the vocabulary as apply_tp's head
+    leaves them (a DTensor), and of the same logits whole on each rank (torch's cross entropy);
+    the bytes the split loss's forward and backward make, alive at once."""
+    mesh = init_device_mesh("cpu", (2,))
+    torch.manual_seed(0)  # the same logits and labels on both ranks
+    whole = (3 * torch.randn(LOSS_TOKENS, LOSS_VOCAB)).to(getattr(torch, dtype)).requires_grad_()
+    labels = torch.randint(0, LOSS_VOCAB, (LOSS_TOKENS,))
+    labels[::7] = -100
+    labels[1], labels[2] = 4096, 4097  # the last column of the first rank, the first of the second
+    expected = cross_entropy(whole, labels)
+    (0.5 * expected).backward()
+    split = distribute_tensor(whole.detach(), mesh, [Shard(1)]).requires_grad_()
+    with MadeAlive() as forward:
+        loss = cross_entropy(split, labels)
+    with MadeAlive() as backward:
+        (0.5 * loss).backward()
+    grad = split.grad.full_tensor()
+    return {"loss": loss.item(), "expected": expected.item(), "columns": split.to_local().shape[-1],
+            "grad_error": (grad.float() - whole.grad.float()).abs().max().item(),
+            "grad_scale": whole.grad.float().abs().max().item(),
+            "forward": forward.peak, "backward": backward.peak}
+
+
 def measure(mode: str, *args: str) -> None:
     *args, out = args
     rank = dist.get_rank()
+    if mode == "loss":
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / f"rank{rank}.json").write_text(json.dumps(vocabulary_parallel_loss(*args)))
+        dist.barrier()
+        return
     folder = Path(out) / f"spec{rank}"
     folder.mkdir(parents=True, exist_ok=True)
     kept, memory = {"tp": tensor_parallel, "pp": pipeline}[mode](folder, *args)

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.multiprocessing.reductions import StorageWeakRef
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_leaves
 
 from llmc.compiler.plan import build_plan
@@ -127,14 +128,19 @@ class MadeAlive(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if plain(t)}
         for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
+            if plain(t) and t.untyped_storage().data_ptr() not in inputs:
                 storage = t.untyped_storage()
                 self.alive.setdefault(storage.data_ptr(), (StorageWeakRef(storage), storage.nbytes()))
         self.alive = {key: held for key, held in self.alive.items() if not held[0].expired()}
         self.peak = max(self.peak, sum(nbytes for _, nbytes in self.alive.values()))
         return out
+
+
+def plain(t) -> bool:
+    """A tensor with its own storage: not a DTensor, whose local tensor's ops are counted."""
+    return isinstance(t, torch.Tensor) and not is_traceable_wrapper_subclass(t)
 
 
 def kept_for_backward(spec, wrap=lambda model: model) -> int:
@@ -225,21 +231,27 @@ def test_plan_counts_what_the_chunked_loss_makes(compute, weights, chunk, vocab,
     assert forward.peak < planned
 
 
+@pytest.mark.parametrize("chunk", [256, 0], ids=["chunked", "whole"])
 @pytest.mark.parametrize("compute, weights", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
                                               (torch.bfloat16, torch.bfloat16)], ids=["fp32", "bf16", "bf16-fsdp"])
-def test_plan_counts_the_weight_gradient_an_mtp_head_leaves_waiting(compute, weights):
+def test_plan_counts_the_weight_gradient_an_mtp_head_leaves_waiting(compute, weights, chunk):
     """Two heads on one weight (the main head and an MTP head): the later head's backward runs
-    first and its weight gradient waits, in the weight's dtype, for the other's to be added.
-    (Its input gradient, kept here as a leaf's, goes on into the MTP block in the model.)"""
+    first and its weight gradient waits for the other's to be added: from the chunked loss in the
+    weight's dtype, from whole logits in the compute dtype (the gradient of autocast's one copy of
+    the weight, beside the loss's own fp32 gradients over the logits). (Its input gradient, kept
+    here as a leaf's, goes on into the MTP block in the model.)"""
     tokens, vocab, d = 1024, 2048, 64
     weight = torch.randn(vocab, d, dtype=weights, requires_grad=True)
     x, later = (torch.randn(tokens, d, dtype=compute, requires_grad=True) for _ in range(2))
     labels = torch.randint(0, vocab, (tokens,))
-    loss = chunked_cross_entropy(x, weight, labels, 256, compute) + chunked_cross_entropy(later, weight, labels, 256,
-                                                                                          compute)
+    if chunk:
+        loss = sum(chunked_cross_entropy(h, weight, labels, chunk, compute) for h in (x, later))
+    else:  # the model's head under the training loop's autocast
+        with autocast(torch.device("cpu"), "fp32" if compute == torch.float32 else "bf16"):
+            loss = sum(cross_entropy(F.linear(h, weight), labels) for h in (x, later))
     with MadeAlive() as made:
         loss.backward()
-    planned = loss_temporary_bytes(vocab, d, tokens, chunk=256, act=compute.itemsize,
+    planned = loss_temporary_bytes(vocab, d, tokens, chunk=chunk, act=compute.itemsize,
                                    fp32_weights=weights == torch.float32, heads=2)
     assert made.peak - later.grad.nbytes == pytest.approx(planned, rel=2e-3)
 
@@ -265,6 +277,7 @@ def two_ranks(tmp_path_factory):
             for key, (name, sp, recompute, precision) in TENSOR_PARALLEL.items()}
     runs |= {f"pp-{key}": ["pp", "moe_mtp", schedule, str(virtual), "4"]
              for key, (schedule, virtual, _) in PIPELINE.items()}
+    runs |= {f"loss-{dtype}": ["loss", dtype] for dtype in ("float32", "bfloat16")}
     return Batch(tmp_path_factory.mktemp("activations"), 2, {name: {"argv": argv} for name, argv in runs.items()},
                  worker=Path(__file__).parent / "activation_worker.py", args=lambda out, argv: [*argv, str(out)],
                  result="rank{}.json", load=lambda f: json.loads(f.read_text()))
@@ -286,6 +299,26 @@ def test_plan_counts_what_each_tensor_parallel_rank_keeps(two_ranks, tmp_path, k
             # sequence's storage (the other half, bf16) where NCCL's all-to-all would not
             expected += 2 * 256 * T // 2
         assert result["kept"] == pytest.approx(expected, rel=5e-3)
+
+
+@pytest.mark.parametrize("dtype, tolerance", [("float32", 1e-6), ("bfloat16", 1e-2)])
+def test_the_loss_of_logits_split_over_the_vocabulary(two_ranks, dtype, tolerance):
+    """tp = 2: the head's logits stay split over the vocabulary, unevenly (4,097 and 4,096 columns),
+    and the loss takes them with all-reduces over the tokens. Its loss and gradient equal torch's
+    cross entropy over the whole logits, with ignored labels and targets on both sides of the
+    split; its backward makes the plan's temporaries on the rank with the most columns: the fp32
+    softmax of its columns and, under bf16, the gradient's cast; its forward no more."""
+    from activation_worker import LOSS_TOKENS, LOSS_VOCAB
+    results = two_ranks[f"loss-{dtype}"]
+    assert [r["columns"] for r in results] == [4097, 4096]
+    compute = 2 if dtype == "bfloat16" else 4
+    planned = loss_temporary_bytes(LOSS_VOCAB, 64, LOSS_TOKENS, act=compute, tp=2)
+    for result in results:
+        assert result["loss"] == pytest.approx(result["expected"], rel=1e-6)
+        assert result["grad_error"] <= tolerance * result["grad_scale"]
+        assert result["backward"] == pytest.approx((4 + compute % 4) * result["columns"] * LOSS_TOKENS, rel=2e-3)
+        assert result["forward"] <= result["backward"] * 1.002
+    assert results[0]["backward"] == pytest.approx(planned, rel=2e-3)
 
 
 @pytest.mark.parametrize("key", list(PIPELINE))

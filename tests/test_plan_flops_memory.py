@@ -262,14 +262,20 @@ def test_recomputed_blocks_cost_their_forward_again(recompute, recomputed_layers
 
 def test_tensor_parallel_all_reduces_of_recomputed_blocks_and_fp32():
     """tp = 2 on tiny (4 blocks): 4 all-reduces per block (2 forward, 2 backward), 2 more for each
-    checkpointed block (its forward again): 16, 20 under selective (blocks 0 and 2), 24 under
-    full; each one of the micro-batch's [tokens, d_model] activations, twice the bytes in fp32."""
+    checkpointed block (its forward again), and one each for the embedding's output and the head's
+    input gradient: 18, 22 under selective (blocks 0 and 2), 26 under full; each one of the
+    micro-batch's [tokens, d_model] activations, twice the bytes in fp32."""
     def tp_seconds(*sets):
-        spec = load_spec("specs/tiny.toml", ["hardware.gpus_per_node=2", "parallel.tp=2", "parallel.dp=1", *sets])
-        return build_plan(spec).layout.time_breakdown["tp_comm"]
+        spec = load_spec("specs/tiny.toml", ["hardware.gpus_per_node=2", "hardware.intra_node_gbps=100",
+                                             "parallel.tp=2", "parallel.dp=1", *sets])
+        plan = build_plan(spec)
+        assert (plan.layout.micro_batch_size, plan.layout.grad_accum) == (8, 1)
+        return plan.layout.time_breakdown["tp_comm"]
     none = tp_seconds("train.recompute=none")
-    assert tp_seconds("train.recompute=selective") == pytest.approx(none * 20 / 16)
-    assert tp_seconds("train.recompute=full") == pytest.approx(none * 24 / 16)
+    # a ring all-reduce over 2 ranks sends and receives the bf16 [8 x 256 tokens, 256] once
+    assert none == pytest.approx(18 * 8 * 256 * 256 * 2 / 100e9)
+    assert tp_seconds("train.recompute=selective") == pytest.approx(none * 22 / 18)
+    assert tp_seconds("train.recompute=full") == pytest.approx(none * 26 / 18)
     assert tp_seconds("train.recompute=none", 'train.precision="fp32"') == pytest.approx(2 * none)
 
 

@@ -32,8 +32,8 @@ attention, which keeps no score matrix.)
 `selective` and `full` also chunk the loss (`loss_chunk_tokens`, runtime/model/loss.py): the head
 and its cross entropy run a chunk of tokens at a time, in the forward for the loss and again in
 the backward for its gradient, so the fp32 log-probabilities over the vocabulary are not kept and
-one chunk's logits exist at a time, for one more forward of the head. Not under TP, which gathers
-the logits over the vocabulary.
+one chunk's logits exist at a time, for one more forward of the head. Not under TP, whose loss
+takes each rank's columns of the vocabulary instead (runtime/model/loss.py).
 """
 
 from __future__ import annotations

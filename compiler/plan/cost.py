@@ -2,7 +2,8 @@
 
 Per micro-batch, the slowest pipeline rank computes its chunks at the assumed MFU (the forward
 of its checkpointed blocks twice) and waits for its tensor-parallel all-reduces (4 per block:
-2 forward, 2 backward, on the node's links; 2 more for a checkpointed block), its MoE
+2 forward, 2 backward, on the node's links; 2 more for a checkpointed block; one for each
+vocabulary-parallel embedding's output and each head's input gradient), its MoE
 all-to-alls (dispatch and combine, forward and backward) and its pipeline sends, of
 activations in the training precision. A step is (m + p - 1) such micro-batch slots for
 1F1B / GPipe, (m + (p - 1)/v) interleaved: the bubble is
@@ -68,6 +69,8 @@ class RankWork:
     dense_params: float   # dense parameters one TP rank synchronises over dp (its shards, what TP replicates)
     expert_params: float  # routed-expert parameters (before EP division)
     recomputed: int = 0   # checkpointed blocks: their forward's 2 TP all-reduces run again
+    ends: int = 0         # embeddings and heads (MTP's included): a TP all-reduce each (the head's
+                          #   loss reduces only [tokens] values: runtime/model/loss.py)
 
 
 def step_time(work: list[RankWork], *, dp: int, tp: int, pp: int, ep: int, zero: int, micro_batch_size: int,
@@ -87,7 +90,7 @@ def step_time(work: list[RankWork], *, dp: int, tp: int, pp: int, ep: int, zero:
     dp_s = 0.0
     for w in work:
         compute = w.flops * tokens / (tp * peak_flops * mfu)
-        t_tp = (4 * w.blocks + 2 * w.recomputed) * ring_all_reduce_s(activation, tp, bw_tp)
+        t_tp = (4 * w.blocks + 2 * w.recomputed + w.ends) * ring_all_reduce_s(activation, tp, bw_tp)
         a2a_bytes = tokens / tp * top_k * d_model * activation_bytes * (ep - 1) / ep
         t_ep = w.moe_blocks * 4 * a2a_bytes / (bw_ep * 1e9) if ep > 1 else 0.0
         t_pp = 2 * activation / tp / (bw_pp * 1e9) if pp > 1 else 0.0

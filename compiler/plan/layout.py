@@ -149,8 +149,9 @@ class LayoutSearch:
                     mine += list(range(m.n_layers, m.n_layers + m.mtp.depth))  # MTP blocks
                 again = [j for j in mine if recomputed(self.spec.train.recompute, j)]
                 flops += sum(self.block_flops[j] for j in again) / 3
+                ends = sh.first + sh.last * (1 + 2 * m.mtp.depth)  # MTP: an embedding and a head a depth
                 work.append(RankWork(flops, len(mine), sum(m.is_moe_layer(j) for j in mine),
-                                     sh.dense, sh.expert, len(again)))  # (dense at tp = 1: see evaluate)
+                                     sh.dense, sh.expert, len(again), ends))  # (dense at tp = 1: see evaluate)
             self._shares[key] = (layers, shares, work)
         return self._shares[key]
 

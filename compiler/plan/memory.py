@@ -160,23 +160,32 @@ def per_tp_rank(params: float, replicated: float, tp: int) -> float:
 
 
 def loss_temporary_bytes(vocab_size: int, d_model: int, tokens: int, *, chunk: int = 0, act: int = ACT,
-                         fp32_weights: bool = True, heads: int = 1) -> float:
+                         fp32_weights: bool = True, heads: int = 1, tp: int = 1) -> float:
     """What the loss's backward over a head makes beside what the forward kept (runtime/model/loss.py).
 
     Whole logits (chunk 0): the gradients of the NLL and of the log-softmax, fp32 [tokens, V]
-    each, alive together (over the full vocabulary: TP gathers the logits). Chunked: the head's
+    each, alive together. Under TP, split over the vocabulary: the fp32 softmax of the rank's
+    columns [tokens, ceil(V / tp)] and its cast to act (none in fp32). With MTP heads, the weight
+    gradient of one head (of its autocast copy: act) waits for the next's. Chunked: the head's
     fp32 weight gradient and input gradient (act [tokens, d]), a cast of fp32 weights, and one
     chunk's logits (act [chunk, V]) beside the largest of their fp32 softmax, its weight product
     (act [V, d]) or its input product (act [chunk, d]); with MTP heads, the weight gradient of one
     head waits for the next's."""
     V, h = vocab_size, d_model
     if not chunk:
-        return 2 * FP32 * V * tokens
+        columns = vocab_columns(V, tp)
+        logits = 2 * FP32 if tp == 1 else FP32 + (act if act != FP32 else 0)
+        return logits * columns * tokens + (heads > 1) * act * columns * h
     c, cast = min(chunk, tokens), act != FP32
     held = FP32 * V * h + act * tokens * h + (act * V * h if cast and fp32_weights else 0)
     per_chunk = act * c * V + max(FP32 * c * V if cast else 0, act * V * h if cast else 0, act * c * h)
     waiting = (heads > 1) * (FP32 if fp32_weights else act) * V * h
     return held + per_chunk + waiting
+
+
+def vocab_columns(vocab_size: int, tp: int) -> int:
+    """The most logits a TP rank holds per token: the head splits the vocabulary like torch.chunk."""
+    return -(-vocab_size // tp)
 
 
 class TrainMemory(BaseModel):
@@ -188,8 +197,8 @@ class TrainMemory(BaseModel):
     activations: int = Field(description="Saved activations of all micro-batches in flight on the stage (and "
                                          "autocast's bf16 copies of fp32 weights, which each of them saves).")
     temporary: int = Field(description="Buffers alive at the peak: the loss's fp32 gradients over the logits "
-                                       "(one chunk of them under recompute), gathered FSDP units, the block being "
-                                       "recomputed.")
+                                       "(one chunk of them under recompute, the rank's columns under TP), gathered FSDP "
+                                       "units, the block being recomputed.")
     overhead: int = Field(description="hardware.memory_reserve x capacity: CUDA context, allocator fragmentation.")
     peak: int
     capacity: int
@@ -313,7 +322,7 @@ class TrainMemoryModel:
             temporary += loss_temporary_bytes(self.V, self.h, deg.micro_batch_size * self.s,
                                               chunk=loss_chunk_tokens(self.spec.train.recompute, self.V, tp),
                                               act=value_bytes(self.spec.train.precision)[0],
-                                              fp32_weights=deg.fp32_dense, heads=1 + len(self.mtp_act))
+                                              fp32_weights=deg.fp32_dense, heads=1 + len(self.mtp_act), tp=tp)
         block = per_tp_rank(share.unit_dense, share.unit_replicated, tp) + share.unit_expert / ep
         root = per_tp_rank(share.root_dense, share.root_replicated, tp)
         if not deg.deferred:
@@ -375,10 +384,11 @@ class TrainMemoryModel:
                 shard, depth = tp if sp else 1, len(self.mtp_act)
                 chunked = loss_chunk_tokens(recompute, self.V, tp) > 0
                 # the final norm's input (the stream), the head's (gathered over the sequence under
-                # SP), and what each head's loss keeps: its fp32 log-probabilities over the full
-                # vocabulary (TP gathers the logits), or chunked a log-sum-exp per token; the
-                # logits themselves are freed before the backward
-                per_token = stream * h / shard + act * h + (1 + depth) * FP32 * (1 if chunked else self.V)
+                # SP), and what each head's loss keeps: its fp32 log-probabilities over the
+                # vocabulary, whose logits are then freed; under TP the rank's logits split over the
+                # vocabulary and a log-sum-exp per token; chunked only the log-sum-exp
+                kept = FP32 * self.V if tp == 1 else act * vocab_columns(self.V, tp) + FP32
+                per_token = stream * h / shard + act * h + (1 + depth) * (FP32 if chunked else kept)
                 # per MTP depth: its enorm input (the stream), eh_proj input (2h, gathered under SP),
                 # final norm input (the stream) and head input, and its embedding's token ids; the
                 # labels of each head

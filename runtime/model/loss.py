@@ -13,9 +13,17 @@ forward of the head, and casts fp32 weights to the compute dtype for each chunk 
 small beside the chunk's matmul) rather than keep a copy. The training runtime
 uses it under `train.recompute` (compiler/plan/activations.loss_chunk_tokens); the plan counts
 both (compiler/plan/memory.py).
+
+Under tensor parallelism the head's logits are split over the vocabulary (a DTensor from
+runtime/parallel/tensor.py): `cross_entropy` then takes the loss of this rank's columns with
+three small all-reduces over the tokens (the max, the sum of exponentials and the target's logit)
+instead of gathering [tokens, V], and keeps the local logits in their dtype for the backward.
 """
 
+import sys
+
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 IGNORE = -100
@@ -23,8 +31,28 @@ IGNORE = -100
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean token cross entropy in fp32 over labels != -100 (0 when every label is ignored)."""
-    losses = F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten(), ignore_index=IGNORE, reduction="sum")
+    split = _vocabulary_split(logits)
+    if split is None:
+        losses = F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten(), ignore_index=IGNORE,
+                                 reduction="sum")
+    else:
+        local, offset, group = split
+        losses = _VocabParallelCrossEntropy.apply(local.flatten(0, -2), labels.flatten(), offset, group)
     return losses / (labels != IGNORE).sum().clamp(min=1)
+
+
+def _vocabulary_split(logits: torch.Tensor):
+    """(this rank's logits, the vocabulary index of their first column, the process group) when
+    logits is a DTensor split over the vocabulary; None for a plain tensor."""
+    dtensor = sys.modules.get("torch.distributed.tensor")  # not imported: no DTensor exists
+    if dtensor is None or not isinstance(logits, dtensor.DTensor):
+        return None
+    mesh, placements, V = logits.device_mesh, logits.placements, logits.shape[-1]
+    if mesh.ndim != 1 or placements != (dtensor.Shard(logits.ndim - 1),):
+        raise ValueError(f"the loss takes logits split over the vocabulary on one mesh dimension, not {placements}")
+    # Shard splits like torch.chunk: ceil(V / n) columns a rank, the last ones fewer
+    offset = min(mesh.get_local_rank() * -(-V // mesh.size()), V)
+    return logits.to_local(), offset, mesh.get_group()
 
 
 def chunked_cross_entropy(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int,
@@ -56,6 +84,42 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         for rows in _chunks(x.shape[0], ctx.chunk):
             grad_x[rows] = _chunk_gradients(x[rows], weight, labels[rows], lse[rows], grad_total, grad_w)
         return grad_x, grad_w.to(weight.dtype), None, None
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    """The summed fp32 cross entropy of logits whose vocabulary is split over `group`: z
+    [tokens, V_local] are this rank's columns, from vocabulary index `offset`. The forward makes
+    one fp32 copy of z; the backward its softmax (in place) and, under bf16, its cast."""
+
+    @staticmethod
+    def forward(ctx, z, labels, offset: int, group):
+        top = z.amax(dim=-1).float()
+        dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+        mine, local = _own_targets(labels, offset, z.shape[-1])
+        sums = torch.stack((z.to(torch.float32, copy=True).sub_(top[:, None]).exp_().sum(dim=-1),
+                            z.gather(1, local[:, None])[:, 0].float() * mine))
+        dist.all_reduce(sums, group=group)  # the sum of exponentials and the target's logit
+        lse = sums[0].log().add_(top)
+        ctx.save_for_backward(z, labels, lse)
+        ctx.offset = offset
+        return ((lse - sums[1]) * (labels != IGNORE)).sum()
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        z, labels, lse = ctx.saved_tensors
+        p = z.to(torch.float32, copy=True).sub_(lse[:, None]).exp_()  # softmax over the whole vocabulary
+        mine, local = _own_targets(labels, ctx.offset, z.shape[-1])
+        rows = mine.nonzero()[:, 0]
+        p[rows, local[rows]] -= 1.0                                     # minus the one-hot target
+        p.mul_(((labels != IGNORE) * grad_total)[:, None])
+        return p.to(z.dtype), None, None, None
+
+
+def _own_targets(labels, offset: int, columns: int):
+    """(which targets are among this rank's columns, their column there; 0 elsewhere). Ignored
+    labels (-100) are no rank's."""
+    mine = (labels >= offset) & (labels < offset + columns)
+    return mine, torch.where(mine, labels - offset, 0)
 
 
 def _chunks(n: int, chunk: int):

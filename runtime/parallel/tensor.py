@@ -10,7 +10,9 @@ Per block:
              parallelism instead; each TP rank computes the same result.
 Model:
   embedding  vocabulary-parallel (row-wise over the vocabulary); head column-wise over the
-             vocabulary with the logits gathered (the model's loss takes full logits).
+             vocabulary, its logits left split: a DTensor of this rank's columns, whose loss
+             runtime/model/loss.py takes with all-reduces over the tokens, never gathering
+             [tokens, V] (`.full_tensor()` gathers them for other uses).
   positions  learned positions stay replicated; with sequence parallelism each rank keeps the
              sequence slice of their output that its embedding slice covers.
 With sequence parallelism the residual stream between blocks is split over the sequence:
@@ -135,7 +137,7 @@ def apply_tp(model: nn.Module, tp_mesh, sequence_parallel: bool = False) -> nn.M
         # the head is F.linear over the embedding's weight, which would be a vocabulary-sharded DTensor
         raise ValueError("tensor parallelism does not shard tied embeddings (the planner does not choose "
                          "tp > 1 for model.tie_embeddings = true)")
-    model.loss_chunk = 0  # the head's logits are gathered over the vocabulary for a whole loss (the plan's rule)
+    model.loss_chunk = 0  # the loss takes the vocabulary-split logits whole (the plan's rule)
     top = {}
     if model.embed is not None:
         top["embed"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1) if sp else Replicate())
@@ -147,7 +149,8 @@ def apply_tp(model: nn.Module, tp_mesh, sequence_parallel: bool = False) -> nn.M
     if model.norm is not None and sp:
         top["norm"] = SequenceParallel()
     if model.head is not None:
-        top["head"] = ColwiseParallel(input_layouts=Shard(1) if sp else Replicate(), output_layouts=Replicate())
+        top["head"] = ColwiseParallel(input_layouts=Shard(1) if sp else Replicate(), output_layouts=Shard(-1),
+                                      use_local_output=False)
     parallelize_module(model, tp_mesh, top)
     if model.embed is not None:
         # DTensor's embedding backward yields a replicated (full) gradient for the vocabulary-
