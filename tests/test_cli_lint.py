@@ -159,6 +159,21 @@ def test_a_warmup_past_the_run_is_a_warning_at_its_line(write_spec, capsys):
     assert capsys.readouterr().out.startswith("warning: --set: train.schedule.warmup_steps: ")
 
 
+def test_a_floor_under_a_constant_schedule_is_a_warning(write_spec, capsys):
+    """min_lr_ratio written for a schedule that does not decay: it would never apply. The default
+    ratio under a constant schedule, or a written one under a decay, says nothing."""
+    constant = WARMUP_PAST_THE_RUN.replace("warmup_steps = 10\n", 'kind = "constant"\n')
+    path = write_spec(constant + "min_lr_ratio = 0.05\n")
+    assert main(["lint", str(path)]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        f"warning: {path}:14: train.schedule.min_lr_ratio: a constant schedule does not decay, so the learning "
+        'rate never reaches min_lr_ratio (expected kind = "cosine" or "linear" to decay to it, found kind = '
+        '"constant")']
+    for text in (constant, constant.replace('"constant"', '"linear"') + "min_lr_ratio = 0.05\n"):
+        assert main(["lint", str(write_spec(text))]) == 0
+        assert "warning" not in capsys.readouterr().out
+
+
 def test_plan_says_the_warnings_of_its_spec_and_plans(write_spec, capsys):
     path = write_spec(WARMUP_PAST_THE_RUN)
     assert main(["plan", str(path), "--format", "json"]) == 0

@@ -7,7 +7,6 @@ says; the others submit to a real one-node cluster (tests/slurm/, as test_job_sl
 
 import os
 import socket
-import subprocess
 
 import pytest
 

@@ -234,7 +234,6 @@ def test_tied_head_uses_embedding_and_learned_positions_shift_logits():
     m = build(tie_embeddings=True, positions="learned", norm="layernorm", activation="gelu_tanh",
               qkv_bias=True, out_bias=True, mlp_bias=True, attention={"kind": "mha"}, n_kv_heads=None)
     assert m.head is None and m.pos_embed is not None
-    tokens = torch.randint(0, 97, (1, 5))
     h = m.norm(torch.zeros(1, 5, 32) + 1.0)
     torch.testing.assert_close(m.output(torch.zeros(1, 5, 32) + 1.0), h @ m.embed.weight.T)
     # the same token at two positions gets different logits only through pos_embed

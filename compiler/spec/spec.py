@@ -125,6 +125,14 @@ def _warmup_within_run(train):
                                               f"run's steps, found {warmup})")
 
 
+def _floor_of_a_decay(train):
+    schedule = train.schedule
+    if schedule.kind == "constant" and "min_lr_ratio" in schedule.model_fields_set:
+        yield "train.schedule.min_lr_ratio", ("a constant schedule does not decay, so the learning rate never "
+                                              "reaches min_lr_ratio (expected kind = \"cosine\" or \"linear\" "
+                                              "to decay to it, found kind = \"constant\")")
+
+
 class Spec(Table):
     """An llmc spec: a model and a run."""
 
@@ -141,7 +149,7 @@ class Spec(Table):
                _experts_fit, _batch_divides)
     # checks of the same form for settings that are valid but most likely not meant: warnings,
     # which do not stop a spec; the loader locates them like mistakes (`warnings`)
-    _advice: ClassVar[tuple[Check, ...]] = (_warmup_within_run,)
+    _advice: ClassVar[tuple[Check, ...]] = (_warmup_within_run, _floor_of_a_decay)
     _warnings: list = PrivateAttr(default_factory=list)
 
     @property
