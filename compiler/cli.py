@@ -200,9 +200,23 @@ def _print_spec_error(error: SpecError) -> None:
     print(f"{n} problem{'s' if n != 1 else ''} found", file=sys.stderr)
 
 
+def _check_models(args) -> None:
+    """The models a verb reads (its checkpoint, a draft model), refused at once when no model is
+    there: before the runtime's import of torch, which takes seconds."""
+    from llmc.runtime.folders import check_model_source  # (no torch)
+    for name in ("checkpoint", "draft"):
+        if getattr(args, name, None) is not None:
+            check_model_source(getattr(args, name))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     module_name, function = args.target.split(":")
+    try:
+        _check_models(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:

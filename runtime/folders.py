@@ -104,6 +104,26 @@ def latest_checkpoint(run_dir) -> Path | None:
     return found[-1] if found else None
 
 
+def is_model_folder(path) -> bool:
+    """`path` holds a saved model: plan.json and model.safetensors (runtime/model/io.py)."""
+    return (Path(path) / "plan.json").is_file() and (Path(path) / "model.safetensors").is_file()
+
+
+def check_model_source(path) -> None:
+    """Refuse a path no model can be read from: neither a model folder nor a training checkpoint,
+    nor a run directory holding one of them (its final model DIR/model or a checkpoint). Called
+    before torch is imported, so that a mistyped path fails at once; resolve_model_dir
+    (runtime/model/io.py) chooses among what is there."""
+    path = Path(path)
+    if is_model_folder(path) or is_checkpoint(path) or is_model_folder(path / "model") or checkpoints(path):
+        return
+    if path.name.startswith(".tmp-step-"):
+        raise UserError(f"{path} is a checkpoint the run never finished writing; use a complete one "
+                        f"({path.parent}/step-*)")
+    raise UserError(f"{path} is not an llmc model folder (expected plan.json and model.safetensors "
+                    f"in it or in {path / 'model'}, or a training checkpoint's meta.json)")
+
+
 def is_checkpoint(path) -> bool:
     """`path` is a complete checkpoint folder: RUN_DIR/checkpoints/step-N with its meta.json (an
     unfinished one is written under a temporary name, runtime/train/checkpoint.py)."""

@@ -79,6 +79,31 @@ def test_lint_and_plan_run_without_torch():
     assert done.returncode == 0, done.stderr[-3000:]
 
 
+MISTYPED_MODELS = """
+import sys
+sys.modules["torch"] = None  # any `import torch` now raises ImportError
+from llmc.compiler.cli import main
+model = sys.argv[1]          # a folder with the files of a model
+for argv in (["eval", "nowhere", "--text-file", "README.md"], ["generate", "nowhere", "--prompt", "hi"],
+             ["chat", "nowhere"], ["quantize", "nowhere", "--bits", "8", "-o", "out"],
+             ["export", "hf", "nowhere", "-o", "out"], ["generate", model, "--prompt", "hi", "--draft", "nowhere"]):
+    assert main(argv) == 1, argv
+"""
+
+
+def test_a_mistyped_model_path_fails_before_torch_is_imported(tmp_path):
+    """Every verb that reads a model refuses a path with no model at once: without torch, whose
+    import would take seconds before the same error."""
+    (tmp_path / "plan.json").write_text("{}")
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    done = subprocess.run([sys.executable, "-c", MISTYPED_MODELS, str(tmp_path)], capture_output=True, text=True,
+                          cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stderr.splitlines()
+    assert lines == ["error: nowhere is not an llmc model folder (expected plan.json and model.safetensors in it "
+                     "or in nowhere/model, or a training checkpoint's meta.json)"] * 6
+
+
 CROSS_FIELD = """\
 extends = "presets/llama3.toml"
 [model]

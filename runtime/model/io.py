@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from llmc.compiler.errors import UserError
 
-from ..folders import is_checkpoint, latest_checkpoint
+from ..folders import check_model_source, is_checkpoint, is_model_folder, latest_checkpoint
 from .components import WRAPPER_PARTS
 from .transformer import Transformer
 
@@ -51,31 +51,22 @@ def _train_checkpoint():
     return checkpoint
 
 
-def _is_model_folder(path: Path) -> bool:
-    return (path / "plan.json").is_file() and (path / "model.safetensors").is_file()
-
-
 def resolve_model_dir(path) -> Path:
     """DIR itself when it holds plan.json and model.safetensors or is a training checkpoint; of a
     training run directory, the newer by training step of its final model DIR/model and its newest
     complete checkpoint (a finished run resumed for more steps and stopped before its end keeps the
     old final model), saying so on stderr when it is the checkpoint."""
     path = Path(path)
-    if _is_model_folder(path) or is_checkpoint(path):
+    check_model_source(path)
+    if is_model_folder(path) or is_checkpoint(path):
         return path
-    final = path / "model" if _is_model_folder(path / "model") else None
+    final = path / "model" if is_model_folder(path / "model") else None
     ckpt = latest_checkpoint(path)
     if final is not None and (ckpt is None or not _older(final, ckpt)):
         return final
-    if ckpt is not None:
-        why = "it has no final model" if final is None else f"its final model is of step {model_step(final)}"
-        _note(f"note: {path}: {why} ({path / 'model'}): using its newest complete checkpoint, {ckpt}")
-        return ckpt
-    if path.name.startswith(".tmp-step-"):
-        raise UserError(f"{path} is a checkpoint the run never finished writing; use a complete one "
-                        f"({path.parent}/step-*)")
-    raise UserError(f"{path} is not an llmc model folder (expected plan.json and model.safetensors "
-                    f"in it or in {path / 'model'}, or a training checkpoint's meta.json)")
+    why = "it has no final model" if final is None else f"its final model is of step {model_step(final)}"
+    _note(f"note: {path}: {why} ({path / 'model'}): using its newest complete checkpoint, {ckpt}")
+    return ckpt
 
 
 def _older(final: Path, ckpt: Path) -> bool:
