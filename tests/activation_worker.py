@@ -5,6 +5,7 @@ OUT/rank{r}.json.
     activation_worker.py tp MODEL SEQUENCE_PARALLEL(0|1) RECOMPUTE PRECISION OUT    tp = 2: one forward
     activation_worker.py pp MODEL SCHEDULE VIRTUAL_STAGES MICRO_BATCHES OUT    pp = 2: a schedule step
     activation_worker.py loss DTYPE OUT    the loss of logits split over the vocabulary, against the whole
+    activation_worker.py chunked-loss DTYPE WEIGHT_DTYPE OUT    the chunked loss over a head's split rows
     activation_worker.py --batch LISTING    the argument lists of LISTING (JSON), one after another
 """
 
@@ -20,7 +21,7 @@ from test_plan_activations import T, MadeAlive, SavedForBackward, kept_for_backw
 from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
 from torch.distributed.tensor import Shard, distribute_tensor  # noqa: E402
 
-from llmc.runtime.model.loss import cross_entropy  # noqa: E402
+from llmc.runtime.model.loss import chunked_cross_entropy, cross_entropy  # noqa: E402
 
 from llmc.compiler.plan import build_plan  # noqa: E402
 from llmc.runtime.model import Transformer  # noqa: E402
@@ -76,12 +77,40 @@ def vocabulary_parallel_loss(dtype: str) -> dict:
             "forward": forward.peak, "backward": backward.peak}
 
 
+LOSS_D, LOSS_CHUNK = 64, 100  # the chunked loss's head: [V, 64]; 100 tokens a chunk, the last 56
+
+
+def vocabulary_parallel_chunked_loss(dtype: str, weights: str) -> dict:
+    """The chunked loss over the rows of a [V, d] head split over the vocabulary as apply_tp leaves
+    it (a DTensor), and over the whole head in one process; the bytes the split loss makes."""
+    mesh = init_device_mesh("cpu", (2,))
+    torch.manual_seed(0)  # the same head, inputs and labels on both ranks
+    compute = getattr(torch, dtype)
+    weight = torch.randn(LOSS_VOCAB, LOSS_D, dtype=getattr(torch, weights), requires_grad=True)
+    x = torch.randn(LOSS_TOKENS, LOSS_D, dtype=compute, requires_grad=True)
+    labels = torch.randint(0, LOSS_VOCAB, (LOSS_TOKENS,))
+    labels[::7] = -100
+    labels[1], labels[2] = 4096, 4097
+    expected = chunked_cross_entropy(x, weight, labels, LOSS_CHUNK, compute)
+    (0.5 * expected).backward()
+    split, inputs = distribute_tensor(weight.detach(), mesh, [Shard(0)]).requires_grad_(), x.detach().requires_grad_()
+    with MadeAlive() as forward:
+        loss = chunked_cross_entropy(inputs, split, labels, LOSS_CHUNK, compute)
+    with MadeAlive() as backward:
+        (0.5 * loss).backward()
+    errors = {name: ((got.float() - want.float()).abs().max().item(), want.float().abs().max().item())
+              for name, got, want in (("x", inputs.grad, x.grad), ("weight", split.grad.full_tensor(), weight.grad))}
+    return {"loss": loss.item(), "expected": expected.item(), "rows": split.to_local().shape[0], "errors": errors,
+            "forward": forward.peak, "backward": backward.peak}
+
+
 def measure(mode: str, *args: str) -> None:
     *args, out = args
     rank = dist.get_rank()
-    if mode == "loss":
+    if mode in ("loss", "chunked-loss"):
         Path(out).mkdir(parents=True, exist_ok=True)
-        (Path(out) / f"rank{rank}.json").write_text(json.dumps(vocabulary_parallel_loss(*args)))
+        result = (vocabulary_parallel_loss if mode == "loss" else vocabulary_parallel_chunked_loss)(*args)
+        (Path(out) / f"rank{rank}.json").write_text(json.dumps(result))
         dist.barrier()
         return
     folder = Path(out) / f"spec{rank}"

@@ -76,8 +76,10 @@ SEQUENCE_PARALLEL_LEARNED = {"tp2_sp": (2, degrees(tp=2, sequence_parallel=True)
 EIGHT = ["--micro", "1", "--n-micro", "8"]
 
 # the loss 5 tokens at a time (runtime/model/loss.py; training uses it under train.recompute): on
-# FSDP2's gathered weights, and on a pipeline's last stage with the MTP head
-CHUNKED_LOSS, CHUNKED_LOSS_LAYOUTS = ["--loss-chunk", "5"], ("dp2_fsdp", "pp2_1f1b")
+# FSDP2's gathered weights, on a pipeline's last stage with the MTP head, and over TP's rows of the
+# head (its input replicated, or gathered from sequence slices; with FSDP2 over them)
+CHUNKED_LOSS = ["--loss-chunk", "5"]
+CHUNKED_LOSS_LAYOUTS = ("dp2_fsdp", "pp2_1f1b", "tp2", "tp2_sp", "dp2_x_tp2_fsdp")
 
 RUNS = {  # name: (ranks, the worker's arguments)
     "reference": (1, {"sets": degrees()}),
@@ -89,7 +91,8 @@ RUNS = {  # name: (ranks, the worker's arguments)
        for name, (nproc, sets) in SEQUENCE_PARALLEL_LEARNED.items()},
     **{f"pp2_dp4_ep2_zero{zero}": (8, {"sets": degrees(dp=4, pp=2, ep=2, zero=zero), "extra": EIGHT})
        for zero in (0, 1)},
-    **{f"{name}_chunked_loss": (2, {"sets": LAYOUTS[name][1], "extra": CHUNKED_LOSS}) for name in CHUNKED_LOSS_LAYOUTS},
+    **{f"{name}_chunked_loss": (LAYOUTS[name][0], {"sets": LAYOUTS[name][1], "extra": CHUNKED_LOSS})
+       for name in CHUNKED_LOSS_LAYOUTS},
 }
 
 

@@ -269,6 +269,9 @@ PIPELINE = {  # name: (schedule, virtual stages, the micro-batches each stage ho
     "interleaved-1": ("interleaved", 1, [3, 1]), "interleaved-2": ("interleaved", 2, [2.5, 1.5])}
 
 
+CHUNKED_SPLIT = {"fp32": ("float32", "float32"), "bf16": ("bfloat16", "float32"), "bf16-fsdp": ("bfloat16", "bfloat16")}
+
+
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     """tests/activation_worker.py's measurements on two gloo ranks, in one launch; each rank's result."""
@@ -278,6 +281,7 @@ def two_ranks(tmp_path_factory):
     runs |= {f"pp-{key}": ["pp", "moe_mtp", schedule, str(virtual), "4"]
              for key, (schedule, virtual, _) in PIPELINE.items()}
     runs |= {f"loss-{dtype}": ["loss", dtype] for dtype in ("float32", "bfloat16")}
+    runs |= {f"chunked-loss-{key}": ["chunked-loss", *dtypes] for key, dtypes in CHUNKED_SPLIT.items()}
     return Batch(tmp_path_factory.mktemp("activations"), 2, {name: {"argv": argv} for name, argv in runs.items()},
                  worker=Path(__file__).parent / "activation_worker.py", args=lambda out, argv: [*argv, str(out)],
                  result="rank{}.json", load=lambda f: json.loads(f.read_text()))
@@ -318,6 +322,27 @@ def test_the_loss_of_logits_split_over_the_vocabulary(two_ranks, dtype, toleranc
         assert result["grad_error"] <= tolerance * result["grad_scale"]
         assert result["backward"] == pytest.approx((4 + compute % 4) * result["columns"] * LOSS_TOKENS, rel=2e-3)
         assert result["forward"] <= result["backward"] * 1.002
+    assert results[0]["backward"] == pytest.approx(planned, rel=2e-3)
+
+
+@pytest.mark.parametrize("key", list(CHUNKED_SPLIT))
+def test_the_chunked_loss_over_a_head_split_over_the_vocabulary(two_ranks, key):
+    """tp = 2 under recompute: the chunked loss makes each rank's logits of its head rows (4,097 and
+    4,096), a chunk at a time, and combines the ranks' log-sum-exps. Loss and gradients equal the
+    one-process chunked loss over the whole head (tests/test_model_loss.py checks that one against
+    torch); its backward makes the plan's temporaries over the rank's rows, its forward less."""
+    from activation_worker import LOSS_CHUNK, LOSS_D, LOSS_TOKENS, LOSS_VOCAB
+    compute, weights = (getattr(torch, name) for name in CHUNKED_SPLIT[key])
+    results = two_ranks[f"chunked-loss-{key}"]
+    assert [r["rows"] for r in results] == [4097, 4096]
+    planned = loss_temporary_bytes(LOSS_VOCAB, LOSS_D, LOSS_TOKENS, chunk=LOSS_CHUNK, act=compute.itemsize,
+                                   fp32_weights=weights == torch.float32, tp=2)
+    tolerance = 1e-5 if compute == torch.float32 else 1e-2  # (x: a sum of the ranks' shares)
+    for result in results:
+        assert result["loss"] == pytest.approx(result["expected"], rel=1e-6)
+        for name, (error, scale) in result["errors"].items():
+            assert error <= tolerance * scale, name
+        assert result["forward"] < result["backward"] <= planned * 1.002
     assert results[0]["backward"] == pytest.approx(planned, rel=2e-3)
 
 

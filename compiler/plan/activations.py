@@ -32,8 +32,8 @@ attention, which keeps no score matrix.)
 `selective` and `full` also chunk the loss (`loss_chunk_tokens`, runtime/model/loss.py): the head
 and its cross entropy run a chunk of tokens at a time, in the forward for the loss and again in
 the backward for its gradient, so the fp32 log-probabilities over the vocabulary are not kept and
-one chunk's logits exist at a time, for one more forward of the head. Not under TP, whose loss
-takes each rank's columns of the vocabulary instead (runtime/model/loss.py).
+one chunk's logits exist at a time, for one more forward of the head. Under TP each rank does so
+over its columns of the vocabulary (runtime/model/loss.py).
 """
 
 from __future__ import annotations
@@ -58,10 +58,10 @@ def value_bytes(precision: str) -> tuple[int, int]:
 LOSS_CHUNK_BYTES = 2 ** 30  # fp32 logits of one chunk of the loss, at most (at least one token a chunk)
 
 
-def loss_chunk_tokens(recompute: str, vocab_size: int, tp: int = 1) -> int:
-    """Tokens per chunk of the loss under `recompute` and tp (0: the logits are made whole and
-    their fp32 log-probabilities kept for the backward): at most LOSS_CHUNK_BYTES of fp32 logits."""
-    return 0 if recompute == "none" or tp > 1 else max(1, LOSS_CHUNK_BYTES // (FP32 * vocab_size))
+def loss_chunk_tokens(recompute: str, vocab_size: int) -> int:
+    """Tokens per chunk of the loss under `recompute` (0: the logits are made whole): at most
+    LOSS_CHUNK_BYTES of fp32 logits over the vocabulary (a TP rank's columns: fewer)."""
+    return 0 if recompute == "none" else max(1, LOSS_CHUNK_BYTES // (FP32 * vocab_size))
 
 
 def recomputed(recompute: str, block_id: int) -> bool:

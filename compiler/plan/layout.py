@@ -229,7 +229,7 @@ class LayoutSearch:
         m, t = self.spec.model, self.spec.train
         precision_bytes = 4 if t.precision == "fp32" else 2
         # the chunked loss runs each head's forward again in the backward (the last stage)
-        chunked = loss_chunk_tokens(t.recompute, m.vocab_size, deg.tp)
+        chunked = loss_chunk_tokens(t.recompute, m.vocab_size)
         head_again = 2 * head_params(m) * (1 + m.mtp.depth) if chunked else 0
         work = [replace(w, dense_params=self.memory.dense_per_tp_rank(sh, deg.tp, deg.sequence_parallel),
                         flops=w.flops + head_again * sh.last) for w, sh in zip(work, shares)]

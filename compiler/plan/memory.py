@@ -170,12 +170,12 @@ def loss_temporary_bytes(vocab_size: int, d_model: int, tokens: int, *, chunk: i
     fp32 weight gradient and input gradient (act [tokens, d]), a cast of fp32 weights, and one
     chunk's logits (act [chunk, V]) beside the largest of their fp32 softmax, its weight product
     (act [V, d]) or its input product (act [chunk, d]); with MTP heads, the weight gradient of one
-    head waits for the next's."""
-    V, h = vocab_size, d_model
+    head waits for the next's. Under TP, V is the rank's columns here too (the input gradient is
+    over all tokens, a sum the head's input then reduces over the ranks)."""
+    V, h = vocab_columns(vocab_size, tp), d_model
     if not chunk:
-        columns = vocab_columns(V, tp)
         logits = 2 * FP32 if tp == 1 else FP32 + (act if act != FP32 else 0)
-        return logits * columns * tokens + (heads > 1) * act * columns * h
+        return logits * V * tokens + (heads > 1) * act * V * h
     c, cast = min(chunk, tokens), act != FP32
     held = FP32 * V * h + act * tokens * h + (act * V * h if cast and fp32_weights else 0)
     per_chunk = act * c * V + max(FP32 * c * V if cast else 0, act * V * h if cast else 0, act * c * h)
@@ -320,7 +320,7 @@ class TrainMemoryModel:
         temporary = working
         if share.last:
             temporary += loss_temporary_bytes(self.V, self.h, deg.micro_batch_size * self.s,
-                                              chunk=loss_chunk_tokens(self.spec.train.recompute, self.V, tp),
+                                              chunk=loss_chunk_tokens(self.spec.train.recompute, self.V),
                                               act=value_bytes(self.spec.train.precision)[0],
                                               fp32_weights=deg.fp32_dense, heads=1 + len(self.mtp_act), tp=tp)
         block = per_tp_rank(share.unit_dense, share.unit_replicated, tp) + share.unit_expert / ep
@@ -382,11 +382,11 @@ class TrainMemoryModel:
                 saved += INT64 * b * s
             if tail:
                 shard, depth = tp if sp else 1, len(self.mtp_act)
-                chunked = loss_chunk_tokens(recompute, self.V, tp) > 0
+                chunked = loss_chunk_tokens(recompute, self.V) > 0
                 # the final norm's input (the stream), the head's (gathered over the sequence under
                 # SP), and what each head's loss keeps: its fp32 log-probabilities over the
                 # vocabulary, whose logits are then freed; under TP the rank's logits split over the
-                # vocabulary and a log-sum-exp per token; chunked only the log-sum-exp
+                # vocabulary and a log-sum-exp per token; chunked only the log-sum-exp (under TP too)
                 kept = FP32 * self.V if tp == 1 else act * vocab_columns(self.V, tp) + FP32
                 per_token = stream * h / shard + act * h + (1 + depth) * (FP32 if chunked else kept)
                 # per MTP depth: its enorm input (the stream), eh_proj input (2h, gathered under SP),

@@ -58,7 +58,7 @@ class TrainSpec(Table):
         "none", description="Activation checkpointing: \"full\" recomputes every block's forward in the backward, "
                             "keeping only its input; \"selective\" every other block (the even ones, MTP blocks "
                             "numbered after the layers): about half the activations for half a forward more. "
-                            "Both also compute the loss a chunk of tokens at a time (not under TP), never keeping "
+                            "Both also compute the loss a chunk of tokens at a time, never keeping "
                             "the fp32 log-probabilities over the vocabulary, for one more forward of the head.")
     grad_clip: float = Field(1.0, ge=0, description="Global gradient-norm clip (0 = off).")
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec, description="Optimizer settings.")

@@ -12,7 +12,8 @@ Model:
   embedding  vocabulary-parallel (row-wise over the vocabulary); head column-wise over the
              vocabulary, its logits left split: a DTensor of this rank's columns, whose loss
              runtime/model/loss.py takes with all-reduces over the tokens, never gathering
-             [tokens, V] (`.full_tensor()` gathers them for other uses).
+             [tokens, V] (`.full_tensor()` gathers them for other uses). The chunked loss
+             (under recompute) takes the head's weight rows instead of its logits.
   positions  learned positions stay replicated; with sequence parallelism each rank keeps the
              sequence slice of their output that its embedding slice covers.
 With sequence parallelism the residual stream between blocks is split over the sequence:
@@ -137,7 +138,6 @@ def apply_tp(model: nn.Module, tp_mesh, sequence_parallel: bool = False) -> nn.M
         # the head is F.linear over the embedding's weight, which would be a vocabulary-sharded DTensor
         raise ValueError("tensor parallelism does not shard tied embeddings (the planner does not choose "
                          "tp > 1 for model.tie_embeddings = true)")
-    model.loss_chunk = 0  # the loss takes the vocabulary-split logits whole (the plan's rule)
     top = {}
     if model.embed is not None:
         top["embed"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1) if sp else Replicate())

@@ -50,7 +50,7 @@ def apply_recompute(model, mode: str) -> None:
     `selective` the even ones, by block id over the whole model (layers 0, 2, 4, ..., then MTP
     block k as block n_layers + k), whatever stage a pipeline later puts them in: half the
     activation memory saved for half a forward recomputed: the plan's rule (`recomputed`). Both
-    also chunk the loss (`loss_chunk_tokens`; apply_tp undoes it)."""
+    also chunk the loss (`loss_chunk_tokens`)."""
     if mode == "none":
         return
     model.loss_chunk = loss_chunk_tokens(mode, model.cfg.vocab_size)
