@@ -107,6 +107,9 @@ def _train(p):
 def _eval(p):
     p.add_argument("checkpoint", help="a run directory or checkpoint folder")
     p.add_argument("--text-file", required=True, help="UTF-8 text to evaluate on")
+    p.add_argument("--stride", type=_positive_int,
+                   help="tokens between the starts of context windows (default: the context; less gives "
+                        "each prediction more history, for more forwards)")
     p.add_argument("--json", action="store_true", help="print {loss, perplexity, tokens}")
 
 

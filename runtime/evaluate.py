@@ -1,9 +1,13 @@
 """`llmc eval CKPT --text-file F [--json]`: mean next-token loss and perplexity of a text.
 
-The text is tokenized whole (no special tokens added) and cut into consecutive windows of the
-model's context (max_seq_len), each overlapping the next by one token, so every token after the
-first is predicted exactly once. loss = mean cross entropy (nats) over those predictions;
-perplexity = exp(loss); tokens = the number of predictions.
+The text is tokenized whole (no special tokens added) and cut into windows of the model's
+context (max_seq_len), each starting `--stride` tokens after the one before (default: the context,
+consecutive windows); every token after the first is predicted exactly once, in the first window
+that holds it with the most tokens before it: a stride below the context gives every prediction
+after the first window at least context - stride tokens of history (the sliding-window
+perplexity of Hugging Face's "Perplexity of fixed-length models"), for context / stride times the
+forwards. loss = mean cross entropy (nats) over those predictions; perplexity = exp(loss);
+tokens = the number of predictions.
 """
 
 import json
@@ -43,25 +47,44 @@ def windows_per_batch(context: int, vocab_size: int) -> int:
     return max(1, min(8, LOGITS_BUDGET // (context * vocab_size * 4)))
 
 
+def windows(n_tokens: int, context: int, stride: int) -> list[tuple[int, int, int]]:
+    """(start, first, last) of each window over n_tokens: it reads tokens start..last - 1 and
+    predicts tokens first..last, those no window before it predicted (each from the window's
+    tokens before it)."""
+    spans, done, start = [], 0, 0
+    while done < n_tokens - 1:
+        last = min(start + context, n_tokens - 1)
+        spans.append((start, done + 1, last))
+        done, start = last, start + stride
+    return spans
+
+
 @torch.no_grad()
 def text_loss(model, ids: list[int], context: int, batch_size: int | None = None, device="cpu",
-              on_tokens: Callable[[int], None] | None = None) -> tuple[float, int]:
-    """(mean next-token loss in nats, number of predicted tokens) of a token sequence;
-    `on_tokens(n)` after each forward, with the n predictions it added (for a progress bar)."""
+              on_tokens: Callable[[int], None] | None = None, stride: int | None = None) -> tuple[float, int]:
+    """(mean next-token loss in nats, number of predicted tokens) of a token sequence, in windows
+    of `context` tokens `stride` apart (default: context); `on_tokens(n)` after each forward,
+    with the n predictions it added (for a progress bar)."""
     if len(ids) < 2:
         raise UserError("the text has fewer than 2 tokens: nothing to predict")
+    stride = stride or context
+    if not 1 <= stride <= context:
+        raise UserError(f"--stride must be between 1 and the model's context (max_seq_len = {context}), "
+                        f"found {stride}: tokens between windows would not be predicted")
     batch_size = batch_size or windows_per_batch(context, model.cfg.vocab_size)
     tokens = torch.tensor(ids, dtype=torch.long)
-    starts = list(range(0, len(ids) - 1, context))
+    spans = windows(len(ids), context, stride)
     total, count = 0.0, 0
     model.eval()
-    for b in range(0, len(starts), batch_size):
-        windows = [tokens[s:s + context + 1] for s in starts[b:b + batch_size]]
-        width = max(len(w) for w in windows)
-        batch = torch.full((len(windows), width), -100, dtype=torch.long)
-        for i, w in enumerate(windows):
-            batch[i, :len(w)] = w
-        inputs, labels = batch[:, :-1].clamp(min=0).to(device), batch[:, 1:].to(device)
+    for b in range(0, len(spans), batch_size):
+        rows = spans[b:b + batch_size]
+        width = max(last - start for start, _, last in rows)
+        inputs = torch.zeros((len(rows), width), dtype=torch.long)
+        labels = torch.full((len(rows), width), -100, dtype=torch.long)
+        for i, (start, first, last) in enumerate(rows):  # position p reads token start + p, predicts the next
+            inputs[i, :last - start] = tokens[start:last]
+            labels[i, first - start - 1:last - start] = tokens[first:last + 1]
+        inputs, labels = inputs.to(device), labels.to(device)
         logits = model(inputs).logits.float()
         losses = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
         predicted = int((labels != -100).sum())
@@ -86,7 +109,7 @@ def main(args) -> int:
                TimeRemainingColumn()]
     with Progress(*columns, console=console, transient=True) as progress:
         task = progress.add_task("eval", total=max(len(ids) - 1, 0))
-        loss, n = text_loss(model, ids, context, on_tokens=lambda k: progress.advance(task, k))
+        loss, n = text_loss(model, ids, context, on_tokens=lambda k: progress.advance(task, k), stride=args.stride)
     ppl = math.exp(min(loss, 700.0))
     if args.json:
         print(json.dumps({"loss": loss, "perplexity": ppl, "tokens": n}))

@@ -71,8 +71,9 @@ def test_windowed_loss_matches_a_token_by_token_reference(checkpoint):
     assert plain.returncode == 0 and "perplexity" in plain.stdout
 
 
-def prefix_losses(folder, tok) -> list[float]:
-    """The loss of each token j >= 1 of TEXT given the tokens of its window before it."""
+def prefix_losses(folder, tok, stride: int = CONTEXT) -> list[float]:
+    """The loss of each token j >= 1 of TEXT given the tokens of its window before it: windows of
+    CONTEXT tokens starting every `stride`, j in the first that holds it with the tokens before it."""
     from llmc.runtime.model.io import load_model
     model, _, _ = load_model(folder, "cpu", "fp32")
     ids = tok.encode(TEXT, add_special_tokens=False).ids
@@ -80,10 +81,35 @@ def prefix_losses(folder, tok) -> list[float]:
     losses = []
     with torch.no_grad():
         for j in range(1, len(ids)):
-            start = ((j - 1) // CONTEXT) * CONTEXT
+            start = max(0, math.ceil((j - CONTEXT) / stride) * stride)
             logits = model(torch.tensor([ids[start:j]])).logits[0, -1]
             losses.append(-F.log_softmax(logits.float(), -1)[ids[j]].item())
     return losses
+
+
+@pytest.mark.parametrize("stride", [5, 1])
+def test_a_stride_gives_each_prediction_more_history(checkpoint, stride):
+    """--stride 5 (of a context of 16): windows start every 5 tokens and each predicts the tokens
+    no window before it did, so a token after the first window has at least 11 before it; 1:
+    every token has all the context it can. Against the prefix reference, whose mean differs from
+    that of consecutive windows (by 3e-4 for this model) more than the tolerance."""
+    from llmc.runtime.evaluate import windows
+    # 12 tokens (predictions 1..11), context 4, stride 2: (start, first, last) derived by hand
+    assert windows(12, 4, 2) == [(0, 1, 4), (2, 5, 6), (4, 7, 8), (6, 9, 10), (8, 11, 11)]
+    tmp, tok = checkpoint
+    losses, consecutive = prefix_losses(tmp / "random", tok, stride), prefix_losses(tmp / "random", tok)
+    assert abs(sum(losses) / len(losses) - sum(consecutive) / len(consecutive)) > 1e-4
+    out = json.loads(run_eval(tmp / "random", "--text-file", tmp / "text.txt", "--json", "--stride", stride).stdout)
+    assert out["tokens"] == len(losses)
+    assert out["loss"] == pytest.approx(sum(losses) / len(losses), abs=2e-5)
+
+
+def test_a_stride_beyond_the_context_is_refused(checkpoint):
+    tmp, _ = checkpoint
+    r = run_eval(tmp / "random", "--text-file", tmp / "text.txt", "--stride", CONTEXT + 1)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip() == (f"error: --stride must be between 1 and the model's context (max_seq_len = {CONTEXT}), "
+                                f"found {CONTEXT + 1}: tokens between windows would not be predicted")
 
 
 def test_eval_batches_windows_within_a_logits_budget(checkpoint, monkeypatch):
