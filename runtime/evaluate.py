@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from ..compiler.errors import UserError
-from .data.tokenizer import encode_text
+from .data.tokenizer import check_unknown, encode_text, unknown_token
 
 
 def read_text(path: str) -> str:
@@ -104,6 +104,10 @@ def main(args) -> int:
         raise UserError(f"{args.checkpoint}: the model folder has no tokenizer.json")
     context = plan["spec"]["model"]["max_seq_len"]
     ids = encode_text(tokenizer, text)
+    unk = unknown_token(tokenizer)
+    if unk is not None:
+        check_unknown(args.text_file, ids.count(unk[1]), len(ids), unk, f"the model's, {args.checkpoint}",
+                      "its loss is lowered by the easy predictions of that one id")
     console = Console(stderr=True, quiet=not sys.stderr.isatty())  # a bar on a terminal, nothing in logs
     columns = [TextColumn("evaluating"), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"),
                TimeRemainingColumn()]

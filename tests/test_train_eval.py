@@ -112,6 +112,31 @@ def test_a_stride_beyond_the_context_is_refused(checkpoint):
                                 f"found {CONTEXT + 1}: tokens between windows would not be predicted")
 
 
+def test_a_text_the_tokenizer_cannot_spell_is_a_warning_or_refused(tmp_path):
+    """A word-level tokenizer writes [UNK] for words it lacks: eval warns when more than 1% of the
+    text's tokens are unknown (as data prepare does) and refuses a text of nothing else."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    tok = Tokenizer(models.WordLevel({"alpha": 0, "beta": 1, "gamma": 2, "[UNK]": 3}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    spec = load_spec(REPO / "specs" / "tiny.toml", [
+        "model.vocab_size=8", "model.d_model=16", "model.n_layers=1", "model.n_heads=2", "model.n_kv_heads=1",
+        "model.ffn_hidden=32", f"model.max_seq_len={CONTEXT}", f"train.seq_len={CONTEXT}"])
+    model = Transformer(spec.model)
+    model.init_weights()
+    save_model(model, build_plan(spec).model_dump(mode="json"), tmp_path / "words", tokenizer=tok)
+    (tmp_path / "some.txt").write_text("alpha beta gamma " * 3 + "epsilon")
+    (tmp_path / "none.txt").write_text("der Tokenizer kennt kein Wort")
+    r = run_eval(tmp_path / "words", "--text-file", tmp_path / "some.txt", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["tokens"] == 9
+    assert r.stderr.strip() == (f"warning: {tmp_path / 'some.txt'}: 1 of its 10 tokens (10.0%) are the tokenizer's "
+                                f"unknown token '[UNK]' (id 3); the tokenizer (the model's, {tmp_path / 'words'}) is "
+                                "likely the wrong one for this text, and its loss is lowered by the easy predictions "
+                                "of that one id")
+    r = run_eval(tmp_path / "words", "--text-file", tmp_path / "none.txt")
+    assert r.returncode == 1 and r.stderr.startswith(f"error: {tmp_path / 'none.txt'}: every token of it (5 tokens) "
+                                                     "is the tokenizer's unknown token '[UNK]' (id 3)")
+
+
 def test_eval_batches_windows_within_a_logits_budget(checkpoint, monkeypatch):
     """A forward holds batch x context x vocab fp32 logits (and cross entropy as much again): eval
     took 8 windows whatever their size, 32 GiB of logits at 8k tokens and a 128k vocabulary. It

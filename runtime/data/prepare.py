@@ -12,7 +12,7 @@ Split: every k-th document of a source (k = round(1 / val_fraction)) is held out
 a source with fewer than k documents gives the last val_fraction of its tokens instead.
 
 A given tokenizer that spells a source mostly with its unknown token would train to a loss that means
-nothing: more than UNKNOWN_WARN_FRACTION unknown tokens is a warning, all of them an error.
+nothing: more than 1% unknown tokens is a warning, all of them an error (tokenizer.check_unknown).
 """
 
 import hashlib
@@ -33,17 +33,13 @@ from ..folders import staged_folder
 from .chat import ChatTemplate, render_chat
 from .shards import ShardWriter, split_tail, token_dtype
 from .sources import BadRecords, DataError, iter_documents, source_files
-from .tokenizer import check_vocab, load_tokenizer, special_ids, text_prefix, train_tokenizer, unknown_token
+from .tokenizer import (check_unknown, check_vocab, load_tokenizer, special_ids, text_prefix, train_tokenizer,
+                        unknown_token)
 from .wording import counted
 
 FORMAT_VERSION = 2  # 2: a document begins as its tokenizer begins a text (a BOS for Llama's)
 WORKERS = 2
 _BATCH = 32
-# A tokenizer made for the text spells next to all of it: byte-level BPEs never need their unknown
-# token, and WordPiece or SentencePiece vocabularies on their own language leave well under 0.1%
-# unknown (a rare symbol, an emoji). At 1%, one target in a hundred is the same id, which the model
-# learns for free (the loss looks better than the model is): the tokenizer is not this text's.
-UNKNOWN_WARN_FRACTION = 0.01
 
 
 def _is_sft(spec) -> bool:
@@ -151,19 +147,6 @@ def _source_bytes(spec, source) -> int:
     return min(total, spec.data.max_bytes) if spec.data.max_bytes else total
 
 
-def _check_unknown(source: str, unknown: int, total: int, unk: tuple[str, int], where: str) -> None:
-    """Refuse a source the tokenizer cannot spell at all; warn (one stderr line) when more than
-    UNKNOWN_WARN_FRACTION of its tokens are the unknown token."""
-    name = f"unknown token {unk[0]!r} (id {unk[1]})"
-    if total and unknown == total:
-        raise DataError(f"{source}: every token of it ({counted(total, 'token')}) is the tokenizer's {name}: "
-                        f"the tokenizer ({where}) is not one for this text")
-    if unknown > UNKNOWN_WARN_FRACTION * total:
-        print(f"warning: {source}: {unknown:,} of its {counted(total, 'token')} ({unknown / total:.1%}) are the "
-              f"tokenizer's {name}; the tokenizer ({where}) is likely the wrong one for this text, and a model "
-              "trained on it learns to predict the unknown token", file=sys.stderr)
-
-
 def _write_prepared(spec, tmp: Path, fp: str, console: Console) -> None:
     """The tokenizer, the shards of every source and the manifest, into the folder `tmp`."""
     data, sft = spec.data, _is_sft(spec)
@@ -210,7 +193,8 @@ def _write_prepared(spec, tmp: Path, fp: str, console: Console) -> None:
                 raise DataError(f"{source.path}: no documents with text found"
                                 + (f" ({counted(bad.total, 'bad record')} skipped)" if bad.total else ""))
             if unk:
-                _check_unknown(source.path, n_unknown, n_tokens, unk, where)
+                check_unknown(source.path, n_unknown, n_tokens, unk, where,
+                              "a model trained on it learns to predict the unknown token")
             if every and val["documents"] == 0:
                 train, val = split_tail(tmp / train["name"], tmp / val["name"], data.val_fraction, dtype, sft)
             manifest["sources"].append({

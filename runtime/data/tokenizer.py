@@ -7,6 +7,7 @@ found among the usual names (and added if it has none).
 """
 
 import json
+import sys
 from pathlib import Path
 from typing import Iterable
 
@@ -91,6 +92,26 @@ def unknown_token(tok: Tokenizer) -> tuple[str, int] | None:
     name = model.get("unk_token")
     unk = tok.token_to_id(name) if name else None
     return (name, unk) if unk is not None else None
+
+
+# A tokenizer made for the text spells next to all of it: byte-level BPEs never need their unknown
+# token, and WordPiece or SentencePiece vocabularies on their own language leave well under 0.1%
+# unknown (a rare symbol, an emoji). At 1%, one target in a hundred is the same id, which the model
+# learns for free (the loss looks better than the model is): the tokenizer is not this text's.
+UNKNOWN_WARN_FRACTION = 0.01
+
+
+def check_unknown(source: str, unknown: int, total: int, unk: tuple[str, int], where: str, effect: str) -> None:
+    """Refuse a text the tokenizer cannot spell at all; warn (one stderr line, ending in the
+    `effect` on its use) when more than UNKNOWN_WARN_FRACTION of its tokens are the unknown token."""
+    name = f"unknown token {unk[0]!r} (id {unk[1]})"
+    if total and unknown == total:
+        raise DataError(f"{source}: every token of it ({counted(total, 'token')}) is the tokenizer's {name}: "
+                        f"the tokenizer ({where}) is not one for this text")
+    if unknown > UNKNOWN_WARN_FRACTION * total:
+        print(f"warning: {source}: {unknown:,} of its {counted(total, 'token')} ({unknown / total:.1%}) are the "
+              f"tokenizer's {name}; the tokenizer ({where}) is likely the wrong one for this text, and {effect}",
+              file=sys.stderr)
 
 
 def check_vocab(tok: Tokenizer, model_vocab: int, where: str) -> None:
