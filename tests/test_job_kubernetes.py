@@ -154,6 +154,11 @@ def test_job_namespace_is_where_the_volcano_job_is_created(tmp_path, api_server)
                                          if key[0].plural == "jobs" and not obj.deleted]
     assert namespace == "ml-research"
     assert handle_of(result.stdout, "kubernetes") == f"kubernetes://llmc/ml-research:{name}"
+    # TorchX lists the context's namespace ("default"); llmc adds the jobs it submitted elsewhere,
+    # with their run directory (the fake API server gives the job no phase: TorchX says UNKNOWN)
+    listing = llmc("list", "--scheduler", "kubernetes", cwd=tmp_path, env=env)
+    assert listing.returncode == 0, listing.stderr
+    assert listing.stdout.splitlines() == [f"kubernetes://llmc/ml-research:{name}\tUNKNOWN\t{tmp_path / 'runs' / 'tiny'}"]
     result = llmc("cancel", f"kubernetes://llmc/ml-research:{name}", cwd=tmp_path, env=env)
     assert result.returncode == 0, result.stderr
     assert api_server.volcano_jobs() == {}

@@ -268,15 +268,21 @@ def cancel_main(args) -> int:
 
 
 def list_main(args) -> int:
-    """`llmc list [--scheduler]`."""
-    if args.scheduler == "local":
-        with make_runner() as runner, _scheduler_errors("listing local jobs"):
-            for handle, known in track.jobs().items():
-                if _scheduler_is_local(handle):
-                    print(f"{handle}\t{_status(runner, handle)}\t{known.get('run_dir', '')}")
-        return 0
+    """`llmc list [--scheduler]`: the scheduler's jobs (Slurm: the user's; Kubernetes: those of the
+    current context's namespace), and every job `llmc run` submitted to it from this directory that
+    it still knows (in another namespace: job.namespace), with its run directory. TorchX lists no
+    local jobs: for local, the recorded ones."""
+    recorded = {handle: known for handle, known in track.jobs().items()
+                if _handle(handle).scheduler_backend.split("_")[0] == args.scheduler}
     with make_runner() as runner, _scheduler_errors(f"listing the jobs of {args.scheduler}"):
-        for app in runner.list(args.scheduler):
-            print(f"{app.app_handle}\t{app.state.name}")
+        states = {} if args.scheduler == "local" else {app.app_handle: app.state.name
+                                                       for app in runner.list(args.scheduler)}
+        for handle in recorded.keys() - states.keys():
+            try:
+                states[handle] = _status(runner, handle)
+            except UserError:  # gone from the scheduler (deleted, or beyond its accounting)
+                pass
+        for handle, state in states.items():
+            print(f"{handle}\t{state}\t{recorded.get(handle, {}).get('run_dir', '')}".rstrip("\t"))
     return 0
 
