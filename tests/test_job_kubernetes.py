@@ -174,7 +174,7 @@ def test_job_namespace_must_be_an_rfc_1123_label(tmp_path, namespace):
     (tmp_path / "job.toml").write_text(f'extends = "{TINY}"\n\n[job]\nnamespace = {json.dumps(namespace)}\n')
     result = llmc("lint", "job.toml", cwd=tmp_path)
     assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert f"job.toml:4: job.namespace: expected lowercase letters, digits and '-', 1-63 characters" in result.stdout
+    assert "job.toml:4: job.namespace: expected lowercase letters, digits and '-', 1-63 characters" in result.stdout
     assert f"found {namespace!r}" in result.stdout
 
 
