@@ -212,24 +212,25 @@ def _check_models(args) -> None:
             check_model_source(getattr(args, name))
 
 
+def _import_verb(module_name: str, verb: str):
+    """The module of a verb; None, said on stderr, when it needs the runtime and that is not installed."""
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name and e.name.split(".")[0] in ("torch", "tokenizers", "safetensors", "numpy"):
+            print(f"error: `llmc {verb}` needs the runtime ({e.name} is not installed): "
+                  "pip install 'llmc[runtime]'", file=sys.stderr)
+            return None
+        raise
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     module_name, function = args.target.split(":")
     try:
         _check_models(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        if e.name and e.name.split(".")[0] in ("torch", "tokenizers", "safetensors", "numpy"):
-            print(f"error: `llmc {args.verb}` needs the runtime ({e.name} is not installed): "
-                  "pip install 'llmc[runtime]'", file=sys.stderr)
-            return 1
-        raise
-    try:
-        return int(getattr(module, function)(args) or 0)
+        module = _import_verb(module_name, args.verb)
+        return 1 if module is None else int(getattr(module, function)(args) or 0)
     except SpecError as e:
         _print_spec_error(e)
         return 1

@@ -53,6 +53,14 @@ def pipeline(folder: Path, name: str, schedule: str, virtual_stages: str, micro_
 LOSS_TOKENS, LOSS_VOCAB = 256, 8193  # split unevenly over two ranks: 4,097 and 4,096 columns
 
 
+def loss_labels() -> torch.Tensor:
+    """Random targets, every 7th ignored, and two on either side of the split."""
+    labels = torch.randint(0, LOSS_VOCAB, (LOSS_TOKENS,))
+    labels[::7] = -100
+    labels[1], labels[2] = 4096, 4097  # the last column of the first rank, the first of the second
+    return labels
+
+
 def vocabulary_parallel_loss(dtype: str) -> dict:
     """The loss and gradient of [tokens, V] logits split over the vocabulary as apply_tp's head
     leaves them (a DTensor), and of the same logits whole on each rank (torch's cross entropy);
@@ -60,9 +68,7 @@ def vocabulary_parallel_loss(dtype: str) -> dict:
     mesh = init_device_mesh("cpu", (2,))
     torch.manual_seed(0)  # the same logits and labels on both ranks
     whole = (3 * torch.randn(LOSS_TOKENS, LOSS_VOCAB)).to(getattr(torch, dtype)).requires_grad_()
-    labels = torch.randint(0, LOSS_VOCAB, (LOSS_TOKENS,))
-    labels[::7] = -100
-    labels[1], labels[2] = 4096, 4097  # the last column of the first rank, the first of the second
+    labels = loss_labels()
     expected = cross_entropy(whole, labels)
     (0.5 * expected).backward()
     split = distribute_tensor(whole.detach(), mesh, [Shard(1)]).requires_grad_()
@@ -88,9 +94,7 @@ def vocabulary_parallel_chunked_loss(dtype: str, weights: str) -> dict:
     compute = getattr(torch, dtype)
     weight = torch.randn(LOSS_VOCAB, LOSS_D, dtype=getattr(torch, weights), requires_grad=True)
     x = torch.randn(LOSS_TOKENS, LOSS_D, dtype=compute, requires_grad=True)
-    labels = torch.randint(0, LOSS_VOCAB, (LOSS_TOKENS,))
-    labels[::7] = -100
-    labels[1], labels[2] = 4096, 4097
+    labels = loss_labels()
     expected = chunked_cross_entropy(x, weight, labels, LOSS_CHUNK, compute)
     (0.5 * expected).backward()
     split, inputs = distribute_tensor(weight.detach(), mesh, [Shard(0)]).requires_grad_(), x.detach().requires_grad_()
