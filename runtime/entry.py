@@ -82,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, SpecError) as e:
         print(f"error (rank {env.rank}): {e}", file=sys.stderr)
         code = 1
+    except KeyboardInterrupt:  # Ctrl-C reaches every rank: the launcher says what the run keeps
+        code = 130
     finish(env, code)
     return code
 

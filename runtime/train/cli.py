@@ -5,6 +5,7 @@ runs the training entry: in this process for one process, under torchrun for sev
 """
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -90,6 +91,13 @@ def _interrupted_note(run_dir: Path) -> str:
             "(the steps after it are redone)")
 
 
+def _threads_per_process(nproc: int) -> dict:
+    """The environment of torchrun's workers: unless the user chose OMP_NUM_THREADS, the cores this
+    process may use shared among them (torchrun would give each one thread, and say so)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return {"OMP_NUM_THREADS": str(max(1, cores // nproc)), **os.environ}
+
+
 def _run(plan: dict, run_dir: Path, nproc: int, resume: bool) -> int:
     """Train the plan into run_dir: in this process, or under torchrun for several."""
     if nproc == 1:
@@ -101,12 +109,12 @@ def _run(plan: dict, run_dir: Path, nproc: int, resume: bool) -> int:
         print(f"run directory: {run_dir}  (step {report['steps']}" + (f", {tps:,.0f} tokens/s" if tps else "")
               + (f", val_loss {val['val_loss']:.4f}" if val else "") + ")", file=sys.stderr)
         return 0
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+    cmd = [sys.executable, "-m", "llmc.runtime.train.launch", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "llmc.runtime.entry", "--plan", str(run_dir / "plan.json"), "--out", str(run_dir)]
     if resume:
         cmd.append("--resume")
-    code = subprocess.call(cmd)
+    code = subprocess.call(cmd, env=_threads_per_process(nproc))
     if code:
-        raise UserError(f"training failed (torchrun exit code {code}); see the messages above")
+        raise UserError("training failed; see the messages above")
     print(f"run directory: {run_dir}", file=sys.stderr)
     return 0

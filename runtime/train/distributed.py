@@ -6,6 +6,7 @@ with FSDP / EP / PP / TP. The training loop never looks inside.
 """
 
 import os
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -47,11 +48,16 @@ def init_distributed(timeout_minutes: float = 30) -> DistEnv:
 
 
 def finish(env: DistEnv, code: int = 0) -> None:
-    """End a rank. With several processes: barrier, destroy the group and leave at once
-    (`os._exit` sidesteps an abort of gloo's teardown at interpreter exit on torch 2.13)."""
+    """End a rank. With several processes: after success, barrier and destroy the group; then
+    leave at once (`os._exit` sidesteps an abort of gloo's teardown at interpreter exit on torch
+    2.13). A failed rank leaves without the barrier, which ranks still in a collective would never
+    reach: torchrun sees it exit and stops them."""
     if env.distributed and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+        if code == 0:
+            dist.barrier()
+            dist.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
         os._exit(code)
 
 
