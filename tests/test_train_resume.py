@@ -149,8 +149,10 @@ def test_resume_after_a_kill_before_the_final_save_saves_and_reports_the_true_st
 
     assert session(2) == 0
     report = json.loads((run / "report.json").read_text())
-    assert "Steps: 2 (1,024 tokens)" in (run / "report.md").read_text()  # global batch 8 x seq_len 64
-    assert (report.get("steps"), report.get("tokens"), report["last_checkpoint_step"]) == (2, 1024, 2)
+    tokens = sum(r["input_tokens"] for r in metrics(run))   # the data's, of the first session's steps
+    assert f"Steps: 2 ({tokens:,} tokens, 1,024 positions with padding)" in (run / "report.md").read_text()
+    assert (report.get("steps"), report.get("tokens"), report.get("positions"), report["last_checkpoint_step"]) \
+        == (2, tokens, 1024, 2)   # positions: global batch 8 x seq_len 64 a step
     assert report["measured"]["steps"] == 0 and report["measured"]["tokens_per_s"] is None
     assert report["validation"]["val_loss"] == pytest.approx(metrics(run)[-1]["val_loss"], rel=1e-6)
     step2 = load_file(str(run / "model" / "model.safetensors"))

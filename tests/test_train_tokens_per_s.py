@@ -64,6 +64,9 @@ def test_tokens_per_s_counts_the_tokens_that_are_not_padding(tmp_path, monkeypat
     progress = [line for line in err.splitlines() if line.startswith("step 6/6")]
     assert progress and f"{records[-1]['tokens_per_s']:,.0f} tok/s" in progress[0], err
 
+    assert (report["tokens"], report["positions"]) == (6 * INPUTS, 6 * POSITIONS)
+    assert f"Steps: 6 ({6 * INPUTS:,} tokens, {6 * POSITIONS:,} positions with padding)" in (run / "report.md").read_text()
+
     m = report["measured"]
     assert m["padded_tokens_per_s"] == pytest.approx(POSITIONS / m["step_time_s"], rel=1e-9)
     assert m["tokens_per_s"] == pytest.approx(INPUTS / m["step_time_s"], rel=1e-9)

@@ -3,7 +3,8 @@
 Written by rank 0 as RUN_DIR/report.json and RUN_DIR/report.md at the end of a run. `steps` and
 `tokens` are the run's (a resumed run's counted from step 0), `measured` what this process ran:
 `tokens_per_s` counts the input tokens that are not padding (the last window of a shard is padded),
-`padded_tokens_per_s` every position computed, global batch x seq_len, which MFU counts the FLOPs of.
+`padded_tokens_per_s` every position computed, global batch x seq_len, which MFU counts the FLOPs of;
+`tokens` and `positions` are the run's totals of the two.
 Peak memory is `torch.cuda.max_memory_allocated` on a GPU and the peak resident set size of the
 process on a CPU.
 FLOPs per token and the device peak come from the plan when it states them, else from the estimate
@@ -99,6 +100,16 @@ def _predictions(plan: dict, world_size: int, tokens_per_step: int, fpt: float) 
             "memory_bytes": per_device if isinstance(per_device, (int, float)) else None}
 
 
+def data_tokens(run_dir: Path, step: int, positions_per_step: int) -> int:
+    """The data's tokens the run trained on in steps 1..step, padding excluded: the sum of
+    metrics.jsonl's `input_tokens` (the file tells the story of the final weights: a resumed run
+    cut it back to its checkpoint); a step with no such record counts its positions."""
+    path = Path(run_dir) / "metrics.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    counted = {r["step"]: r["input_tokens"] for r in records if "input_tokens" in r and 0 < r["step"] <= step}
+    return sum(counted.values()) + (step - len(counted)) * positions_per_step
+
+
 def write_report(run_dir: Path, plan: dict, clock: RunClock, val: dict | None, env, last_checkpoint,
                  step: int) -> dict:
     """report.json + report.md; returns the report. `step`: the step the run has reached (its
@@ -119,7 +130,8 @@ def write_report(run_dir: Path, plan: dict, clock: RunClock, val: dict | None, e
                 "peak_memory_bytes": mem, "peak_memory_kind": kind}
     predicted = _predictions(plan, env.world_size, tokens_per_step, fpt)
     report = {"name": spec["job"]["name"], "world_size": env.world_size, "plan_hash": plan.get("spec_hash"),
-              "steps": step, "tokens": step * tokens_per_step, "flops_per_token": fpt, "measured": measured,
+              "steps": step, "tokens": data_tokens(run_dir, step, tokens_per_step),
+              "positions": step * tokens_per_step, "flops_per_token": fpt, "measured": measured,
               "plan": {"tokens_per_s": predicted["tokens_per_s_value"], "step_time_s": predicted["step_time_value"],
                        "mfu": predicted["mfu_value"], "memory_bytes_per_device": predicted["memory_bytes"]},
               "validation": val, "last_checkpoint_step": last_checkpoint}
