@@ -6,6 +6,7 @@ Runtime verbs (train, eval, generate, ...) live in `llmc.runtime` and import tor
 
 import argparse
 import importlib
+import os
 import sys
 
 from .errors import UserError
@@ -240,6 +241,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `llmc plan ... | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (no second error at exit)
+        return 0
+    except OSError as e:  # a folder that cannot be made, a file that cannot be written, a full disk
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

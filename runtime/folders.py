@@ -46,7 +46,10 @@ def staged_folder(out) -> Iterator[Path]:
     tmp = out.with_name(f".{out.name}.tmp-{socket.gethostname()}-{os.getpid()}")
     given = out.is_dir()
     _remove_abandoned(out, tmp)
-    tmp.mkdir(parents=True)
+    try:
+        tmp.mkdir(parents=True)
+    except OSError as e:
+        raise UserError(f"cannot write into {out} ({e.strerror or e})") from None
     try:
         yield tmp
         try:

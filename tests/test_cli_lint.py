@@ -211,3 +211,35 @@ def test_shipped_specs_have_no_warnings():
     from llmc.compiler.spec import load_spec
     for path in sorted(SPECS.glob("*.toml")):
         assert load_spec(path).warnings == [], path
+
+
+def test_an_output_that_cannot_be_written_is_one_line_not_a_traceback(tmp_path, monkeypatch, capsys):
+    """llmc schema -o, export hf / quantize -o (a staged folder) and train --out into a path under a
+    file: each printed an OSError's traceback."""
+    from llmc.compiler.errors import UserError
+    from llmc.runtime.data import prepare
+    from llmc.runtime.folders import staged_folder
+
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    assert main(["schema", "-o", str(a_file / "schema.json")]) == 1
+    assert capsys.readouterr().err == f"error: {a_file / 'schema.json'}: Not a directory\n"
+
+    with pytest.raises(UserError, match=f"cannot write into {a_file / 'model'} \\(Not a directory\\)"):
+        with staged_folder(a_file / "model"):
+            pass
+
+    monkeypatch.setattr(prepare, "prepare", lambda spec: tmp_path)  # (no data needed here)
+    monkeypatch.setattr(prepare, "summary", lambda folder: "prepared")
+    assert main(["train", str(SPECS / "tiny.toml"), "--out", str(a_file / "run")]) == 1
+    err = capsys.readouterr().err
+    assert err.rstrip().splitlines()[-1] == f"error: {a_file / 'run'}: Not a directory" and "Traceback" not in err
+
+
+def test_a_reader_that_left_ends_the_output_quietly():
+    """`llmc schema | head -1`: the pipe closes before llmc writes; no 'Broken pipe' error."""
+    p = subprocess.Popen([sys.executable, "-m", "llmc.compiler.cli", "schema"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    assert p.wait() == 0 and err == ""
