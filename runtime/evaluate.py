@@ -28,7 +28,7 @@ from .data.tokenizer import check_unknown, encode_text, unknown_token
 def read_text(path: str) -> str:
     p = Path(path)
     if not p.is_file():
-        raise UserError(f"{path}: file not found")
+        raise UserError(f"{path}: " + ("a folder, not a text file" if p.is_dir() else "file not found"))
     data = p.read_bytes()
     try:
         return data.decode("utf-8")

@@ -174,6 +174,8 @@ def test_eval_errors_are_clear(checkpoint, tmp_path):
     tmp, _ = checkpoint
     r = run_eval(tmp / "random", "--text-file", tmp_path / "missing.txt")
     assert r.returncode == 1 and "missing.txt: file not found" in r.stderr and "Traceback" not in r.stderr
+    r = run_eval(tmp / "random", "--text-file", tmp_path)
+    assert r.returncode == 1 and f"{tmp_path}: a folder, not a text file" in r.stderr
     (tmp_path / "bad.txt").write_bytes(b"ok\n\xfe\n")
     r = run_eval(tmp / "random", "--text-file", tmp_path / "bad.txt")
     assert r.returncode == 1 and "bad.txt:2: invalid UTF-8" in r.stderr

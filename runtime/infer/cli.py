@@ -43,7 +43,7 @@ def _read_prompts(args) -> list[str]:
         return [args.prompt]
     path = Path(args.prompts_file)
     if not path.is_file():
-        raise UserError(f"{path}: prompts file not found")
+        raise UserError(f"{path}: " + ("a folder, not a prompts file" if path.is_dir() else "prompts file not found"))
     try:
         prompts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     except UnicodeDecodeError as e:
