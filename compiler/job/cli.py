@@ -58,6 +58,7 @@ def run_main(args) -> int:
         return 0
 
     _check_fresh(run_dir, scheduler, args.resume)
+    _refuse_a_busy_run_dir(run_dir)
     job = compile_job(spec, run_dir / "job", scheduler=scheduler, spec_path=args.spec, overrides=args.overrides,
                       resume=args.resume)
     if scheduler in job.unavailable:
@@ -103,6 +104,31 @@ def _check_fresh(run_dir: Path, scheduler: str, resume: bool) -> None:
 
     if scheduler != "kubernetes" and not resume:
         refuse_a_used_run_dir(run_dir, "set job.name (or job.out_dir)")
+
+
+ACTIVE = ("SUBMITTED", "PENDING", "RUNNING")
+
+
+def _refuse_a_busy_run_dir(run_dir: Path) -> None:
+    """Refuse to submit into the run directory of a job `llmc run` submitted from here that is still
+    queued or running (with --resume too): the two would train into one folder, and this one's
+    job/plan.json would replace the plan the other reads when it starts."""
+    waiting = [handle for handle, known in track.jobs().items()
+               if known.get("run_dir") == str(run_dir) and known.get("state", "RUNNING") in ACTIVE]
+    if not waiting:
+        return
+    with make_runner() as runner, _scheduler_errors("asking after the jobs of this run directory"):
+        for handle in waiting:
+            try:
+                state = _status(runner, handle)
+            except UserError:  # the scheduler no longer knows it: not running
+                continue
+            state = state.split()[0]
+            if state in ACTIVE:
+                raise UserError(f"{run_dir} is the run directory of {handle}, which is {state}: wait for it, "
+                                f"stop it (llmc cancel {handle}), or set job.name (or job.out_dir) for another")
+            if state in ("SUCCEEDED", "FAILED", "CANCELLED"):
+                track.record(handle, state=state)  # final: not asked again
 
 
 def _submit(runner, app, scheduler: str, cfg: dict) -> str:
