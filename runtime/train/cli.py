@@ -65,8 +65,8 @@ def main(args) -> int:
             return 0
     else:
         refuse_a_used_run_dir(run_dir, "--out")
+    run_dir.mkdir(parents=True, exist_ok=True)  # (before the data: an --out that cannot be made fails at once)
     print(summary(prepare(spec)), file=sys.stderr)
-    run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "plan.json").write_text(json.dumps(plan, indent=2))
     (run_dir / "spec.toml").write_text(spec_to_toml(spec))
     try:

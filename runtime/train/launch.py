@@ -29,9 +29,10 @@ def main(argv: list[str] | None = None) -> int:
         run(parse_args(argv))
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
-        others = len(e.failures) - 1
-        print(f"rank {rank} {describe(failure)}, the first of {others + 1} to fail" if others
-              else f"rank {rank} {describe(failure)}", file=sys.stderr)
+        said = f"rank {rank} {describe(failure)}"
+        if len(e.failures) > 1:
+            said += f", the first of {len(e.failures)} to fail"
+        print(said, file=sys.stderr)
         return 1
     except SignalException as e:  # torchrun stopped by a signal (Ctrl-C): its workers are stopped
         return 128 + e.sigval

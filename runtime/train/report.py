@@ -1,10 +1,10 @@
 """The run report: measured throughput, step time and peak memory beside the plan's predictions.
 
-Written by rank 0 as RUN_DIR/report.json and RUN_DIR/report.md at the end of a run. `steps` and
-`tokens` are the run's (a resumed run's counted from step 0), `measured` what this process ran:
-`tokens_per_s` counts the input tokens that are not padding (the last window of a shard is padded),
-`padded_tokens_per_s` every position computed, global batch x seq_len, which MFU counts the FLOPs of;
-`tokens` and `positions` are the run's totals of the two.
+Written by rank 0 as RUN_DIR/report.json and RUN_DIR/report.md at the end of a run. `steps`,
+`tokens` and `positions` are the run's (a resumed run's counted from step 0), `measured` what this
+process ran. `tokens` and `tokens_per_s` count the input tokens that are not padding (the last
+window of a shard is padded); `positions` and `padded_tokens_per_s` every position computed,
+global batch x seq_len a step, which MFU counts the FLOPs of.
 Peak memory is `torch.cuda.max_memory_allocated` on a GPU and the peak resident set size of the
 process on a CPU.
 FLOPs per token and the device peak come from the plan when it states them, else from the estimate
