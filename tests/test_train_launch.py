@@ -28,15 +28,27 @@ def test_a_failed_worker_ends_the_launch_in_one_line(tmp_path):
     done = launch(tmp_path, "3")
     assert done.returncode == 1
     assert "error (rank 0): the worker's own message" in done.stderr
-    assert done.stderr.rstrip().splitlines()[-1] == "rank 0 exited with code 3"
+    assert done.stderr.rstrip().splitlines()[-1] == "rank 0: exit code 3"
     assert "Traceback" not in done.stderr and "ChildFailedError" not in done.stderr
 
 
 def test_a_killed_worker_is_said_so(tmp_path):
     done = launch(tmp_path, "kill")
     assert done.returncode == 1
-    assert done.stderr.rstrip().splitlines()[-1] == "rank 0 was killed by SIGKILL (out of memory?)"
+    assert done.stderr.rstrip().splitlines()[-1] == "rank 0: killed by SIGKILL (out of memory?)"
     assert "Traceback" not in done.stderr
+
+
+def test_the_failed_ranks_are_grouped_by_how_they_ended():
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    from llmc.runtime.train.launch import summary
+
+    def ended(code):
+        return ProcessFailure(local_rank=0, pid=1, exitcode=code, error_file="")
+    assert summary({3: ended(1)}) == "rank 3: exit code 1"
+    assert summary({2: ended(-15), 1: ended(1), 0: ended(-15)}) == \
+        "ranks 0, 2: killed by SIGTERM; rank 1: exit code 1"
 
 
 def test_a_clean_launch_exits_0(tmp_path):
