@@ -59,6 +59,12 @@ def continues(run_dir: Path, resume: bool, job_id: str | None, attempts: dict) -
                     "them (llmc run --resume), or train into another run directory (job.name, job.out_dir)")
 
 
+def _a_peer_left(error: RuntimeError) -> bool:
+    """A collective failed because another rank's process ended (gloo's words; NCCL's watchdog
+    aborts the process itself): that rank's own message says why, this traceback nothing."""
+    return any(words in str(error) for words in ("closed by peer", "reset by peer"))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m llmc.runtime.entry", description=__doc__.splitlines()[0])
     parser.add_argument("--plan", required=True, help="plan.json written by `llmc compile` / `llmc train`")
@@ -84,6 +90,11 @@ def main(argv: list[str] | None = None) -> int:
         code = 1
     except KeyboardInterrupt:  # Ctrl-C reaches every rank: the launcher says what the run keeps
         code = 130
+    except RuntimeError as e:
+        if not (env.distributed and _a_peer_left(e)):
+            raise
+        print(f"error (rank {env.rank}): lost the connection to a rank that stopped", file=sys.stderr)
+        code = 1
     finish(env, code)
     return code
 

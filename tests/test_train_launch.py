@@ -64,3 +64,30 @@ def test_workers_share_the_cores_unless_the_user_chose(monkeypatch):
     assert _threads_per_process(16)["OMP_NUM_THREADS"] == "1"   # never 0
     monkeypatch.setenv("OMP_NUM_THREADS", "7")
     assert _threads_per_process(2)["OMP_NUM_THREADS"] == "7"
+
+
+# rank 1 leaves at once; rank 0 (deaf to torchrun's SIGTERM) meets gloo's error in a collective
+PEER_LEFT = """
+import os, signal, sys
+import torch, torch.distributed as dist
+from llmc.runtime.entry import _a_peer_left
+dist.init_process_group("gloo")
+if dist.get_rank() == 1:
+    os._exit(1)
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+try:
+    dist.all_reduce(torch.ones(4))
+except RuntimeError as e:
+    open(sys.argv[1], "w").write(str(_a_peer_left(e)))
+os._exit(1)
+"""
+
+
+def test_a_rank_whose_peer_left_knows_it_from_gloos_error(tmp_path):
+    """The other ranks of a failed one printed gloo's traceback ("Connection closed by peer") below
+    its message; runtime/entry.py says it in one line when gloo's error is of a peer that left."""
+    worker, said = tmp_path / "worker.py", tmp_path / "said"
+    worker.write_text(PEER_LEFT)
+    subprocess.run([sys.executable, "-m", "llmc.runtime.train.launch", "--standalone", "--nproc_per_node=2",
+                    str(worker), str(said)], capture_output=True, text=True, timeout=120)
+    assert said.read_text() == "True"
