@@ -17,9 +17,10 @@ if os.environ["RANK"] == "0":
 """
 
 
-def launch(tmp_path, how: str):
+def launch(tmp_path, how: str, script: str = WORKER):
+    """`script` on 2 processes through the launcher, given `how` as its argument."""
     worker = tmp_path / "worker.py"
-    worker.write_text(WORKER)
+    worker.write_text(script)
     return subprocess.run([sys.executable, "-m", "llmc.runtime.train.launch", "--standalone", "--nproc_per_node=2",
                            str(worker), how], capture_output=True, text=True, timeout=120)
 
@@ -86,8 +87,6 @@ os._exit(1)
 def test_a_rank_whose_peer_left_knows_it_from_gloos_error(tmp_path):
     """The other ranks of a failed one printed gloo's traceback ("Connection closed by peer") below
     its message; runtime/entry.py says it in one line when gloo's error is of a peer that left."""
-    worker, said = tmp_path / "worker.py", tmp_path / "said"
-    worker.write_text(PEER_LEFT)
-    subprocess.run([sys.executable, "-m", "llmc.runtime.train.launch", "--standalone", "--nproc_per_node=2",
-                    str(worker), str(said)], capture_output=True, text=True, timeout=120)
+    said = tmp_path / "said"
+    launch(tmp_path, str(said), PEER_LEFT)
     assert said.read_text() == "True"

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from torchx.schedulers.local_scheduler import SignalException
-from torchx.specs import AppState, parse_app_handle
+from torchx.specs import AppState, is_terminal, parse_app_handle
 from torchx.specs.api import MalformedAppHandleException
 
 from ..errors import UserError
@@ -120,15 +120,14 @@ def _refuse_a_busy_run_dir(run_dir: Path) -> None:
     with make_runner() as runner, _scheduler_errors("asking after the jobs of this run directory"):
         for handle in waiting:
             try:
-                state = _status(runner, handle)
+                state = AppState[_status(runner, handle).split()[0]]  # (the words after it explain)
             except UserError:  # the scheduler no longer knows it: not running
                 continue
-            state = state.split()[0]
-            if state in ACTIVE:
-                raise UserError(f"{run_dir} is the run directory of {handle}, which is {state}: wait for it, "
+            if state.name in ACTIVE:
+                raise UserError(f"{run_dir} is the run directory of {handle}, which is {state.name}: wait for it, "
                                 f"stop it (llmc cancel {handle}), or set job.name (or job.out_dir) for another")
-            if state in ("SUCCEEDED", "FAILED", "CANCELLED"):
-                track.record(handle, state=state)  # final: not asked again
+            if is_terminal(state):
+                track.record(handle, state=state.name)  # final: not asked again
 
 
 def _submit(runner, app, scheduler: str, cfg: dict) -> str:

@@ -28,7 +28,7 @@ from ..parallel.run import (clip_grad_norm, data_rank, full_state_dict, model_st
                             pipeline_for_plan)
 from ..float8 import apply_float8
 from ..precision import autocast
-from .metrics import MetricsLog, ProgressDisplay, truncate_metrics
+from .metrics import METRICS_FILE, MetricsLog, ProgressDisplay, truncate_metrics
 from .objectives import StepShare, build_objective
 from .optim import build_optimizer, build_scheduler
 from .report import RunClock, flops_per_token, peak_flops, write_report
@@ -165,7 +165,7 @@ class Trainer:
                                                     self.scaler)
             self.data.load_state_dict(data_state)
         if env.is_main:  # records past the starting step belong to a run that is being redone
-            truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
+            truncate_metrics(self.run_dir / METRICS_FILE, self.step)
         self.val_batches = self.data.val_batches(self.t.eval_batches)
         self.flops_per_token = flops_per_token(plan)
         self.peak = peak_flops(plan) * env.world_size

@@ -14,6 +14,15 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 
+METRICS_FILE = "metrics.jsonl"
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """RUN_DIR/metrics.jsonl's records (none when the run has written none)."""
+    path = Path(run_dir) / METRICS_FILE
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
 def truncate_metrics(path: Path, last_step: int) -> None:
     """Drop records of steps after `last_step` (they are about to be redone)."""
     if not path.is_file():
@@ -28,7 +37,7 @@ class MetricsLog:
 
     def __init__(self, run_dir: Path, enabled: bool):
         self.enabled = enabled
-        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path = Path(run_dir) / METRICS_FILE
         self._file = open(self.path, "a") if enabled else None
         self._tb = None
         if enabled:

@@ -21,6 +21,8 @@ from pathlib import Path
 import jinja2
 import torch
 
+from .metrics import read_metrics
+
 
 def _render_markdown(**values) -> str:
     """report.md through templates/run_report.md.j2."""
@@ -104,9 +106,7 @@ def data_tokens(run_dir: Path, step: int, positions_per_step: int) -> int:
     """The data's tokens the run trained on in steps 1..step, padding excluded: the sum of
     metrics.jsonl's `input_tokens` (the file tells the story of the final weights: a resumed run
     cut it back to its checkpoint); a step with no such record counts its positions."""
-    path = Path(run_dir) / "metrics.jsonl"
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
-    counted = {r["step"]: r["input_tokens"] for r in records if "input_tokens" in r and 0 < r["step"] <= step}
+    counted = {r["step"]: r["input_tokens"] for r in read_metrics(run_dir) if "input_tokens" in r and 0 < r["step"] <= step}
     return sum(counted.values()) + (step - len(counted)) * positions_per_step
 
 
