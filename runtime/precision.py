@@ -48,3 +48,21 @@ def autocast(device: torch.device, precision: str):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+class Fp32Buffers:
+    """Mixin for an nn.Module whose buffers named in `fp32_buffers` stay fp32 when the module is
+    cast (`model.to(torch.bfloat16)`); they still move with it. For values bf16 cannot hold:
+    RoPE's inverse frequencies (a 2^-9 relative error is a whole radian by position ~1000) and
+    the router's correction bias (its ~1e-3 updates are below bf16's resolution near 1)."""
+
+    fp32_buffers: tuple[str, ...] = ()
+
+    def _apply(self, fn, recurse=True):
+        kept = {name: getattr(self, name) for name in self.fp32_buffers if getattr(self, name) is not None}
+        super()._apply(fn, recurse)
+        for name, before in kept.items():
+            after = getattr(self, name)
+            if after.dtype != torch.float32:
+                setattr(self, name, before.to(after.device))
+        return self

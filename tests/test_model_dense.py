@@ -329,6 +329,35 @@ def test_save_load_roundtrip_and_run_dir(tmp_path):
         load_model(tmp_path / "nothing-here")
 
 
+def test_a_bf16_model_rotates_long_positions_by_the_exact_angles():
+    """Casting the model to bf16 keeps RoPE's frequencies fp32: a bf16 inv_freq (2^-9 relative
+    error) would turn position 8191 by angles up to 0.8 radians off (theta 1e4, head dim 8)."""
+    m = build(max_seq_len=8192).to(torch.bfloat16)
+    assert m.inv_freq.dtype == torch.float32
+    pos = torch.tensor([4000, 8191])
+    cos, sin = m.rope(pos, torch.bfloat16)
+    d = m.cfg.rope_dim
+    angles = pos.double()[:, None] * m.cfg.rope.theta ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+    torch.testing.assert_close(cos[:, 0, : d // 2].double(), angles.cos(), atol=8e-3, rtol=0)
+    torch.testing.assert_close(sin[:, 0, d // 2:].double(), angles.sin(), atol=8e-3, rtol=0)
+
+
+def test_a_model_folder_loads_into_the_files_tensors_without_initialising(tmp_path, monkeypatch):
+    """load_model takes the weights as the model's tensors: no random init of a model the size of
+    the checkpoint (bench/bench_load.py measures what that saves), RoPE's buffer still computed."""
+    m = build().to(torch.bfloat16)
+    save_model(m, {"version": 1, "spec": {"model": m.cfg.model_dump(mode="json")}}, tmp_path)
+
+    def refuse(self):
+        raise AssertionError("load_model initialised the weights")
+    monkeypatch.setattr(Transformer, "init_weights", refuse)
+    m2, _, _ = load_model(tmp_path)
+    assert m2.embed.weight.dtype == torch.bfloat16 and m2.inv_freq.device.type == "cpu"
+    torch.testing.assert_close(m2.inv_freq, rope_inv_freq(m.cfg.rope_dim, m.cfg.rope))
+    tokens = torch.randint(0, 97, (1, 7))
+    assert torch.equal(m(tokens).logits, m2(tokens).logits)
+
+
 def test_logits_equal_transformers_llama():
     transformers = pytest.importorskip("transformers")
     cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,

@@ -194,6 +194,21 @@ def test_correction_bias_stays_fp32_when_the_model_is_cast_to_bf16():
     assert out.logits.dtype == torch.bfloat16
 
 
+def test_a_bf16_model_with_an_fp32_correction_bias_loads_as_stored(tmp_path):
+    """The fp32 bias beside bf16 weights does not make the stored model load in fp32."""
+    from llmc.runtime.model.io import load_model, save_model
+    model = Transformer(spec(balance="aux_free")).to(torch.bfloat16)
+    model.init_weights()
+    model.layers["0"].ffn.router.e_score_correction_bias.copy_(torch.tensor([0.5, -0.25, 0.0, 1e-3]))
+    save_model(model, {"version": 1, "spec": {"model": model.cfg.model_dump(mode="json")}}, tmp_path)
+    loaded, _, _ = load_model(tmp_path)
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    bias = loaded.layers["0"].ffn.router.e_score_correction_bias
+    assert bias.dtype == torch.float32 and bias[3].item() == pytest.approx(1e-3, rel=1e-6)
+    tokens = torch.randint(0, 50, (2, 7))
+    assert torch.equal(loaded(tokens).logits, model(tokens).logits)
+
+
 def test_experts_with_bias_and_plain_activation():
     torch.manual_seed(4)
     cfg = ModelSpec(vocab_size=50, d_model=8, n_layers=1, n_heads=2, ffn_hidden=24, max_seq_len=32,

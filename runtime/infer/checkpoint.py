@@ -42,11 +42,14 @@ def load_for_inference(path, device="cpu", dtype=None):
     except (ValueError, TypeError) as e:  # not JSON, not an object, or not the fields of a QuantConfig
         raise UserError(f"{quant}: not a readable {QUANT_FILE} ({e})") from None
     plan = io.read_plan(model_dir)
-    model = io.build_model(plan, device)
-    model.mtp = torch.nn.ModuleList()       # not stored (see the module docstring)
-    quantize_model(model, cfg, structure_only=True)
+    with torch.device("meta"):  # the full-precision matrices are never made, only the quantized buffers
+        model = io.Transformer(io.model_spec_from_plan(plan))
+        model.mtp = torch.nn.ModuleList()   # not stored (see the module docstring)
+        quantize_model(model, cfg, structure_only=True)
+    model.to_empty(device=device)
+    model.init_buffers()
     weights = model_dir / "model.safetensors"
-    io.load_state(model, io.read_weights(weights, device), weights, unsaved=".original")  # empty placeholders
+    io.load_state(model, io.read_weights(weights, device), weights, unsaved=".original", assign=True)
     set_compute_dtype(model, io._dtype(dtype) or torch.float32)
     tokenizer = io.read_tokenizer(model_dir)
     return model.eval(), plan, tokenizer

@@ -155,12 +155,16 @@ def _atomic(path: Path, write):
     os.replace(tmp, path)
 
 
-def build_model(plan: dict, device="cpu", dtype=None) -> Transformer:
-    """An initialised Transformer for a plan, built on meta and materialised on `device`."""
+def build_model(plan: dict, device="cpu", dtype=None, init: bool = True) -> Transformer:
+    """A Transformer for a plan, built on meta and materialised on `device`: initialised, or with
+    only its computed buffers set when `init` is False (for weights that are loaded over it)."""
     with torch.device("meta"):
         model = Transformer(model_spec_from_plan(plan))
     model.to_empty(device=device)
-    model.init_weights()
+    if init:
+        model.init_weights()
+    else:
+        model.init_buffers()
     if _dtype(dtype) is not None:
         model.to(_dtype(dtype))
     return model
@@ -199,11 +203,12 @@ def read_tokenizer(model_dir):
         raise UserError(f"{path}: not a valid tokenizer.json ({e})") from None
 
 
-def load_state(model, state: dict, path, unsaved: str | None = None) -> None:
+def load_state(model, state: dict, path, unsaved: str | None = None, assign: bool = False) -> None:
     """Load `state` into `model` (strict=False), refused when names or shapes differ from the plan's
-    model; parameters named `*{unsaved}` may be absent (placeholders that are not stored)."""
+    model; parameters named `*{unsaved}` may be absent (placeholders that are not stored). `assign`:
+    the model takes the state's tensors themselves (a model built on meta needs no memory of its own)."""
     try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=assign)
     except RuntimeError as e:  # shapes that differ from the plan's
         detail = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), str(e))
         raise UserError(f"{path} does not match its plan.json: {detail}") from None
@@ -217,21 +222,22 @@ def load_state(model, state: dict, path, unsaved: str | None = None) -> None:
 def load_model(path, device="cpu", dtype=None):
     """(model, plan_dict, tokenizer or None) from a model folder, run directory or training checkpoint.
 
-    dtype: torch dtype or "fp32" / "bf16"; default: as stored.
+    A model folder's weights become the model's own tensors (built on meta, nothing initialised or
+    copied): loading takes the memory of the weights once. dtype: torch dtype or "fp32" / "bf16";
+    default: the parameters' as stored (fp32 when they differ).
     """
     model_dir = resolve_model_dir(path)
     if is_checkpoint(model_dir):
         plan = _train_checkpoint().checkpoint_plan(model_dir)
-        model = build_model(plan, device)
+        model = build_model(plan, device, init=False)  # DCP reads into the model's own tensors
         _train_checkpoint().load_model_weights(model_dir, model)
-        state = model.state_dict()
     else:
         plan = read_plan(model_dir)
-        model = build_model(plan, device)
-        state = read_weights(model_dir / "model.safetensors", device)
-        load_state(model, state, model_dir / "model.safetensors")
-    stored = {t.dtype for t in state.values() if t.is_floating_point()}
-    target = _dtype(dtype) or (stored.pop() if len(stored) == 1 else None)
-    if target is not None:
-        model.to(target)
+        with torch.device("meta"):
+            model = Transformer(model_spec_from_plan(plan))
+        weights = model_dir / "model.safetensors"
+        load_state(model, read_weights(weights, device), weights, assign=True)
+        model.init_buffers(device)
+    stored = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    model.to(_dtype(dtype) or (stored.pop() if len(stored) == 1 else torch.float32))
     return model, plan, read_tokenizer(model_dir)

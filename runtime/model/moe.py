@@ -15,11 +15,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..precision import Fp32Buffers
 from .mlp import ACTIVATIONS, GATED, MLP, gated
 
 
-class Router(nn.Module):
+class Router(Fp32Buffers, nn.Module):
     """Scores tokens against experts and picks top-k (with optional group-limited routing)."""
+
+    fp32_buffers = ("e_score_correction_bias",)
 
     def __init__(self, cfg):
         super().__init__()
@@ -38,15 +41,6 @@ class Router(nn.Module):
     def init_extra(self, std, out_std):
         if self.e_score_correction_bias is not None:
             self.e_score_correction_bias.zero_()
-
-    def _apply(self, fn, recurse=True):
-        """Casting the model (`model.to(torch.bfloat16)`) moves the correction bias but keeps it in
-        fp32: its per-step updates (bias_update_speed, ~1e-3) are below bf16's resolution near 1."""
-        bias = self.e_score_correction_bias
-        super()._apply(fn, recurse)
-        if bias is not None and self.e_score_correction_bias.dtype != torch.float32:
-            self.e_score_correction_bias = bias.to(self.e_score_correction_bias.device)
-        return self
 
     def forward(self, x):
         logits = self.gate(x).float()

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..precision import autocast_stream_dtype, compute_dtype
+from ..precision import Fp32Buffers, autocast_stream_dtype, compute_dtype
 from .attention import Attention
 from .loss import chunked_cross_entropy, cross_entropy
 from .mlp import MLP
@@ -63,8 +63,10 @@ class Block(nn.Module):
         return x + self.ffn(self.ffn_norm(x))
 
 
-class Transformer(nn.Module):
+class Transformer(Fp32Buffers, nn.Module):
     """A decoder-only Transformer covering every architecture a ModelSpec can express."""
+
+    fp32_buffers = ("inv_freq",)  # cast to bf16, RoPE would rotate long positions by wrong angles
 
     def __init__(self, cfg):
         super().__init__()
@@ -96,7 +98,7 @@ class Transformer(nn.Module):
         """
         std = self.cfg.init_std
         out_std = std / math.sqrt(2 * self.cfg.n_layers)
-        self.inv_freq.copy_(rope_inv_freq(self.cfg.rope_dim, self.cfg.rope).to(self.inv_freq.device))
+        self.init_buffers()
         for name, module in self.named_modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 is_out = name.endswith(("attn.wo", ".w2"))
@@ -108,6 +110,12 @@ class Transformer(nn.Module):
         for module in self.modules():
             if hasattr(module, "init_extra"):
                 module.init_extra(std, out_std)  # stacked expert weights, correction biases
+
+    def init_buffers(self, device=None):
+        """Compute the buffers no checkpoint stores (RoPE's inverse frequencies) on `device`, by
+        default where they are; after weights are loaded into a model built on meta, give one."""
+        device = self.inv_freq.device if device is None else device
+        self.inv_freq = rope_inv_freq(self.cfg.rope_dim, self.cfg.rope).to(device)
 
     # ---------------------------------------------------------------- forward
     def rope(self, positions: torch.Tensor, dtype: torch.dtype):
