@@ -114,6 +114,9 @@ def _eval(p):
     p.add_argument("--json", action="store_true", help="print {loss, perplexity, tokens}")
 
 
+DTYPE_HELP = "compute dtype (default: as stored; fp32 for a quantized checkpoint)"
+
+
 def _generate(p):
     p.add_argument("checkpoint", help="a run directory or checkpoint folder")
     src = p.add_mutually_exclusive_group(required=True)
@@ -128,14 +131,14 @@ def _generate(p):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--draft", help="a smaller checkpoint for speculative decoding")
     p.add_argument("--json", action="store_true", help="print {text, tokens, tokens_per_s} per prompt")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], help="compute dtype (default: as stored)")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], help=DTYPE_HELP)
 
 
 def _chat(p):
     p.add_argument("checkpoint", help="a run directory or checkpoint folder")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--dtype", choices=["fp32", "bf16"], help="compute dtype (default: as stored)")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], help=DTYPE_HELP)
 
 
 def _quantize(p):
