@@ -50,7 +50,7 @@ WAYS = {
 
 
 def measure(code: str, folder: Path) -> tuple[float, float]:
-    """(peak resident GB, seconds) of `code` run in a fresh process, every tensor it ends with read
+    """(peak resident GiB, seconds) of `code` run in a fresh process, every tensor it ends with read
     once (safetensors maps the file: its pages are read when touched). Imports are outside the
     timing and inside the memory, alike for every way. The peak is the process's own (VmHWM: a
     child's ru_maxrss starts at its parent's)."""
@@ -99,14 +99,14 @@ def main():
         sizes = {k: (f / "model.safetensors").stat().st_size / 2 ** 30 for k, f in folders.items()}
         results = {(k, way): measure(code, folders[k]) for k, ways in WAYS.items() for way, code in ways.items()}
     table = Table(title=f"Loading a {n / 1e9:.2f}B-parameter model folder, fresh process per row")
-    for col in ("folder", "way", "peak memory GB", "memory / safetensors", "seconds", "time / safetensors"):
+    for col in ("folder", "way", "peak memory GiB", "memory / safetensors", "seconds", "time / safetensors"):
         table.add_column(col, justify="right")
     for (k, way), (gb, s) in results.items():
         base_gb, base_s = results[k, "safetensors"]
-        table.add_row(f"{k} ({sizes[k]:.2f} GB)", way, f"{gb:.2f}", f"{gb / base_gb:.2f}x", f"{s:.1f}",
+        table.add_row(f"{k} ({sizes[k]:.2f} GiB)", way, f"{gb:.2f}", f"{gb / base_gb:.2f}x", f"{s:.1f}",
                       f"{s / base_s:.2f}x")
     Console(width=120).print(table)
-    print(json.dumps({f"{k} {way}": {"peak_gb": round(gb, 3), "seconds": round(s, 2)}
+    print(json.dumps({f"{k} {way}": {"peak_gib": round(gb, 3), "seconds": round(s, 2)}
                       for (k, way), (gb, s) in results.items()}))
 
 
