@@ -52,9 +52,10 @@ def autocast(device: torch.device, precision: str):
 
 class Fp32Buffers:
     """Mixin for an nn.Module whose buffers named in `fp32_buffers` stay fp32 when the module is
-    cast (`model.to(torch.bfloat16)`); they still move with it. For values bf16 cannot hold:
-    RoPE's inverse frequencies (a 2^-9 relative error is a whole radian by position ~1000) and
-    the router's correction bias (its ~1e-3 updates are below bf16's resolution near 1)."""
+    cast (`model.to(torch.bfloat16)`); they still move with it. For values bf16 cannot hold: RoPE's
+    inverse frequencies (in bf16, Llama-3's (head dim 128, theta 5e5) would turn position 1000 by
+    angles up to 1.8 radians off) and the router's correction bias (its ~1e-3 updates are below
+    bf16's resolution near 1)."""
 
     fp32_buffers: tuple[str, ...] = ()
 
