@@ -110,6 +110,35 @@ def test_import_matches_transformers_and_round_trips(family, tokens, tmp_path):
         assert torch.equal(tensor, first[name]), name
 
 
+@pytest.mark.parametrize("family", ["llama", "deepseek_v3"])
+def test_a_bf16_import_is_as_close_to_fp32_as_transformers_bf16_at_long_positions(family, tmp_path):
+    """A bf16 checkpoint, read by llmc as stored and by transformers in bf16: at positions 448-511
+    llmc's logits are no further from transformers' fp32 ones than transformers' own bf16 (llama3
+    RoPE scaling; DeepSeek's MLA with YaRN). With RoPE's frequencies cast to bf16, llmc's llama was
+    14x further."""
+    config = tiny_config(family)
+    config.initializer_range, config.max_position_embeddings = 0.2, 1024
+    torch.manual_seed(0)
+    reference = transformers.AutoModelForCausalLM.from_config(config)
+    _perturb(reference)
+    reference.to(torch.bfloat16).save_pretrained(tmp_path / "hf")
+    assert llmc(["import", "hf", str(tmp_path / "hf"), "-o", str(tmp_path / "llmc")]) == 0
+    model, _, _ = load_model(tmp_path / "llmc")
+    assert model.embed.weight.dtype == torch.bfloat16
+    tokens = torch.randint(0, VOCAB, (2, 512), generator=torch.Generator().manual_seed(1))
+
+    def tail(model):  # the logits of positions 448-511
+        return logits(model.eval(), tokens)[:, -64:].float()
+
+    def hf(dtype):
+        return transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=dtype)
+
+    fp32 = tail(hf(torch.float32))
+    error = {name: ((tail(m) - fp32).norm(dim=-1) / fp32.norm(dim=-1)).mean().item()
+             for name, m in (("transformers", hf(torch.bfloat16)), ("llmc", model))}
+    assert error["llmc"] < 1.5 * error["transformers"], error
+
+
 def test_sharded_checkpoint(tokens, tmp_path):
     reference = hf_model("qwen2_moe")
     reference.save_pretrained(tmp_path / "hf", max_shard_size="40KB")
