@@ -1,9 +1,9 @@
 """Loading a model folder: llmc against reading its safetensors file alone.
 
-`llmc eval`, `generate` and `export hf` start by loading a model folder. This writes one (a
-~1B-parameter Llama-style model by default, bf16) and an int4 copy of it (`llmc quantize`), then
-loads each in fresh processes and prints peak resident memory and seconds, with their ratio to the
-reference, safetensors' `load_file` alone (the weights read once):
+`llmc eval`, `generate`, `export hf` and `quantize` start by loading a model folder. This writes
+one (a ~1B-parameter Llama-style model by default, bf16) and an int4 copy of it (`llmc quantize`),
+then loads each (and quantizes the first) in fresh processes and prints peak resident memory and
+seconds, with their ratio to the reference, safetensors' `load_file` alone (the weights read once):
 
     bf16   safetensors   the reference
            llmc          runtime.model.io.load_model, as the verbs call it
@@ -13,6 +13,9 @@ reference, safetensors' `load_file` alone (the weights read once):
            llmc          runtime.infer.checkpoint.load_for_inference
            init + copy   building and initialising the fp32 model, then its quantized structure,
                          then copying the weights in (what load_for_inference did before)
+    quantize safetensors reading the bf16 folder (the reference)
+           llmc          `llmc quantize --bits 4` of it: runtime.infer.checkpoint.quantize_checkpoint
+           fp32 copy     the same from the model loaded in fp32 (what it did before; same output)
 
     python bench/bench_load.py [--d-model 2048] [--layers 16] [--keep DIR]
 """
@@ -29,6 +32,8 @@ from rich.console import Console
 from rich.table import Table
 
 READ = "tensors = load_file(FOLDER + '/model.safetensors').values()"
+QUANTIZE = ("with tempfile.TemporaryDirectory() as out:\n"
+            "    quantize_checkpoint(FOLDER, out + '/int4', QuantConfig(bits=4))\ntensors = []")
 WAYS = {
     "bf16": {
         "safetensors": READ,
@@ -46,6 +51,11 @@ WAYS = {
             "model.load_state_dict(read_weights(FOLDER + '/model.safetensors'), strict=False)\n"
             "tensors = model.state_dict().values()"),
     },
+    "quantize": {
+        "safetensors": READ,
+        "llmc": QUANTIZE,
+        "fp32 copy": f"io.load_model = lambda path, device: load_model(path, device, torch.float32)\n{QUANTIZE}",
+    },
 }
 
 
@@ -54,9 +64,10 @@ def measure(code: str, folder: Path) -> tuple[float, float]:
     once (safetensors maps the file: its pages are read when touched). Imports are outside the
     timing and inside the memory, alike for every way. The peak is the process's own (VmHWM: a
     child's ru_maxrss starts at its parent's)."""
-    script = ("import time, torch\nfrom safetensors.torch import load_file\n"
+    script = ("import tempfile, time, torch\nfrom safetensors.torch import load_file\n"
+              "from llmc.runtime.model import io\n"
               "from llmc.runtime.model.io import build_model, load_model, read_plan, read_weights\n"
-              "from llmc.runtime.infer.checkpoint import load_for_inference\n"
+              "from llmc.runtime.infer.checkpoint import load_for_inference, quantize_checkpoint\n"
               "from llmc.runtime.infer.quantize import QuantConfig, quantize_model\n"
               f"FOLDER = {str(folder)!r}\nt = time.perf_counter()\n{code}\n"
               "sum(float(t.float().sum()) for t in tensors)\nprint(time.perf_counter() - t)\n"
@@ -81,7 +92,7 @@ def write_folders(root: Path, d_model: int, layers: int) -> tuple[int, dict[str,
     save_model(model, plan, root / "bf16")
     del model
     quantize_checkpoint(root / "bf16", root / "int4", QuantConfig(bits=4))
-    return n, {"bf16": root / "bf16", "int4": root / "int4"}
+    return n, {"bf16": root / "bf16", "int4": root / "int4", "quantize": root / "bf16"}
 
 
 def main():

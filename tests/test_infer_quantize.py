@@ -132,6 +132,27 @@ def test_quantized_checkpoint_size_and_round_trip(tmp_path, bits, symmetric, gro
     assert "quantized checkpoint" in capsys.readouterr().err and not (tmp_path / "hf").exists()
 
 
+def test_a_bf16_checkpoint_quantizes_from_its_exact_values(tmp_path):
+    """quantize reads a bf16 checkpoint as stored (not as an fp32 copy of the whole model, twice its
+    memory: bench/bench_load.py) and loses nothing by it: each matrix's codes and scales are those
+    of its values in fp32, and the embedding is kept bit for bit."""
+    from llmc.runtime.model.io import load_model, save_model
+    src = checkpoint(tmp_path)
+    model, plan, tok = load_model(src)
+    save_model(model.to(torch.bfloat16), plan, tmp_path / "bf16", tok)
+    assert llmc(["quantize", str(tmp_path / "bf16"), "--bits", "4", "-o", str(tmp_path / "int4")]) == 0
+    with safe_open(str(tmp_path / "int4" / "model.safetensors"), "pt") as f:
+        stored = {k: f.get_tensor(k) for k in f.keys()}
+    cfg = QuantConfig(bits=4)
+    layer = model.layers["0"]
+    for name, w in (("layers.0.attn.wq", layer.attn.wq.weight), ("layers.0.ffn.w2", layer.ffn.w2.weight),
+                    ("head", model.head.weight)):
+        expected = quantize_tensor(w.float(), cfg)
+        assert torch.equal(stored[f"{name}.qweight.codes"], expected["codes"]), name
+        assert torch.equal(stored[f"{name}.qweight.scales"], expected["scales"]), name
+    assert torch.equal(stored["embed.weight"], model.embed.weight)
+
+
 @pytest.mark.parametrize("bits,symmetric,in_features", [(4, True, 256), (4, False, 256), (4, True, 704),
                                                        (4, False, 96), (8, True, 256), (8, True, 704)])
 def test_fused_int4_kernel_matches_the_dequantised_weight(bits, symmetric, in_features):

@@ -62,7 +62,7 @@ def quantize_checkpoint(src, out, cfg: QuantConfig) -> Path:
     out = output_folder(out, src, model_dir)
     if (model_dir / QUANT_FILE).is_file():
         raise UserError(f"{model_dir} is already quantized; quantize the original checkpoint")
-    model, plan, _ = io.load_model(model_dir, "cpu", torch.float32)
+    model, plan, _ = io.load_model(model_dir, "cpu")  # as stored: quantize_tensor reads each weight in fp32
     model.mtp = torch.nn.ModuleList()
     quantize_model(model, cfg)
     state = {}
