@@ -75,6 +75,7 @@ def test_hardware_lists_the_catalog():
 
 
 @pytest.mark.parametrize("args, needle", [(["plan", "specs/nope.toml"], "file not found"),
+                                          (["plan", "specs"], "specs: a folder, not a spec (a .toml file)"),
                                           (["plan", "specs/tiny.toml", "--set", "parallel.tp=3"], "tp=3")])
 def test_bad_input_is_an_error_not_a_traceback(args, needle):
     out = llmc(*args)

@@ -39,6 +39,8 @@ def _read_toml(path: Path, display: str) -> tuple[dict, dict[Key, int]]:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise SpecError([Problem(display, None, "", "file not found")]) from None
+    except IsADirectoryError:
+        raise SpecError([Problem(display, None, "", "a folder, not a spec (a .toml file)")]) from None
     except (OSError, UnicodeDecodeError) as e:
         raise SpecError([Problem(display, None, "", f"cannot read the file ({e})")]) from None
     try:
