@@ -1,6 +1,7 @@
 """The folders commands write their results into: `llmc quantize`, `export hf` and `import hf`
 (`-o OUT`), and `data prepare` (the cache folder of the prepared data); and a run directory's
-complete checkpoints (`checkpoints`), which `llmc run` also checks before it submits a job.
+complete checkpoints (`checkpoints`), which `llmc run` also checks before it submits a job; and
+the model folder a run starts from (`train.init_from`: `check_init_from`).
 
 `output_folder` refuses an `-o` that would replace or mix with other files; `staged_folder` writes
 through a temporary sibling, so that a command that fails or is killed midway never leaves a
@@ -131,3 +132,52 @@ def is_checkpoint(path) -> bool:
     """`path` is a complete checkpoint folder: RUN_DIR/checkpoints/step-N with its meta.json (an
     unfinished one is written under a temporary name, runtime/train/checkpoint.py)."""
     return Path(path).name.startswith("step-") and (Path(path) / "meta.json").is_file()
+
+
+def init_folder(path) -> Path:
+    """The model folder a run's `train.init_from` names: the folder itself, or a run directory's
+    final model (RUN_DIR/model)."""
+    path = Path(path)
+    return path / "model" if not is_model_folder(path) and is_model_folder(path / "model") else path
+
+
+def check_init_from(spec) -> None:
+    """Refuse a `train.init_from` a run cannot start from: not a model folder, a quantized one, or
+    one of another model than `spec.model` (the keys that differ are named). Reads JSON only (no
+    torch): `llmc train` and `llmc run` call it before anything is prepared, the trainer on every rank."""
+    import json
+
+    from pydantic import ValidationError
+
+    from llmc.compiler.spec import ModelSpec
+    if spec.train.init_from is None:
+        return
+    folder = init_folder(spec.train.init_from)
+    where = f"train.init_from: {folder}"
+    if not is_model_folder(folder):
+        raise UserError(f"{where} is not a model folder (expected plan.json and model.safetensors in it, "
+                        "as `llmc import hf` and a finished run's RUN_DIR/model hold)")
+    if (folder / "quantization.json").is_file():
+        raise UserError(f"{where} holds a quantized model, which cannot be trained: start from the model "
+                        "it was quantized from")
+    try:
+        theirs = ModelSpec.model_validate(json.loads((folder / "plan.json").read_bytes())["spec"]["model"])
+    except (OSError, ValueError, KeyError, TypeError, ValidationError) as e:
+        raise UserError(f"{where}: its plan.json has no valid spec.model table "
+                        f"({' '.join(str(e).split())[:200]})") from None
+    if spec.data.tokenizer.path is None and not (folder / "tokenizer.json").is_file():
+        raise UserError(f"{where} has no tokenizer.json: give data.tokenizer.path, the tokenizer its weights "
+                        "were trained with")
+    differ = _differences(theirs.model_dump(mode="json"), spec.model.model_dump(mode="json"), "model")
+    if differ:
+        shown = "; ".join(f"{key}: {a!r} there, {b!r} here" for key, a, b in differ[:5])
+        more = f" (and {len(differ) - 5} more)" if len(differ) > 5 else ""
+        raise UserError(f"{where} holds another model than the spec's: {shown}{more}; give [model] the folder's "
+                        "(a run's is in its spec.toml; `llmc import hf` of a config.json writes it as a spec)")
+
+
+def _differences(a, b, key: str) -> list[tuple[str, object, object]]:
+    """(dotted key, a's value, b's value) wherever two JSON documents differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b)) for d in _differences(a.get(k), b.get(k), f"{key}.{k}")]
+    return [] if a == b else [(key, a, b)]

@@ -57,7 +57,7 @@ def run_main(args) -> int:
             print((job.out / REQUEST_FILES[scheduler]).read_text(encoding="utf-8"))
         return 0
 
-    _check_fresh(run_dir, scheduler, args.resume)
+    _check_fresh(spec, run_dir, scheduler, args.resume)
     _refuse_a_busy_run_dir(run_dir)
     job = compile_job(spec, run_dir / "job", scheduler=scheduler, spec_path=args.spec, overrides=args.overrides,
                       resume=args.resume)
@@ -96,14 +96,16 @@ def run_main(args) -> int:
     return 1
 
 
-def _check_fresh(run_dir: Path, scheduler: str, resume: bool) -> None:
-    """Refuse to submit a job whose run directory, on this machine's file system (local and Slurm
-    jobs run where they are submitted from), holds checkpoints of a run, unless it is to continue
-    them: the job itself would refuse (runtime/entry.py), after waiting in the queue."""
-    from ...runtime.folders import refuse_a_used_run_dir  # (torch-free)
+def _check_fresh(spec, run_dir: Path, scheduler: str, resume: bool) -> None:
+    """Refuse to submit a new run whose run directory, on this machine's file system (local and
+    Slurm jobs run where they are submitted from), holds checkpoints of a run, or whose
+    train.init_from it cannot start from: the job itself would refuse (runtime/entry.py), after
+    waiting in the queue."""
+    from ...runtime.folders import check_init_from, refuse_a_used_run_dir  # (torch-free)
 
     if scheduler != "kubernetes" and not resume:
         refuse_a_used_run_dir(run_dir, "set job.name (or job.out_dir)")
+        check_init_from(spec)
 
 
 ACTIVE = ("SUBMITTED", "PENDING", "RUNNING")

@@ -22,7 +22,8 @@ class SourceSpec(Table):
 class TokenizerSpec(Table):
     """`[data.tokenizer]`: train a byte-level BPE, or load a tokenizer.json."""
 
-    path: str | None = Field(None, description="A tokenizer.json to load; absent = train one on the sources.")
+    path: str | None = Field(None, description="A tokenizer.json to load; absent = train.init_from's, "
+                                                     "else train one on the sources.")
     vocab_size: int | None = Field(None, ge=256, description="Vocabulary of a trained tokenizer (tokens); "
                                                              "default model.vocab_size.")
     chat_template: str = Field("chatml", description="Chat template for sft: chatml, or a jinja2 string.")

@@ -22,7 +22,7 @@ from .locate import Key, key_lines, nearest_line
 from .spec import Spec
 
 # Keys holding file paths: relative values are resolved against the file that wrote them.
-_PATH_KEYS = [("data", "tokenizer", "path")]
+_PATH_KEYS = [("data", "tokenizer", "path"), ("train", "init_from")]
 
 
 @dataclass(frozen=True)
@@ -179,6 +179,7 @@ def load_spec(path: str | Path, overrides: typing.Sequence[str] = ()) -> Spec:
         _apply_override(data, key, value)
         for sub in [key] + [key + k for k in _flatten(value)]:
             origins[sub] = Origin("--set", None)
+    _resolve_paths(data, Path.cwd())  # a path given by --set is relative to the working directory
     return validate(data, origins, _display(path))
 
 

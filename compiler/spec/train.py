@@ -70,6 +70,12 @@ class TrainSpec(Table):
     log_every: int = Field(1, ge=1, description="Print a progress line every N steps.")
     seed: int = Field(0, ge=0, description="Seed of initialisation, data order and dropout.")
     compile: bool = Field(False, description="torch.compile the model.")
+    init_from: str | None = Field(
+        None, min_length=1,
+        description="A model folder to start from instead of a fresh initialisation (relative to the spec): "
+                    "one `llmc import hf` writes, or a finished run's RUN_DIR/model (or RUN_DIR). Its model must be "
+                    "this spec's model; its tokenizer.json tokenizes the data unless data.tokenizer.path is given. "
+                    "A resumed run continues from its checkpoint instead.")
 
     _checks = (_one_budget, _micro_batch_fits)
 

@@ -29,7 +29,7 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
 from ...compiler.errors import UserError
-from ..folders import staged_folder
+from ..folders import init_folder, staged_folder
 from .chat import ChatTemplate, render_chat
 from .shards import ShardWriter, split_tail, token_dtype
 from .sources import BadRecords, DataError, iter_documents, source_files
@@ -59,13 +59,23 @@ def fingerprint(spec) -> str:
         files = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in source_files(s.path, s.glob)]
         sources.append({"path": s.path, "format": s.format, "field": _field(s, sft), "glob": s.glob, "files": files})
     tok = data.tokenizer
-    tok_file = Path(tok.path) if tok.path else None
+    tok_file = tokenizer_source(spec)
     key = {"version": FORMAT_VERSION, "sources": sources, "sft": sft, "val_fraction": data.val_fraction,
            "max_bytes": data.max_bytes, "on_bad_record": data.on_bad_record,
-           "tokenizer": {"path": tok.path, "vocab_size": tok.vocab_size or spec.model.vocab_size,
+           "tokenizer": {"path": str(tok_file) if tok_file else None, "vocab_size": tok.vocab_size or spec.model.vocab_size,
                          "stat": [tok_file.stat().st_size, tok_file.stat().st_mtime_ns] if tok_file and tok_file.exists() else None,
                          "chat_template": tok.chat_template if sft else None}}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def tokenizer_source(spec) -> Path | None:
+    """The tokenizer.json the data is tokenized with: data.tokenizer.path, else that of the model
+    folder the run starts from (train.init_from); None: one is trained on the sources."""
+    if spec.data.tokenizer.path:
+        return Path(spec.data.tokenizer.path)
+    if spec.train.init_from:
+        return init_folder(spec.train.init_from) / "tokenizer.json"
+    return None
 
 
 def prepared_dir(spec) -> Path:
@@ -152,9 +162,9 @@ def _write_prepared(spec, tmp: Path, fp: str, console: Console) -> None:
     data, sft = spec.data, _is_sft(spec)
     template = ChatTemplate(data.tokenizer.chat_template)
 
-    if data.tokenizer.path:
-        tok = load_tokenizer(data.tokenizer.path)
-        where = data.tokenizer.path
+    if (source := tokenizer_source(spec)) is not None:
+        tok = load_tokenizer(source)
+        where = str(source)
     else:
         vocab = data.tokenizer.vocab_size or spec.model.vocab_size
         with console.status(f"training a byte-level BPE tokenizer ({counted(vocab, 'token')})"):

@@ -43,7 +43,7 @@ def main(args) -> int:
     from ...compiler.plan import build_plan
     from ..data.prepare import prepare, summary
     from ..data.wording import counted
-    from ..folders import latest_checkpoint, refuse_a_used_run_dir
+    from ..folders import check_init_from, latest_checkpoint, refuse_a_used_run_dir
 
     # torch is imported only to resume or to train in this process: a mistake in the spec is
     # said at once, and a launcher of several processes does not load it beside them
@@ -54,9 +54,11 @@ def main(args) -> int:
     nproc = args.nproc or (plan.get("layout") or {}).get("world_size") or spec.world_size
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"{run_dir} exists and is not a folder (expected a run directory: give --out another path)")
+    ckpt = latest_checkpoint(run_dir) if args.resume else None
+    if ckpt is None:  # the run starts from train.init_from, if it names a folder (a resumed one from its checkpoint)
+        check_init_from(spec)
     if args.resume:
         from .checkpoint import check_resumable
-        ckpt = latest_checkpoint(run_dir)
         if ckpt is None:
             print(f"no complete checkpoint in {run_dir}: starting from step 0", file=sys.stderr)
         elif (step := check_resumable(ckpt, plan, spec.train.steps)) == spec.train.steps and _finished(run_dir, step):

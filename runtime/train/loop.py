@@ -1,7 +1,7 @@
 """The training loop: one loop for every objective.
 
-    plan.json -> data (prepared shards, this rank's slice) -> model (built, recompute, compile,
-    parallelize) -> optimizer + schedule -> [resume] -> steps: micro-batches with gradient
+    plan.json -> data (prepared shards, this rank's slice) -> model (built, or loaded from
+    train.init_from; recompute, compile, parallelize) -> optimizer + schedule -> [resume] -> steps: micro-batches with gradient
     accumulation to the global batch, clip, step, MoE bias update, metrics, validation, checkpoints
     -> final checkpoint, RUN_DIR/model/, report.
 
@@ -20,7 +20,7 @@ from ...compiler.spec import Spec
 from ..allocator import keep_freed_memory
 from ..data.dataset import TrainData
 from ..data.prepare import prepare, prepared_dir
-from ..folders import latest_checkpoint
+from ..folders import check_init_from, init_folder, latest_checkpoint
 from .checkpoint import check_resumable, load_checkpoint, save_checkpoint
 from .distributed import DistEnv, all_reduce_sum, layout_of, parallelize, unwrap
 from ..parallel.data_parallel import micro_batch, zero_grad
@@ -34,14 +34,21 @@ from .optim import build_optimizer, build_scheduler
 from .report import RunClock, flops_per_token, peak_flops, write_report
 
 
-def build_model(spec: Spec, device: torch.device, seed: int):
-    """The plain Transformer, initialised identically on every rank (seeded)."""
+def build_model(spec: Spec, device: torch.device, seed: int, init_from: str | None = None):
+    """The plain Transformer in fp32, initialised identically on every rank (seeded), or holding
+    the weights of the model folder `init_from` (of the same model: check_init_from)."""
     from ..model import Transformer
+    from ..model.io import load_state, read_weights
     torch.manual_seed(seed)
     with torch.device("meta"):
         model = Transformer(spec.model)
     model.to_empty(device=device)
-    model.init_weights()
+    if init_from is None:
+        model.init_weights()
+        return model
+    model.init_buffers()
+    weights = init_folder(init_from) / "model.safetensors"
+    load_state(model, read_weights(weights), weights)  # copied into the fp32 parameters, whatever the file's dtype
     return model
 
 
@@ -137,6 +144,10 @@ class Trainer:
         self.total_steps = self.t.steps
         self.objective = build_objective(self.t.objective)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt = latest_checkpoint(self.run_dir) if resume else None
+        init_from = self.t.init_from if ckpt is None else None  # a resumed run's checkpoint wins
+        if init_from is not None:  # (before its tokenizer prepares the data)
+            check_init_from(spec)
 
         if env.is_main:
             self.prepared = prepare(spec)
@@ -147,7 +158,7 @@ class Trainer:
                               self.t.global_batch_size, layout["micro_batch_size"], data_rank(layout, env.rank), layout["dp"])
         self.pad_id = self.data.manifest["special"]["pad"]
 
-        self.raw_model = build_model(spec, env.device, self.t.seed)
+        self.raw_model = build_model(spec, env.device, self.t.seed, init_from)
         apply_train_modes(self.raw_model, self.t)
         self.pipe = None
         if layout.get("pp", 1) > 1:  # parallel runtime: this rank's pipeline stage and the schedule
@@ -159,7 +170,7 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, self.t.schedule, self.total_steps)
         self.scaler = _grad_scaler(self.t.precision, env)
         self.step = 0
-        if resume and (ckpt := latest_checkpoint(self.run_dir)) is not None:
+        if ckpt is not None:
             check_resumable(ckpt, plan, self.total_steps)
             self.step, data_state = load_checkpoint(ckpt, self.model, self.optimizer, self.scheduler, env,
                                                     self.scaler)
