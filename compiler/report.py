@@ -66,7 +66,8 @@ def print_tables(plan, path: str) -> None:
     console = Console()
     m = plan.spec["model"]
     console.print(f"[bold]llmc plan[/bold] {path}  ·  {m['n_layers']} layers, d_model {m['d_model']}, "
-                  f"{m['attention']['kind']} attention{', MoE' if m.get('moe') else ''}  ·  spec {plan.spec_hash[:12]}")
+                  f"{m['attention']['kind']} attention{', MoE' if m.get('moe') else ''}  ·  spec {plan.spec_hash[:12]}"
+                  + (f"  ·  starts from {start}" if (start := plan.spec["train"].get("init_from")) else ""))
 
     t = Table(title="Parameters", title_justify="left")
     t.add_column("component")

@@ -52,6 +52,14 @@ def test_each_pipeline_stage_row_shows_its_own_peak():
         assert f"peak {peak / 2**30:,.1f} GiB" in row, row
 
 
+def test_a_run_that_starts_from_a_model_folder_says_so():
+    sets = ["--set", "train.init_from=/models/base"]  # (plan reads no folder: a run checks it when it starts)
+    assert "starts from /models/base" in llmc("plan", "specs/tiny.toml", *sets).stdout
+    assert "Starts from the weights of `/models/base`." in llmc("plan", "specs/tiny.toml", "--format", "markdown",
+                                                                *sets).stdout
+    assert "starts from" not in llmc("plan", "specs/tiny.toml").stdout.lower()
+
+
 def test_table_report_and_no_fit_explanation():
     out = llmc("plan", "specs/ds_v32.toml")
     text = out.stdout
