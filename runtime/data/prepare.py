@@ -62,7 +62,8 @@ def fingerprint(spec) -> str:
     tok_file = tokenizer_source(spec)
     key = {"version": FORMAT_VERSION, "sources": sources, "sft": sft, "val_fraction": data.val_fraction,
            "max_bytes": data.max_bytes, "on_bad_record": data.on_bad_record,
-           "tokenizer": {"path": str(tok_file) if tok_file else None, "vocab_size": tok.vocab_size or spec.model.vocab_size,
+           "tokenizer": {"path": str(tok_file) if tok_file else None,
+                         "vocab_size": tok.vocab_size or spec.model.vocab_size,
                          "stat": [tok_file.stat().st_size, tok_file.stat().st_mtime_ns] if tok_file and tok_file.exists() else None,
                          "chat_template": tok.chat_template if sft else None}}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()

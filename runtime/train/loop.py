@@ -1,9 +1,9 @@
 """The training loop: one loop for every objective.
 
     plan.json -> data (prepared shards, this rank's slice) -> model (built, or loaded from
-    train.init_from; recompute, compile, parallelize) -> optimizer + schedule -> [resume] -> steps: micro-batches with gradient
-    accumulation to the global batch, clip, step, MoE bias update, metrics, validation, checkpoints
-    -> final checkpoint, RUN_DIR/model/, report.
+    train.init_from; recompute, compile, parallelize) -> optimizer + schedule -> [resume] -> steps:
+    micro-batches with gradient accumulation to the global batch, clip, step, MoE bias update,
+    metrics, validation, checkpoints -> final checkpoint, RUN_DIR/model/, report.
 
 Reads only the plan: `Spec.model_validate(plan["spec"])` for the settings, `plan["layout"]` for
 dp / micro_batch_size / grad_accum.
