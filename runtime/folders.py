@@ -1,7 +1,8 @@
 """The folders commands write their results into: `llmc quantize`, `export hf` and `import hf`
 (`-o OUT`), and `data prepare` (the cache folder of the prepared data); and a run directory's
 complete checkpoints (`checkpoints`), which `llmc run` also checks before it submits a job; and
-the model folder a run starts from (`train.init_from`: `check_init_from`).
+the model folder a run starts from (`train.init_from`: `check_init_from`), and the plan.json of
+a model folder (`read_plan`, `model_spec_from_plan`).
 
 `output_folder` refuses an `-o` that would replace or mix with other files; `staged_folder` writes
 through a temporary sibling, so that a command that fails or is killed midway never leaves a
@@ -9,6 +10,7 @@ partial folder under the final name (which a re-run would then refuse). No torch
 preparation and its tokenizing workers import this module.
 """
 
+import json
 import os
 import shutil
 import socket
@@ -134,6 +136,29 @@ def is_checkpoint(path) -> bool:
     return Path(path).name.startswith("step-") and (Path(path) / "meta.json").is_file()
 
 
+def model_spec_from_plan(plan: dict):
+    """The ModelSpec of a plan.json document (the runtime never reads TOML)."""
+    from pydantic import ValidationError
+
+    from llmc.compiler.spec import ModelSpec  # (the spec language: no torch)
+    try:
+        return ModelSpec.model_validate(plan["spec"]["model"])
+    except (KeyError, TypeError, ValidationError) as e:
+        raise UserError(f"plan.json has no valid spec.model table ({str(e).splitlines()[0]})") from None
+
+
+def read_plan(model_dir) -> dict:
+    """plan.json of a model folder, refused with its path when it is not a JSON object."""
+    path = Path(model_dir) / "plan.json"
+    try:
+        plan = json.loads(path.read_bytes())
+    except (ValueError, OSError) as e:  # (UnicodeDecodeError and JSONDecodeError are ValueErrors)
+        raise UserError(f"{path}: not a readable plan.json ({e})") from None
+    if not isinstance(plan, dict):
+        raise UserError(f"{path}: expected a JSON object, found {type(plan).__name__}")
+    return plan
+
+
 def init_folder(path) -> Path:
     """The model folder a run's `train.init_from` names: the folder itself, or a run directory's
     final model (RUN_DIR/model)."""
@@ -145,11 +170,7 @@ def check_init_from(spec) -> None:
     """Refuse a `train.init_from` a run cannot start from: not a model folder, a quantized one, or
     one of another model than `spec.model` (the keys that differ are named). Reads JSON only (no
     torch): `llmc train` and `llmc run` call it before anything is prepared, the trainer on every rank."""
-    import json
-
-    from pydantic import ValidationError
-
-    from llmc.compiler.spec import ModelSpec
+    from llmc.compiler.spec.dump import flatten  # (pydantic: not for the tokenizing workers that import this module)
     if spec.train.init_from is None:
         return
     folder = init_folder(spec.train.init_from)
@@ -161,23 +182,16 @@ def check_init_from(spec) -> None:
         raise UserError(f"{where} holds a quantized model, which cannot be trained: start from the model "
                         "it was quantized from")
     try:
-        theirs = ModelSpec.model_validate(json.loads((folder / "plan.json").read_bytes())["spec"]["model"])
-    except (OSError, ValueError, KeyError, TypeError, ValidationError) as e:
-        raise UserError(f"{where}: its plan.json has no valid spec.model table "
-                        f"({' '.join(str(e).split())[:200]})") from None
+        theirs = model_spec_from_plan(read_plan(folder))
+    except UserError as e:
+        raise UserError(f"{where}: {e}") from None
     if spec.data.tokenizer.path is None and not (folder / "tokenizer.json").is_file():
         raise UserError(f"{where} has no tokenizer.json: give data.tokenizer.path, the tokenizer its weights "
                         "were trained with")
-    differ = _differences(theirs.model_dump(mode="json"), spec.model.model_dump(mode="json"), "model")
+    theirs, ours = (flatten(m.model_dump(mode="json"), "model.") for m in (theirs, spec.model))
+    differ = [key for key in sorted(set(theirs) | set(ours)) if theirs.get(key) != ours.get(key)]
     if differ:
-        shown = "; ".join(f"{key}: {a!r} there, {b!r} here" for key, a, b in differ[:5])
+        shown = "; ".join(f"{key}: {theirs.get(key)!r} there, {ours.get(key)!r} here" for key in differ[:5])
         more = f" (and {len(differ) - 5} more)" if len(differ) > 5 else ""
         raise UserError(f"{where} holds another model than the spec's: {shown}{more}; give [model] the folder's "
                         "(a run's is in its spec.toml; `llmc import hf` of a config.json writes it as a spec)")
-
-
-def _differences(a, b, key: str) -> list[tuple[str, object, object]]:
-    """(dotted key, a's value, b's value) wherever two JSON documents differ."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        return [d for k in sorted(set(a) | set(b)) for d in _differences(a.get(k), b.get(k), f"{key}.{k}")]
-    return [] if a == b else [(key, a, b)]

@@ -19,7 +19,8 @@ from safetensors.torch import load_file, save_file
 
 from llmc.compiler.errors import UserError
 
-from ..folders import check_model_source, is_checkpoint, is_model_folder, latest_checkpoint
+from ..folders import (check_model_source, is_checkpoint, is_model_folder, latest_checkpoint,  # noqa: F401
+                       model_spec_from_plan, read_plan)  # (torch-free; also this module's API)
 from .components import WRAPPER_PARTS
 from .transformer import Transformer
 
@@ -33,17 +34,6 @@ def _dtype(dtype) -> torch.dtype | None:
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r} (expected one of {', '.join(DTYPES)})")
     return DTYPES[dtype]
-
-
-def model_spec_from_plan(plan: dict):
-    """The ModelSpec of a plan.json document (the runtime never reads TOML)."""
-    from pydantic import ValidationError
-
-    from llmc.compiler.spec import ModelSpec
-    try:
-        return ModelSpec.model_validate(plan["spec"]["model"])
-    except (KeyError, TypeError, ValidationError) as e:
-        raise UserError(f"plan.json has no valid spec.model table ({str(e).splitlines()[0]})") from None
 
 
 def _train_checkpoint():
@@ -168,18 +158,6 @@ def build_model(plan: dict, device="cpu", dtype=None, init: bool = True) -> Tran
     if _dtype(dtype) is not None:
         model.to(_dtype(dtype))
     return model
-
-
-def read_plan(model_dir) -> dict:
-    """plan.json of a model folder, refused with its path when it is not a JSON object."""
-    path = Path(model_dir) / "plan.json"
-    try:
-        plan = json.loads(path.read_bytes())
-    except (ValueError, OSError) as e:  # (UnicodeDecodeError and JSONDecodeError are ValueErrors)
-        raise UserError(f"{path}: not a readable plan.json ({e})") from None
-    if not isinstance(plan, dict):
-        raise UserError(f"{path}: expected a JSON object, found {type(plan).__name__}")
-    return plan
 
 
 def read_weights(path, device="cpu") -> dict:

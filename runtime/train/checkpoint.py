@@ -25,6 +25,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from ..parallel.checkpoint import load_train_state_dict, train_state_dict
 
 from ...compiler.errors import UserError
+from ...compiler.spec.dump import flatten
 from ..folders import checkpoints
 from .distributed import DistEnv, all_reduce_sum
 
@@ -190,19 +191,9 @@ def _read_rank_state(path: Path, file: Path, env: DistEnv) -> dict:
     return extra
 
 
-def _flatten(d, prefix="") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def spec_differences(old_spec: dict, new_spec: dict) -> list[str]:
     """Differences between two resolved specs that make a checkpoint unusable ("key: old -> new")."""
-    old, new = _flatten(old_spec), _flatten(new_spec)
+    old, new = flatten(old_spec), flatten(new_spec)
     diffs = []
     for key in sorted(set(old) | set(new)):
         if key.startswith(RESUMABLE_CHANGES) or old.get(key) == new.get(key):

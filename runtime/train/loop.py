@@ -146,7 +146,7 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         ckpt = latest_checkpoint(self.run_dir) if resume else None
         init_from = self.t.init_from if ckpt is None else None  # a resumed run's checkpoint wins
-        if init_from is not None:  # (before its tokenizer prepares the data)
+        if ckpt is None:  # (before the folder's tokenizer prepares the data)
             check_init_from(spec)
 
         if env.is_main:
