@@ -62,12 +62,16 @@ def test_a_run_starts_from_the_folders_weights_and_tokenizer(folder, tmp_path):
         torch.testing.assert_close(tensor, start[name], rtol=0, atol=2 * lr, msg=name)
     vocab = json.loads((tmp_path / "run" / "model" / "tokenizer.json").read_text())["model"]["vocab"]
     assert vocab == _tokenizer().get_vocab(with_added_tokens=False)
+    assert json.loads((tmp_path / "run" / "report.json").read_text())["init_from"] == str(folder)
+    assert f"Started from the weights of `{folder}`." in (tmp_path / "run" / "report.md").read_text()
 
     # the control: the same run without init_from starts from its own initialisation, not the folder's
     fresh = llmc_train(tmp_path, "fresh", *FROZEN)
     assert fresh.returncode == 0, fresh.stdout + fresh.stderr
     weight = load_file(tmp_path / "fresh" / "model" / "model.safetensors")["embed.weight"]
     assert (weight - start["embed.weight"]).abs().max() > 1e-3
+    assert json.loads((tmp_path / "fresh" / "report.json").read_text())["init_from"] is None
+    assert "Started from" not in (tmp_path / "fresh" / "report.md").read_text()
 
 
 def test_a_resumed_run_continues_from_its_checkpoint_not_the_folder(folder, tmp_path):
