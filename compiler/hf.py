@@ -21,6 +21,7 @@ import pydantic
 import tomli_w
 
 from .errors import UserError
+from .hf_chat import llmc_template_for
 from .hf_export import export_family
 from .hf_families import FAMILIES, ConfigReader
 from .spec import ModelSpec, Spec
@@ -122,20 +123,33 @@ def default_run(model: ModelSpec) -> tuple[dict, str | None]:
     return tables(_CPU_RUN, None), "no placeholder hardware fits this model; edit [hardware] and [train]"
 
 
-def import_spec(imported: Imported, tokenizer: str | None = None) -> tuple[dict, str | None]:
+def import_spec(imported: Imported, tokenizer: str | None = None,
+                chat_template: str | None = None) -> tuple[dict, str | None]:
     """A whole spec (as TOML-ready data) around an imported model: the model table filled in,
     every other table left to its defaults but for a placeholder [train] (and [hardware] when
-    the model needs GPUs); and a note on that choice."""
+    the model needs GPUs) and the tokenizer and chat template given; and a note on that choice."""
     run, note = default_run(imported.model)
     data = {"model": imported.model.model_dump(mode="json", exclude_none=True), **run}
-    if tokenizer:
-        data["data"] = {"tokenizer": {"path": tokenizer}}
+    tokenizer_table = {"path": tokenizer, "chat_template": chat_template if chat_template != "chatml" else None}
+    if tokenizer_table := {k: v for k, v in tokenizer_table.items() if v is not None}:
+        data["data"] = {"tokenizer": tokenizer_table}
     Spec.model_validate(data)  # what we write must load
     return data, note
 
 
 def _has_weights(folder: Path | None) -> bool:
     return folder is not None and (any(folder.glob("*.safetensors")) or (folder / "model.safetensors.index.json").exists())
+
+
+def chat_template_of(folder: Path | None) -> str | None:
+    """llmc's chat template for the HF folder's (None: it has none, or one llmc cannot write per
+    message, which a note on stderr says)."""
+    if folder is None:
+        return None
+    template, note = llmc_template_for(folder)
+    if note:
+        print(f"note: {note}", file=sys.stderr)
+    return template
 
 
 def import_main(args) -> int:
@@ -161,7 +175,7 @@ def import_main(args) -> int:
         tok = (folder / "tokenizer.json").resolve()
         # relative to the spec written (as spec paths are), absolute when printed
         tokenizer = str(tok) if out is None else os.path.relpath(tok, out.resolve().parent)
-    data, note = import_spec(imported, tokenizer)
+    data, note = import_spec(imported, tokenizer, chat_template_of(folder))
     if note:
         print(f"note: {note}", file=sys.stderr)
     text = tomli_w.dumps(data)

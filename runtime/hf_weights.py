@@ -250,7 +250,7 @@ def convert_state(checkpoint: HFCheckpoint, adapter: Adapter, names: list[str]) 
 
 def import_checkpoint(folder: Path, out: Path, imported) -> None:
     """Convert the HF checkpoint in `folder` into the llmc model folder `out`."""
-    from llmc.compiler.hf import import_spec
+    from llmc.compiler.hf import chat_template_of, import_spec
     from llmc.compiler.spec import Spec
 
     from .data.tokenizer import load_tokenizer
@@ -269,7 +269,7 @@ def import_checkpoint(folder: Path, out: Path, imported) -> None:
               "mtp.depth = 0", file=sys.stderr)
         m = m.model_copy(update={"mtp": m.mtp.model_copy(update={"depth": 0})})
         imported.model = m
-    data, note = import_spec(imported)
+    data, note = import_spec(imported, chat_template=chat_template_of(Path(folder)))
     if note:
         print(f"note: {note}", file=sys.stderr)
     spec = Spec.model_validate(data)
@@ -298,6 +298,7 @@ def _plan_document(spec) -> dict:
 def export_checkpoint(checkpoint, out: Path) -> dict:
     """Write the llmc model folder (or run directory) `checkpoint` as a HF model folder; its config."""
     from llmc.compiler.hf import model_to_hf
+    from llmc.compiler.hf_chat import ChatTemplateError, conversation_template
 
     from .model.io import load_model, resolve_model_dir, tokenizer_file
 
@@ -306,7 +307,7 @@ def export_checkpoint(checkpoint, out: Path) -> dict:
     if (model_dir / "quantization.json").is_file():
         raise UserError(f"{checkpoint} is a quantized checkpoint (llmc quantize); export the checkpoint it was "
                         "quantized from")
-    model, _, tokenizer = load_model(checkpoint)
+    model, plan, tokenizer = load_model(checkpoint)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     dtypes = {t.dtype for t in state.values() if t.is_floating_point() and t.dim() > 1}
     dtype = str(dtypes.pop()).removeprefix("torch.") if len(dtypes) == 1 else "float32"
@@ -325,6 +326,11 @@ def export_checkpoint(checkpoint, out: Path) -> dict:
         if tokenizer_json is not None:
             shutil.copyfile(tokenizer_json, tmp / "tokenizer.json")
             tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", **token_names}
+            chat = ((plan["spec"].get("data") or {}).get("tokenizer") or {}).get("chat_template") or "chatml"
+            try:
+                tokenizer_config["chat_template"] = conversation_template(chat)
+            except ChatTemplateError as e:
+                print(f"warning: data.tokenizer.chat_template is not exported: {e}", file=sys.stderr)
             (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config) + "\n")
     return config
 
