@@ -130,8 +130,10 @@ def import_spec(imported: Imported, tokenizer: str | None = None,
     the model needs GPUs) and the tokenizer and chat template given; and a note on that choice."""
     run, note = default_run(imported.model)
     data = {"model": imported.model.model_dump(mode="json", exclude_none=True), **run}
-    tokenizer_table = {"path": tokenizer, "chat_template": chat_template if chat_template != "chatml" else None}
-    if tokenizer_table := {k: v for k, v in tokenizer_table.items() if v is not None}:
+    tokenizer_table = {"path": tokenizer} if tokenizer else {}
+    if chat_template and chat_template != "chatml":  # (ChatML is the default)
+        tokenizer_table["chat_template"] = chat_template
+    if tokenizer_table:
         data["data"] = {"tokenizer": tokenizer_table}
     Spec.model_validate(data)  # what we write must load
     return data, note
