@@ -116,6 +116,7 @@ def test_what_a_per_message_template_leaves_out_is_said():
     ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}"
      "{{ 'ASSISTANT:' }}{% endif %}", "its generation prompt is not the header of an assistant message"),
     ("{% for m in messages %}{{ m.content }}", "it is not valid jinja2 here"),
+    ("{{ messages | length / 0 }}", "rendering a probe conversation failed (division by zero)"),  # any error
 ])
 def test_a_template_that_is_not_one_message_at_a_time_is_refused_with_the_reason(hf_template, reason):
     with pytest.raises(ChatTemplateError, match=reason.replace("(", r"\(").replace(")", r"\)")):
