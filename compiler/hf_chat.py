@@ -144,7 +144,8 @@ def _message_parts(render, probe: list[dict]) -> dict[str, tuple[str, str]]:
     for n in range(1, len(probe) + 1):
         text = render(probe[:n])
         if not text.startswith(before):
-            raise ChatTemplateError(f"adding message {n} ({probe[n - 1]['role']}) changes how the ones before it render")
+            raise ChatTemplateError(f"adding message {n} ({probe[n - 1]['role']}) changes how the ones before "
+                                    "it render")
         block, before = text[len(before):], text
         role = probe[n - 1]["role"]
         if block.count(_PROBE[role]) != 1 or any(p in block for r, p in _PROBE.items() if r != role):
@@ -184,7 +185,8 @@ def conversation_template(template: str) -> str:
     """A HF chat template (a whole conversation, `add_generation_prompt` included) that renders a
     conversation as llmc's per-message `template` renders its messages one by one."""
     try:
-        compiled = jinja2.Environment(keep_trailing_newline=True).from_string(CHATML if template == "chatml" else template)
+        source = CHATML if template == "chatml" else template
+        compiled = jinja2.Environment(keep_trailing_newline=True).from_string(source)
     except jinja2.TemplateSyntaxError as e:
         raise ChatTemplateError(f"it is not valid jinja2 ({e.message}, line {e.lineno})") from None
     role, content = "\x00ROLE\x00", _PROBE["user"]

@@ -123,7 +123,8 @@ def test_a_template_that_is_not_one_message_at_a_time_is_refused_with_the_reason
         per_message_template(hf_template, EOS)
 
 
-@pytest.mark.parametrize("hf_template", [LLAMA3, QWEN2, DEEPSEEK, QUOTES], ids=["llama3", "chatml", "deepseek", "quotes"])
+@pytest.mark.parametrize("hf_template", [LLAMA3, QWEN2, DEEPSEEK, QUOTES],
+                         ids=["llama3", "chatml", "deepseek", "quotes"])
 def test_an_exported_template_renders_in_transformers_as_llmc_does(hf_template):
     template, _ = per_message_template(hf_template, EOS)
     exported = conversation_template(template)
@@ -141,7 +142,8 @@ def _hf_folder(path, chat_template: str):
     path.mkdir()
     tiny_config("llama").save_pretrained(path)
     write_tokenizer(path / "tokenizer.json")
-    (path / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": EOS}, "chat_template": chat_template}))
+    config = {"eos_token": {"content": EOS}, "chat_template": chat_template}
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
     return path
 
 

@@ -2,8 +2,9 @@
 
 Written by rank 0 as RUN_DIR/report.json and RUN_DIR/report.md at the end of a run. `steps`,
 `tokens` and `positions` are the run's (a resumed run's counted from step 0), `measured` what this
-process ran, `init_from` the model folder its weights started from (null: a fresh initialisation). `tokens` and `tokens_per_s` count the input tokens that are not padding (the last
-window of a shard is padded); `positions` and `padded_tokens_per_s` every position computed,
+process ran, `init_from` the model folder its weights started from (null: a fresh
+initialisation). `tokens` and `tokens_per_s` count the input tokens that are not padding (the
+last window of a shard is padded); `positions` and `padded_tokens_per_s` every position computed,
 global batch x seq_len a step, which MFU counts the FLOPs of.
 Peak memory is `torch.cuda.max_memory_allocated` on a GPU and the peak resident set size of the
 process on a CPU.
@@ -130,7 +131,8 @@ def write_report(run_dir: Path, plan: dict, clock: RunClock, val: dict | None, e
                 "peak_memory_bytes": mem, "peak_memory_kind": kind}
     predicted = _predictions(plan, env.world_size, tokens_per_step, fpt)
     report = {"name": spec["job"]["name"], "world_size": env.world_size, "plan_hash": plan.get("spec_hash"),
-              "init_from": spec["train"].get("init_from"), "steps": step, "tokens": data_tokens(run_dir, step, tokens_per_step),
+              "init_from": spec["train"].get("init_from"),
+              "steps": step, "tokens": data_tokens(run_dir, step, tokens_per_step),
               "positions": step * tokens_per_step, "flops_per_token": fpt, "measured": measured,
               "plan": {"tokens_per_s": predicted["tokens_per_s_value"], "step_time_s": predicted["step_time_value"],
                        "mfu": predicted["mfu_value"], "memory_bytes_per_device": predicted["memory_bytes"]},
