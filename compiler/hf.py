@@ -21,7 +21,7 @@ import pydantic
 import tomli_w
 
 from .errors import UserError
-from .hf_chat import llmc_template_for
+from .hf_chat import chat_template_of
 from .hf_export import export_family
 from .hf_families import FAMILIES, ConfigReader
 from .spec import ModelSpec, Spec
@@ -141,17 +141,6 @@ def import_spec(imported: Imported, tokenizer: str | None = None,
 
 def _has_weights(folder: Path | None) -> bool:
     return folder is not None and (any(folder.glob("*.safetensors")) or (folder / "model.safetensors.index.json").exists())
-
-
-def chat_template_of(folder: Path | None) -> str | None:
-    """llmc's chat template for the HF folder's (None: it has none, or one llmc cannot write per
-    message, which a note on stderr says)."""
-    if folder is None:
-        return None
-    template, note = llmc_template_for(folder)
-    if note:
-        print(f"note: {note}", file=sys.stderr)
-    return template
 
 
 def import_main(args) -> int:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from datetime import datetime
 from pathlib import Path
 
@@ -31,7 +32,8 @@ import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-CHATML = "<|im_start|>{{ role }}\n{{ content }}<|im_end|>\n"  # llmc's default, "chatml"
+from .spec.data import CHATML, chat_template_source
+
 _PROBE = {role: f"\x00{role.upper()}{i}\x00" for role, i in (("system", 0), ("user", 1), ("assistant", 2))}
 _ROLES = ("system", "user", "assistant")
 
@@ -125,13 +127,13 @@ def per_message_template(hf_template: str, eos_token: str = "") -> tuple[str, st
             raise with_system from None
     question = probe[1:2]
     header, footer = parts["user"]
-    alone = render(question)
+    alone, block = render(question), header + _PROBE["user"] + footer
     left_out = None if "system" in parts else "it has no system role: a system message renders as a user's"
-    if alone != header + _PROBE["user"] + footer:
-        if not alone.endswith(header + _PROBE["user"] + footer):
+    if alone != block:
+        if not alone.endswith(block):
             raise ChatTemplateError("a conversation without a system message renders differently")
         left_out = (f"the system message it adds to a conversation without one is not added "
-                    f"({alone.removesuffix(header + _PROBE['user'] + footer)!r})")
+                    f"({alone.removesuffix(block)!r})")
     if render(question, generation_prompt=True) != alone + parts["assistant"][0]:
         raise ChatTemplateError("its generation prompt is not the header of an assistant message")
     return _write(parts), left_out
@@ -154,10 +156,6 @@ def _message_parts(render, probe: list[dict]) -> dict[str, tuple[str, str]]:
         if parts.setdefault(role, (header, footer)) != (header, footer):
             raise ChatTemplateError(f"two {role} messages render differently: it depends on more than the message")
     return parts
-
-
-def _literal(text: str) -> str:
-    return "{{ " + repr(text) + " }}"
 
 
 def _write(parts: dict[str, tuple[str, str]]) -> str:
@@ -185,8 +183,7 @@ def conversation_template(template: str) -> str:
     """A HF chat template (a whole conversation, `add_generation_prompt` included) that renders a
     conversation as llmc's per-message `template` renders its messages one by one."""
     try:
-        source = CHATML if template == "chatml" else template
-        compiled = jinja2.Environment(keep_trailing_newline=True).from_string(source)
+        compiled = jinja2.Environment(keep_trailing_newline=True).from_string(chat_template_source(template))
     except jinja2.TemplateSyntaxError as e:
         raise ChatTemplateError(f"it is not valid jinja2 ({e.message}, line {e.lineno})") from None
     role, content = "\x00ROLE\x00", _PROBE["user"]
@@ -199,7 +196,7 @@ def conversation_template(template: str) -> str:
     other = _expression(compiled.render(role=role, content=content), fields)  # tool, ...: as the template says
     header = compiled.render(role="assistant", content=content).split(content)[0]
     return ("{% for message in messages %}" + branches + "{% else %}{{ " + other + " }}{% endif %}{% endfor %}"
-            "{% if add_generation_prompt %}" + _literal(header) + "{% endif %}")
+            "{% if add_generation_prompt %}{{ " + repr(header) + " }}{% endif %}")
 
 
 def _expression(text: str, fields: dict[str, str]) -> str:
@@ -214,14 +211,18 @@ def _expression(text: str, fields: dict[str, str]) -> str:
     return " ~ ".join(terms) or '""'
 
 
-def llmc_template_for(folder: Path) -> tuple[str | None, str | None]:
-    """(llmc's template for the HF folder's chat template, or None; a note for the user, or None)."""
-    hf_template = read_hf_chat_template(folder)
+def chat_template_of(folder: Path | None) -> str | None:
+    """llmc's template for the chat template of the HF folder: None when it has none, or one that
+    is not imported (a note on stderr says why, or what the imported one leaves out)."""
+    hf_template = read_hf_chat_template(folder) if folder is not None else None
     if hf_template is None:
-        return None, None
+        return None
     try:
         template, left_out = per_message_template(hf_template, _token(_tokenizer_config(folder).get("eos_token")))
     except ChatTemplateError as e:
-        return None, (f"the chat template of {folder} is not imported: {e}; SFT and chat use ChatML "
-                      "(data.tokenizer.chat_template)")
-    return template, left_out and f"the chat template of {folder}: {left_out}"
+        print(f"note: the chat template of {folder} is not imported: {e}; SFT and chat use ChatML "
+              "(data.tokenizer.chat_template)", file=sys.stderr)
+        return None
+    if left_out:
+        print(f"note: the chat template of {folder}: {left_out}", file=sys.stderr)
+    return template

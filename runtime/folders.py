@@ -159,6 +159,11 @@ def read_plan(model_dir) -> dict:
     return plan
 
 
+def plan_chat_template(plan: dict) -> str:
+    """The data.tokenizer.chat_template of a plan.json document ("chatml" where it has none)."""
+    return ((plan["spec"].get("data") or {}).get("tokenizer") or {}).get("chat_template") or "chatml"
+
+
 def init_folder(path) -> Path:
     """The model folder a run's `train.init_from` names: the folder itself, or a run directory's
     final model (RUN_DIR/model)."""

@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from llmc.compiler.errors import UserError
 from llmc.compiler.spec import ModelSpec
 
-from .folders import output_folder, staged_folder
+from .folders import output_folder, plan_chat_template, staged_folder
 from .hf_tables import DEEPSEEK_MTP_COPIES, IGNORED_HF, TABLES, Rule
 
 _FIELDS = {"i": r"(?P<i>\d+)", "k": r"(?P<k>\d+)", "p": r"(?P<p>weight|bias)"}
@@ -250,7 +250,8 @@ def convert_state(checkpoint: HFCheckpoint, adapter: Adapter, names: list[str]) 
 
 def import_checkpoint(folder: Path, out: Path, imported) -> None:
     """Convert the HF checkpoint in `folder` into the llmc model folder `out`."""
-    from llmc.compiler.hf import chat_template_of, import_spec
+    from llmc.compiler.hf import import_spec
+    from llmc.compiler.hf_chat import chat_template_of
     from llmc.compiler.spec import Spec
 
     from .data.tokenizer import load_tokenizer
@@ -326,9 +327,8 @@ def export_checkpoint(checkpoint, out: Path) -> dict:
         if tokenizer_json is not None:
             shutil.copyfile(tokenizer_json, tmp / "tokenizer.json")
             tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", **token_names}
-            chat = ((plan["spec"].get("data") or {}).get("tokenizer") or {}).get("chat_template") or "chatml"
             try:
-                tokenizer_config["chat_template"] = conversation_template(chat)
+                tokenizer_config["chat_template"] = conversation_template(plan_chat_template(plan))
             except ChatTemplateError as e:
                 print(f"warning: data.tokenizer.chat_template is not exported: {e}", file=sys.stderr)
             (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config) + "\n")

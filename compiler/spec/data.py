@@ -6,6 +6,13 @@ from pydantic import Field
 
 from .base import Table
 
+CHATML = "<|im_start|>{{ role }}\n{{ content }}<|im_end|>\n"  # what data.tokenizer.chat_template = "chatml" means
+
+
+def chat_template_source(template: str) -> str:
+    """The jinja2 source of a data.tokenizer.chat_template value ("chatml" or a template)."""
+    return CHATML if template == "chatml" else template
+
 
 class SourceSpec(Table):
     """One `[[data.sources]]` entry."""

@@ -10,10 +10,10 @@ System, user and tool messages contribute no loss at all.
 import jinja2
 from tokenizers import Tokenizer
 
+from ...compiler.spec.data import chat_template_source
 from .sources import DataError
 from .tokenizer import text_prefix
 
-CHATML = "<|im_start|>{{ role }}\n{{ content }}<|im_end|>\n"
 _PLACEHOLDER = "\x00CONTENT\x00"
 
 
@@ -21,7 +21,7 @@ class ChatTemplate:
     """A per-message jinja2 template, split once into header/footer around the content."""
 
     def __init__(self, template: str = "chatml"):
-        source = CHATML if template == "chatml" else template
+        source = chat_template_source(template)
         try:
             self._template = jinja2.Environment(keep_trailing_newline=True).from_string(source)
         except jinja2.TemplateSyntaxError as e:

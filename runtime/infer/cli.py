@@ -103,9 +103,9 @@ def generate_main(args) -> int:
 def chat_main(args) -> int:
     """An interactive loop: each line of stdin is a user turn; EOF (Ctrl-D) ends the chat."""
     from llmc.runtime.data.chat import ChatTemplate
+    from llmc.runtime.folders import plan_chat_template
     model, plan, tokenizer = _load(args.checkpoint, getattr(args, "dtype", None))
-    tokenizer_spec = (plan["spec"].get("data") or {}).get("tokenizer") or {}
-    template = ChatTemplate(tokenizer_spec.get("chat_template") or "chatml")
+    template = ChatTemplate(plan_chat_template(plan))
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                             stop_tokens=_stop_ids(tokenizer), seed=0)
     header, footer = template.parts("assistant")
