@@ -10,6 +10,7 @@ partial folder under the final name (which a re-run would then refuse). No torch
 preparation and its tokenizing workers import this module.
 """
 
+import copy
 import json
 import os
 import shutil
@@ -159,9 +160,38 @@ def read_plan(model_dir) -> dict:
     return plan
 
 
+def _given_chat_template(spec: dict) -> str | None:
+    """data.tokenizer.chat_template as a spec document gives it (None: absent)."""
+    return ((spec.get("data") or {}).get("tokenizer") or {}).get("chat_template")
+
+
+def run_chat_template(template: str | None, init_from: str | None) -> str:
+    """The chat template a run renders conversations with, found as its tokenizer is
+    (data/prepare.py: tokenizer_source): data.tokenizer.chat_template, else that of the model
+    folder the run starts from (train.init_from: the one `llmc import hf` carried over, or a
+    run's), else "chatml"."""
+    if template is not None:
+        return template
+    if init_from is not None:
+        try:
+            return _given_chat_template(read_plan(init_folder(init_from))["spec"]) or "chatml"
+        except (UserError, KeyError, AttributeError):  # (a folder a fresh run refuses: check_init_from says why)
+            pass
+    return "chatml"
+
+
 def plan_chat_template(plan: dict) -> str:
-    """The data.tokenizer.chat_template of a plan.json document ("chatml" where it has none)."""
-    return ((plan["spec"].get("data") or {}).get("tokenizer") or {}).get("chat_template") or "chatml"
+    """The chat template of a plan.json document's run (run_chat_template)."""
+    spec = plan["spec"]
+    return run_chat_template(_given_chat_template(spec), (spec.get("train") or {}).get("init_from"))
+
+
+def with_chat_template(plan: dict) -> dict:
+    """The plan with its run's chat template written out: a run's model folder renders chats as
+    the run did, without the folder it started from."""
+    plan = copy.deepcopy(plan)
+    plan["spec"].setdefault("data", {}).setdefault("tokenizer", {})["chat_template"] = plan_chat_template(plan)
+    return plan
 
 
 def init_folder(path) -> Path:

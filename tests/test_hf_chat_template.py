@@ -16,6 +16,7 @@ from llmc.compiler.hf_chat import (ChatTemplateError, conversation_template,  # 
                                    per_message_template)
 from llmc.compiler.spec import load_spec  # noqa: E402
 from llmc.runtime.data.chat import ChatTemplate  # noqa: E402
+from llmc.runtime.data.prepare import spec_chat_template  # noqa: E402
 
 # Meta-Llama-3-8B-Instruct's template, as its tokenizer_config.json has it
 LLAMA3 = ("{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
@@ -156,7 +157,7 @@ def test_import_writes_the_template_into_the_spec_or_says_why_not(tmp_path, caps
 
     folder = _hf_folder(tmp_path / "reasoning", REASONING)
     assert llmc(["import", "hf", str(folder), "-o", str(tmp_path / "reasoning.toml")]) == 0
-    assert load_spec(tmp_path / "reasoning.toml").data.tokenizer.chat_template == "chatml"
+    assert spec_chat_template(load_spec(tmp_path / "reasoning.toml")) == "chatml"
     err = capsys.readouterr().err
     assert f"note: the chat template of {folder} is not imported: adding message 4 (user) changes" in err
 

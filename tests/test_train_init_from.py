@@ -153,3 +153,69 @@ def _sets(tmp_path, path, sets):
                       f"train.init_from={path}", *sets]:
         out += ["--set", s]
     return out
+
+
+# ------------------------------------------------------------------ the folder's chat template
+BRACKETS = "[{{ role }}] {{ content }}\n"  # a folder's template (`llmc import hf` writes a model's into plan.json)
+
+
+def _sft_spec(tmp_path, init_from, *sets):
+    """An SFT spec that starts from `init_from` and does not name a chat template, on 16 one-turn chats."""
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    (tmp_path / "chat.jsonl").write_text((json.dumps({"messages": chat}) + "\n") * 16)
+    (tmp_path / "sft.toml").write_text(f'extends = "{REPO / "specs" / "tiny.toml"}"\n[train]\nobjective = "sft"\n'
+                                       f'init_from = "{init_from}"\n[data]\nval_fraction = 0.0\n'
+                                       'sources = [{ path = "chat.jsonl", format = "jsonl" }]\n')
+    from llmc.compiler.spec import load_spec
+    return load_spec(tmp_path / "sft.toml", SMALL + [f"data.cache_dir={tmp_path / 'cache'}", *sets])
+
+
+def _learned_text(prepared) -> str:
+    """What the loss trains on in the prepared data (the assistant turns), decoded."""
+    import numpy as np
+    from tokenizers import Tokenizer
+
+    from llmc.runtime.data.prepare import load_manifest
+    from llmc.runtime.data.shards import TokenShard
+    manifest = load_manifest(prepared)
+    shard = TokenShard(prepared / manifest["sources"][0]["train"]["name"], manifest["dtype"])
+    ids, mask = np.asarray(shard.tokens), np.asarray(shard.mask)
+    return Tokenizer.from_file(str(prepared / "tokenizer.json")).decode(ids[mask == 1].tolist())
+
+
+@pytest.fixture(scope="module")
+def templated(folder, tmp_path_factory):
+    """`folder` with BRACKETS as its chat template."""
+    import shutil
+    out = tmp_path_factory.mktemp("templated") / "folder"
+    shutil.copytree(folder, out)
+    plan = json.loads((out / "plan.json").read_text())
+    plan["spec"]["data"]["tokenizer"]["chat_template"] = BRACKETS
+    (out / "plan.json").write_text(json.dumps(plan))
+    return out
+
+
+def test_an_sft_run_renders_chats_with_its_folders_template_and_its_model_keeps_it(templated, tmp_path):
+    from llmc.runtime.data.prepare import prepared_dir
+    from llmc.runtime.folders import plan_chat_template
+    spec = _sft_spec(tmp_path, templated)
+    assert spec.data.tokenizer.chat_template is None  # (the spec names none)
+    result = llmc_train(tmp_path, "run", *FROZEN, spec=tmp_path / "sft.toml")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert _learned_text(prepared_dir(spec)) == "hello\n" * 16  # the folder's footer, not ChatML's <|im_end|>
+    model_plan = json.loads((tmp_path / "run" / "model" / "plan.json").read_text())
+    assert model_plan["spec"]["data"]["tokenizer"]["chat_template"] == BRACKETS  # written out: chat and export
+    assert plan_chat_template(model_plan) == BRACKETS                            # need not find the folder
+    run_plan = json.loads((tmp_path / "run" / "plan.json").read_text())          # a checkpoint's plan finds it there
+    assert run_plan["spec"]["data"]["tokenizer"]["chat_template"] is None and plan_chat_template(run_plan) == BRACKETS
+
+
+def test_a_template_the_spec_names_wins_over_the_folders(templated, tmp_path):
+    from llmc.runtime.data.prepare import prepare
+    spec = _sft_spec(tmp_path, templated, "data.tokenizer.chat_template=chatml")
+    assert _learned_text(prepare(spec)) == "hello<|im_end|>\n" * 16
+
+
+def test_a_folder_without_a_template_renders_chatml(folder, tmp_path):
+    from llmc.runtime.data.prepare import prepare
+    assert _learned_text(prepare(_sft_spec(tmp_path, folder))) == "hello<|im_end|>\n" * 16

@@ -14,9 +14,10 @@ SMALL = ["model.vocab_size=512", "model.d_model=64", "model.n_layers=2", "model.
          "train.schedule.warmup_steps=2", "train.eval_batches=2"]
 
 
-def train_args(tmp_path: Path, out: str, *sets: str, nproc: int | None = None, resume: bool = False) -> list[str]:
-    """The arguments of `llmc train specs/tiny.toml` with SMALL and `sets`, data cached under tmp_path."""
-    args = ["train", str(REPO / "specs" / "tiny.toml"), "--out", str(tmp_path / out),
+def train_args(tmp_path: Path, out: str, *sets: str, nproc: int | None = None, resume: bool = False,
+               spec: Path = REPO / "specs" / "tiny.toml") -> list[str]:
+    """The arguments of `llmc train SPEC` (specs/tiny.toml) with SMALL and `sets`, data cached under tmp_path."""
+    args = ["train", str(spec), "--out", str(tmp_path / out),
             "--set", f"data.cache_dir={tmp_path / 'cache'}"]
     for s in SMALL + list(sets):
         args += ["--set", s]
@@ -28,9 +29,10 @@ def train_args(tmp_path: Path, out: str, *sets: str, nproc: int | None = None, r
 
 
 def llmc_train(tmp_path: Path, out: str, *sets: str, nproc: int | None = None, resume: bool = False,
-               popen: bool = False, timeout: float = 300):
+               popen: bool = False, timeout: float = 300, spec: Path = REPO / "specs" / "tiny.toml"):
     """Run `llmc train` (train_args) in a subprocess."""
-    cmd = [sys.executable, "-m", "llmc.compiler.cli", *train_args(tmp_path, out, *sets, nproc=nproc, resume=resume)]
+    cmd = [sys.executable, "-m", "llmc.compiler.cli",
+           *train_args(tmp_path, out, *sets, nproc=nproc, resume=resume, spec=spec)]
     env = dict(os.environ, OMP_NUM_THREADS="1" if nproc and nproc > 1 else "2")
     if popen:
         return subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

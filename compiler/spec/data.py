@@ -33,9 +33,10 @@ class TokenizerSpec(Table):
                                                      "else train one on the sources.")
     vocab_size: int | None = Field(None, ge=256, description="Vocabulary of a trained tokenizer (tokens); "
                                                              "default model.vocab_size.")
-    chat_template: str = Field("chatml", description="Chat template of one message, for sft and chat: chatml, or "
-                                                     "a jinja2 string of role and content (`llmc import hf` of a "
-                                                     "folder writes the model's own).")
+    chat_template: str | None = Field(None, description="Chat template of one message, for sft and chat: chatml, "
+                                                            "or a jinja2 string of role and content (`llmc import hf` "
+                                                            "of a folder writes the model's own); absent = "
+                                                            "train.init_from's, else chatml.")
 
 
 def _some_source(sources):

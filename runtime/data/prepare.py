@@ -29,7 +29,7 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
 from ...compiler.errors import UserError
-from ..folders import init_folder, staged_folder
+from ..folders import init_folder, run_chat_template, staged_folder
 from .chat import ChatTemplate, render_chat
 from .shards import ShardWriter, split_tail, token_dtype
 from .sources import BadRecords, DataError, iter_documents, source_files
@@ -65,7 +65,7 @@ def fingerprint(spec) -> str:
            "tokenizer": {"path": str(tok_file) if tok_file else None,
                          "vocab_size": tok.vocab_size or spec.model.vocab_size,
                          "stat": [tok_file.stat().st_size, tok_file.stat().st_mtime_ns] if tok_file and tok_file.exists() else None,
-                         "chat_template": tok.chat_template if sft else None}}
+                         "chat_template": spec_chat_template(spec) if sft else None}}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
@@ -77,6 +77,11 @@ def tokenizer_source(spec) -> Path | None:
     if spec.train.init_from:
         return init_folder(spec.train.init_from) / "tokenizer.json"
     return None
+
+
+def spec_chat_template(spec) -> str:
+    """The chat template conversations are rendered with (folders.py: run_chat_template)."""
+    return run_chat_template(spec.data.tokenizer.chat_template, spec.train.init_from)
 
 
 def prepared_dir(spec) -> Path:
@@ -161,7 +166,8 @@ def _source_bytes(spec, source) -> int:
 def _write_prepared(spec, tmp: Path, fp: str, console: Console) -> None:
     """The tokenizer, the shards of every source and the manifest, into the folder `tmp`."""
     data, sft = spec.data, _is_sft(spec)
-    template = ChatTemplate(data.tokenizer.chat_template)
+    chat_template = spec_chat_template(spec)
+    template = ChatTemplate(chat_template)
 
     if (source := tokenizer_source(spec)) is not None:
         tok = load_tokenizer(source)
@@ -182,7 +188,7 @@ def _write_prepared(spec, tmp: Path, fp: str, console: Console) -> None:
                 "sources": []}
     ctx = multiprocessing.get_context("spawn")  # no fork after tokenizers/torch started threads
     columns = [TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn()]
-    with _worker_pool(ctx, tok.to_str(), data.tokenizer.chat_template) as pool, \
+    with _worker_pool(ctx, tok.to_str(), chat_template) as pool, \
             Progress(*columns, console=console, transient=True) as progress:
         for i, source in enumerate(data.sources):
             task = progress.add_task(f"tokenizing {source.path}", total=_source_bytes(spec, source))

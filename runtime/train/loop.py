@@ -20,7 +20,7 @@ from ...compiler.spec import Spec
 from ..allocator import keep_freed_memory
 from ..data.dataset import TrainData
 from ..data.prepare import prepare, prepared_dir
-from ..folders import check_init_from, init_folder, latest_checkpoint
+from ..folders import check_init_from, init_folder, latest_checkpoint, with_chat_template
 from .checkpoint import check_resumable, load_checkpoint, save_checkpoint
 from .distributed import DistEnv, all_reduce_sum, layout_of, parallelize, unwrap
 from ..parallel.data_parallel import micro_batch, zero_grad
@@ -311,8 +311,8 @@ class Trainer:
                  for k, v in full_state.items()}
         clean = build_model(self.spec, torch.device("cpu"), self.t.seed)
         clean.load_state_dict(state)
-        return save_model(clean, self.plan, self.run_dir / "model", tokenizer=self.prepared / "tokenizer.json",
-                          step=self.step)
+        return save_model(clean, with_chat_template(self.plan), self.run_dir / "model",
+                          tokenizer=self.prepared / "tokenizer.json", step=self.step)
 
 
 def train(plan: dict, run_dir: Path, env: DistEnv, resume: bool = False) -> dict:
