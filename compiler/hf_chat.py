@@ -14,8 +14,8 @@ turn only, ...) is reported, and the import keeps ChatML. What a per-message tem
 reported too, and left out: a default system message for a conversation without one, a system
 role for a template without it (a system message then renders as a user's). The BOS token is
 rendered as nothing: llmc begins every text with the tokenizer's own prefix
-(runtime/data/tokenizer.text_prefix). What the probe cannot see, such as a `| trim` of the
-content, is not carried over.
+(runtime/data/tokenizer.text_prefix). A template that trims the contents (Llama 3's `| trim`) is
+seen by a probe with whitespace around them, and llmc's then says `{{ content | trim }}`.
 
 `conversation_template` writes the opposite direction for `llmc export hf`.
 """
@@ -36,6 +36,7 @@ from .spec.data import CHATML, chat_template_source
 
 _PROBE = {role: f"\x00{role.upper()}{i}\x00" for role, i in (("system", 0), ("user", 1), ("assistant", 2))}
 _ROLES = ("system", "user", "assistant")
+_PAD = " \n{}\n "  # whitespace around a content, which a template that trims does not render
 
 
 class ChatTemplateError(ValueError):
@@ -122,21 +123,38 @@ def per_message_template(hf_template: str, eos_token: str = "") -> tuple[str, st
         parts = _message_parts(render, probe)
     except ChatTemplateError as with_system:  # e.g. Mistral's: user and assistant only
         try:
-            parts = _message_parts(render, probe[1:])
+            probe = probe[1:]
+            parts = _message_parts(render, probe)
         except ChatTemplateError:
             raise with_system from None
-    question = probe[1:2]
+    question = [probe[-2]]
     header, footer = parts["user"]
     alone, block = render(question), header + _PROBE["user"] + footer
-    left_out = None if "system" in parts else "it has no system role: a system message renders as a user's"
+    left_out = [] if "system" in parts else ["it has no system role: a system message renders as a user's"]
     if alone != block:
         if not alone.endswith(block):
             raise ChatTemplateError("a conversation without a system message renders differently")
-        left_out = (f"the system message it adds to a conversation without one is not added "
-                    f"({alone.removesuffix(block)!r})")
+        left_out.append(f"the system message it adds to a conversation without one is not added "
+                        f"({alone.removesuffix(block)!r})")
     if render(question, generation_prompt=True) != alone + parts["assistant"][0]:
         raise ChatTemplateError("its generation prompt is not the header of an assistant message")
-    return _write(parts), left_out
+    trims = _trims(render, probe)
+    if trims is None:
+        trims = False
+        left_out.append("it trims the whitespace around the content of some messages only (llmc's keeps it)")
+    return _write(parts, trims), "; ".join(left_out) or None
+
+
+def _trims(render, probe: list[dict]) -> bool | None:
+    """Whether the template trims the whitespace around every content (True), none (False), or
+    some only (None): the probe rendered with whitespace around its contents."""
+    plain = render(probe)
+    padded = render([dict(m, content=_PAD.format(m["content"])) for m in probe])
+    if padded == plain:
+        return True
+    for placeholder in _PROBE.values():
+        plain = plain.replace(placeholder, _PAD.format(placeholder))
+    return False if padded == plain else None
 
 
 def _message_parts(render, probe: list[dict]) -> dict[str, tuple[str, str]]:
@@ -158,22 +176,25 @@ def _message_parts(render, probe: list[dict]) -> dict[str, tuple[str, str]]:
     return parts
 
 
-def _write(parts: dict[str, tuple[str, str]]) -> str:
+def _write(parts: dict[str, tuple[str, str]], trims: bool) -> str:
     """The per-message template of these (header, footer)s: "chatml", one line with `{{ role }}` where
     the headers differ by the role's name only, else one branch per role (the user's for any other
-    role, such as tool; the user's for system when the template has no system role)."""
+    role, such as tool; the user's for system when the template has no system role); its content
+    `| trim`med when `trims`."""
+    field = "content | trim" if trims else "content"
     parts = {r: parts.get(r, parts["user"]) for r in _ROLES}
     by_role = {r: (h.replace(r, "\x00ROLE\x00", 1), f) for r, (h, f) in parts.items()}
     same_shape = len(set(by_role.values())) == 1 and "\x00ROLE\x00" in by_role["user"][0]
     plain = not any(c in h + f for h, f in parts.values() for c in "{}%#")
     if same_shape and plain:
         header, footer = by_role["user"]
-        template = header.replace("\x00ROLE\x00", "{{ role }}") + "{{ content }}" + footer
+        template = header.replace("\x00ROLE\x00", "{{ role }}") + "{{ " + field + " }}" + footer
         return "chatml" if template == CHATML else template
 
     def branch(role: str) -> str:
         header, footer = parts[role]
-        return "{{ " + _expression(header + _PROBE["user"] + footer, {_PROBE["user"]: "content"}) + " }}"
+        fields = {_PROBE["user"]: f"({field})" if trims else field}
+        return "{{ " + _expression(header + _PROBE["user"] + footer, fields) + " }}"
 
     return (f"{{% if role == 'system' %}}{branch('system')}{{% elif role == 'assistant' %}}{branch('assistant')}"
             f"{{% else %}}{branch('user')}{{% endif %}}")
@@ -189,11 +210,16 @@ def conversation_template(template: str) -> str:
     role, content = "\x00ROLE\x00", _PROBE["user"]
     if any(compiled.render(role=r, content=content).count(content) != 1 for r in (*_ROLES, role)):
         raise ChatTemplateError("it does not use {{ content }} exactly once")
-    fields = {role: "message['role']", content: "message['content']"}
-    branches = "".join(f"{{% {'if' if i == 0 else 'elif'} message['role'] == '{r}' %}}"
-                       f"{{{{ {_expression(compiled.render(role=r, content=content), fields)} }}}}"
+
+    def message(r: str) -> str:  # the expression of a message of role r (tool, ...: as the template says)
+        text = compiled.render(role=r, content=content)
+        trims = compiled.render(role=r, content=_PAD.format(content)) == text
+        fields = {role: "message['role']", content: "(message['content'] | trim)" if trims else "message['content']"}
+        return _expression(text, fields)
+
+    branches = "".join(f"{{% {'if' if i == 0 else 'elif'} message['role'] == '{r}' %}}{{{{ {message(r)} }}}}"
                        for i, r in enumerate(_ROLES))
-    other = _expression(compiled.render(role=role, content=content), fields)  # tool, ...: as the template says
+    other = message(role)
     header = compiled.render(role="assistant", content=content).split(content)[0]
     return ("{% for message in messages %}" + branches + "{% else %}{{ " + other + " }}{% endif %}{% endfor %}"
             "{% if add_generation_prompt %}{{ " + repr(header) + " }}{% endif %}")

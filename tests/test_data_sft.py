@@ -50,6 +50,19 @@ def test_custom_jinja_template(tok):
         ChatTemplate("{{ role }}").parts("user")
 
 
+def test_a_template_that_trims_the_content_trains_on_the_trimmed_content(tok):
+    """`{{ content | trim }}` (Llama 3's templates trim): the whitespace around a content is neither
+    in the text nor in the tokens, and the mask still covers exactly the reply and its footer."""
+    conversation = [{"role": "user", "content": "  What is 2+2?\n"}, {"role": "assistant", "content": "\n4. \n\n"}]
+    template = ChatTemplate("[{{ role }}] {{ content | trim }}\n")
+    assert template.render_text(conversation) == "[user] What is 2+2?\n[assistant] 4.\n"
+    ids, mask = render_chat(conversation, tok, template)
+    assert tok.decode(ids) == "[user] What is 2+2?\n[assistant] 4.\n"
+    assert tok.decode([i for i, m in zip(ids, mask) if m]) == "4.\n"
+    untrimmed = ChatTemplate("[{{ role }}] {{ content }}\n")  # (the control)
+    assert untrimmed.render_text(conversation) == "[user]   What is 2+2?\n\n[assistant] \n4. \n\n\n"
+
+
 def test_sft_shards_give_labels_only_on_assistant_tokens(tmp_path):
     conversations = [CONVERSATION, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]]
     (tmp_path / "chat.jsonl").write_text("".join(json.dumps({"messages": c}) + "\n" for c in conversations))

@@ -42,6 +42,8 @@ DEEPSEEK = ("{% set ns = namespace(system_prompt='') %}{%- for message in messag
             "{%- if message['role'] == 'user' %}{{'<｜User｜>' + message['content']}}{%- endif %}"
             "{%- if message['role'] == 'assistant' %}{{'<｜Assistant｜>' + message['content'] + '<｜end▁of▁sentence｜>'}}"
             "{%- endif %}{%- endfor %}{% if add_generation_prompt %}{{'<｜Assistant｜>'}}{% endif %}")
+# DeepSeek's with every content trimmed: a template of one branch per role that trims
+DEEPSEEK_TRIMMED = DEEPSEEK.replace("message['content']", "message['content'] | trim")
 # As Qwen3's does: the last assistant turn after the last question gets an (empty) reasoning block
 REASONING = ("{% for message in messages %}{% if message['role'] == 'assistant' and loop.last %}"
              "{{ '<|im_start|>assistant\n<think>\n\n</think>\n\n' + message['content'] + '<|im_end|>\n' }}"
@@ -55,8 +57,8 @@ EOS = "</s>"
 
 CONVERSATION = [
     {"role": "system", "content": "You answer in one line."},
-    {"role": "user", "content": "What is 2 + 2?\nShow it."},
-    {"role": "assistant", "content": "2 + 2 = 4."},
+    {"role": "user", "content": " What is 2 + 2?\nShow it.\n"},  # whitespace a template may trim (Llama 3's)
+    {"role": "assistant", "content": "2 + 2 = 4.\n\n"},
     {"role": "user", "content": "And {{ 3 }} + 3? 100% sure?"},  # jinja-looking text is content, not code
     {"role": "assistant", "content": "6, \"quoted\" and \\ escaped."},
 ]
@@ -78,12 +80,13 @@ def llmc_render(template: str, messages: list[dict], generation_prompt: bool = F
 
 
 @pytest.mark.parametrize("hf_template, expected", [
-    (LLAMA3, "<|start_header_id|>{{ role }}<|end_header_id|>\n\n{{ content }}<|eot_id|>"),
+    (LLAMA3, "<|start_header_id|>{{ role }}<|end_header_id|>\n\n{{ content | trim }}<|eot_id|>"),
     (QWEN2, "chatml"),
     (MISTRAL, None),
     (DEEPSEEK, None),
+    (DEEPSEEK_TRIMMED, None),
     (QUOTES, None),
-], ids=["llama3", "qwen2", "mistral", "deepseek", "quotes"])
+], ids=["llama3", "qwen2", "mistral", "deepseek", "deepseek-trimmed", "quotes"])
 def test_an_imported_template_renders_conversations_as_transformers_does(hf_template, expected):
     template, _ = per_message_template(hf_template, EOS)
     if expected is not None:  # the readable form where the headers differ only by the role's name
@@ -109,6 +112,13 @@ def test_what_a_per_message_template_leaves_out_is_said():
 
     assert per_message_template(LLAMA3, EOS)[1] is None
 
+    trims_replies = ("{% for m in messages %}{{ m['role'] + ': ' }}{% if m['role'] == 'assistant' %}"
+                     "{{ m['content'] | trim }}{% else %}{{ m['content'] }}{% endif %}{{ '\n' }}{% endfor %}"
+                     "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
+    template, left_out = per_message_template(trims_replies, EOS)
+    assert template == "{{ role }}: {{ content }}\n"
+    assert left_out == "it trims the whitespace around the content of some messages only (llmc's keeps it)"
+
 
 @pytest.mark.parametrize("hf_template, reason", [
     (REASONING, "adding message 4 (user) changes how the ones before it render"),
@@ -124,8 +134,8 @@ def test_a_template_that_is_not_one_message_at_a_time_is_refused_with_the_reason
         per_message_template(hf_template, EOS)
 
 
-@pytest.mark.parametrize("hf_template", [LLAMA3, QWEN2, DEEPSEEK, QUOTES],
-                         ids=["llama3", "chatml", "deepseek", "quotes"])
+@pytest.mark.parametrize("hf_template", [LLAMA3, QWEN2, DEEPSEEK, DEEPSEEK_TRIMMED, QUOTES],
+                         ids=["llama3", "chatml", "deepseek", "deepseek-trimmed", "quotes"])
 def test_an_exported_template_renders_in_transformers_as_llmc_does(hf_template):
     template, _ = per_message_template(hf_template, EOS)
     exported = conversation_template(template)

@@ -4,7 +4,9 @@ A template renders ONE message from `role` and `content` (jinja2). The default, 
 `<|im_start|>{{ role }}\\n{{ content }}<|im_end|>\\n`. Each message is rendered with a placeholder
 content to find where the content starts: the header before it is never trained; for assistant
 messages the content and everything after it (the `<|im_end|>` that teaches the model to stop) are.
-System, user and tool messages contribute no loss at all.
+System, user and tool messages contribute no loss at all. A template may trim the content
+(`{{ content | trim }}`, as Llama 3's do): the whitespace around it is then neither rendered nor
+tokenized.
 """
 
 import jinja2
@@ -15,6 +17,7 @@ from .sources import DataError
 from .tokenizer import text_prefix
 
 _PLACEHOLDER = "\x00CONTENT\x00"
+_PADDED = f" \n{_PLACEHOLDER}\n "  # (as the placeholder renders when the template trims it)
 
 
 class ChatTemplate:
@@ -27,6 +30,7 @@ class ChatTemplate:
         except jinja2.TemplateSyntaxError as e:
             raise DataError(f"data.tokenizer.chat_template: invalid jinja2 ({e.message}, line {e.lineno})") from None
         self._parts: dict[str, tuple[str, str]] = {}
+        self._trims: dict[str, bool] = {}
 
     def parts(self, role: str) -> tuple[str, str]:
         """(header, footer) of a message of this role."""
@@ -36,11 +40,17 @@ class ChatTemplate:
                 raise DataError("data.tokenizer.chat_template must use {{ content }} exactly once")
             header, footer = rendered.split(_PLACEHOLDER)
             self._parts[role] = (header, footer)
+            self._trims[role] = self._template.render(role=role, content=_PADDED) == rendered
         return self._parts[role]
+
+    def content(self, message: dict) -> str:
+        """The message's content as the template renders it: trimmed, where it says `| trim`."""
+        self.parts(message["role"])
+        return message["content"].strip() if self._trims[message["role"]] else message["content"]
 
     def render_text(self, messages: list[dict]) -> str:
         """The conversation as one string (for people and for generation prompts)."""
-        return "".join(h + m["content"] + f for m in messages for h, f in [self.parts(m["role"])])
+        return "".join(h + self.content(m) + f for m in messages for h, f in [self.parts(m["role"])])
 
 
 def render_chat(messages: list[dict], tok: Tokenizer, template: ChatTemplate,
@@ -53,7 +63,7 @@ def render_chat(messages: list[dict], tok: Tokenizer, template: ChatTemplate,
     for m in messages:
         header, footer = template.parts(m["role"])
         learn = 1 if m["role"] == "assistant" else 0
-        for text, flag in ((header, 0), (m["content"], learn), (footer, learn)):
+        for text, flag in ((header, 0), (template.content(m), learn), (footer, learn)):
             if text:
                 piece = tok.encode(text, add_special_tokens=False).ids
                 ids += piece

@@ -166,7 +166,7 @@ def _chat_prompt(messages, template, header, tokenizer, budget: int) -> list[int
     if frame >= budget:
         raise UserError(f"the chat template's markers alone take {counted(frame, 'token')}, and the prompt "
                         f"may have {budget} (the model's context less the reply's room)")
-    content = encode(message["content"])
+    content = encode(template.content(message))
     room = budget - frame
     print(f"note: your message ({counted(len(content), 'token')}) is longer than the {budget}-token prompt the "
           f"context leaves; the model sees only its last {counted(room, 'token')}", file=sys.stderr)
