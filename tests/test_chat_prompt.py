@@ -70,3 +70,16 @@ def test_a_message_longer_than_the_budget_keeps_its_end_and_the_template(tok, ca
 def test_a_budget_smaller_than_the_templates_markers_is_a_user_error(tok):
     with pytest.raises(UserError, match="markers alone take 5 tokens"):
         prompt(tok, [user(WORDS[:10])], 5)
+
+
+def test_a_prompt_begins_with_the_tokenizers_bos_cut_or_not(tok, capsys):
+    """A tokenizer whose template puts <s> before a text (Llama's) begins every prompt with it, the
+    one whose long last message keeps only its end too (the BOS counts against the budget)."""
+    from tokenizers import processors
+    tok.add_special_tokens(["<s>"])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    bos = ids(tok, "<s>")
+    assert prompt(tok, [user(WORDS[:3])], 100) == bos + framed(tok, WORDS[:3])
+    out = prompt(tok, [user(WORDS[:50])], 20)
+    assert out == bos + framed(tok, WORDS[36:50]) and len(out) == 20  # 1 + 2 + 14 + 1 + 2
+    assert "the model sees only its last 14 tokens" in capsys.readouterr().err

@@ -146,6 +146,34 @@ def test_an_exported_template_renders_in_transformers_as_llmc_does(hf_template):
     assert per_message_template(exported, EOS)[0] == template  # and it imports back as it was
 
 
+@pytest.mark.parametrize("hf_template", [MISTRAL, QWEN2], ids=["mistral", "chatml"])
+def test_the_tokens_before_each_reply_are_the_prompt_transformers_gives_at_inference(hf_template):
+    """SFT trains each reply after the tokens inference feeds the model before it: transformers'
+    apply_chat_template(tokenize=True, add_generation_prompt=True) of the conversation so far. With
+    a byte-level BPE that merges a space into the word after it, Mistral's `[INST] ` marker joins
+    the first word of the question (tokenized one piece at a time, the two would not)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from llmc.runtime.data.chat import render_chat
+    conversation = CONVERSATION[1:] if hf_template == MISTRAL else CONVERSATION
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=[EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator([hf_render(hf_template, conversation)] * 50, trainer=trainer)
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=EOS)
+    hf.chat_template = hf_template
+    ids, mask = render_chat(conversation, bpe, ChatTemplate(per_message_template(hf_template, EOS)[0]))
+    starts = [i for i in range(1, len(mask)) if mask[i] and not mask[i - 1]]  # where each reply begins
+    replies = [k for k, m in enumerate(conversation) if m["role"] == "assistant"]
+    assert len(starts) == len(replies) == 2
+    for start, k in zip(starts, replies):
+        prompt = hf.apply_chat_template(conversation[:k], tokenize=True, add_generation_prompt=True, bos_token="")
+        assert ids[:start] == list(getattr(prompt, "input_ids", prompt)), k
+    if hf_template == MISTRAL:  # (the case this is about: the marker's space is part of the question's first word)
+        assert bpe.token_to_id("ĠAnd") in ids
+
+
 def _hf_folder(path, chat_template: str):
     """A HF folder without weights: a tiny Llama's config.json, a tokenizer, its tokenizer_config.json."""
     from test_hf_config import tiny_config

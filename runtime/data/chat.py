@@ -53,19 +53,38 @@ class ChatTemplate:
         return "".join(h + self.content(m) + f for m in messages for h, f in [self.parts(m["role"])])
 
 
-def render_chat(messages: list[dict], tok: Tokenizer, template: ChatTemplate,
-                prefix: list[int] | None = None) -> tuple[list[int], list[int]]:
+def render_chat(messages: list[dict], tok: Tokenizer, template: ChatTemplate, prefix: list[int] | None = None,
+                generation_prompt: bool = False) -> tuple[list[int], list[int]]:
     """Token ids of a conversation and the loss mask (1 on assistant content and its footer). The
     conversation begins as the tokenizer begins a text (`prefix`, by default text_prefix(tok):
-    Llama's BOS; nothing for llmc's own), untrained."""
-    ids = list(text_prefix(tok) if prefix is None else prefix)
-    mask = [0] * len(ids)
+    Llama's BOS; nothing for llmc's own), untrained; `generation_prompt` ends it with the
+    assistant's header, as a prompt for a reply.
+
+    The text before a reply (the messages and the assistant's header) is tokenized as one string,
+    and each reply (its content and footer) as another: inference tokenizes a prompt whole and
+    generates the reply after it, so training sees the tokens inference does (a marker that ends
+    in a space, as Mistral's `[INST] `, joins the word after it)."""
+    runs: list[list] = []  # [text, learned]: the spans tokenized as one string each
+
+    def add(text: str, learned: int) -> None:
+        if runs and runs[-1][1] == learned:
+            runs[-1][0] += text
+        elif text:
+            runs.append([text, learned])
+
     for m in messages:
         header, footer = template.parts(m["role"])
-        learn = 1 if m["role"] == "assistant" else 0
-        for text, flag in ((header, 0), (template.content(m), learn), (footer, learn)):
-            if text:
-                piece = tok.encode(text, add_special_tokens=False).ids
-                ids += piece
-                mask += [flag] * len(piece)
+        if m["role"] == "assistant":
+            add(header, 0)
+            add(template.content(m) + footer, 1)
+        else:
+            add(header + template.content(m) + footer, 0)
+    if generation_prompt:
+        add(template.parts("assistant")[0], 0)
+    ids = list(text_prefix(tok) if prefix is None else prefix)
+    mask = [0] * len(ids)
+    for text, learned in runs:
+        piece = tok.encode(text, add_special_tokens=False).ids
+        ids += piece
+        mask += [learned] * len(piece)
     return ids, mask

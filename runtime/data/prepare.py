@@ -37,7 +37,8 @@ from .tokenizer import (check_unknown, check_vocab, load_tokenizer, special_ids,
                         unknown_token)
 from .wording import counted
 
-FORMAT_VERSION = 2  # 2: a document begins as its tokenizer begins a text (a BOS for Llama's)
+FORMAT_VERSION = 3  # 2: a document begins as its tokenizer begins a text (a BOS for Llama's); 3: SFT tokenizes
+#   the text before a reply as one string (runtime/data/chat.render_chat)
 WORKERS = 2
 _BATCH = 32
 

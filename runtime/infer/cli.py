@@ -147,6 +147,7 @@ def _chat_prompt(messages, template, header, tokenizer, budget: int) -> list[int
     by its template's markers: the oldest turns go first, and a last message too long on its own
     keeps the end of its content (said on stderr), never a cut header."""
     from llmc.runtime.data.chat import render_chat
+    from llmc.runtime.data.tokenizer import text_prefix
     from llmc.runtime.data.wording import counted
 
     def encode(text: str) -> list[int]:
@@ -154,7 +155,7 @@ def _chat_prompt(messages, template, header, tokenizer, budget: int) -> list[int
 
     reply_header = encode(header)
     while True:
-        ids = render_chat(messages, tokenizer, template)[0] + reply_header  # as SFT data is tokenized
+        ids = render_chat(messages, tokenizer, template, generation_prompt=True)[0]  # as SFT data is tokenized
         if len(ids) <= budget or len(messages) == 1:
             break
         messages[:] = messages[2:] if len(messages) > 2 else messages[1:]
@@ -162,6 +163,7 @@ def _chat_prompt(messages, template, header, tokenizer, budget: int) -> list[int
         return ids
     (message,) = messages
     head, foot = (encode(part) for part in template.parts(message["role"]))
+    head = text_prefix(tokenizer) + head  # (Llama's BOS)
     frame = len(head) + len(foot) + len(reply_header)
     if frame >= budget:
         raise UserError(f"the chat template's markers alone take {counted(frame, 'token')}, and the prompt "
