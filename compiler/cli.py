@@ -114,7 +114,7 @@ def _eval(p):
     p.add_argument("--json", action="store_true", help="print {loss, perplexity, tokens}")
 
 
-DTYPE_HELP = "compute dtype (default: as stored; fp32 for a quantized checkpoint)"
+DTYPE_HELP = "compute dtype (default: as stored; fp32 for fp16 weights and for a quantized checkpoint)"
 
 
 def _generate(p):

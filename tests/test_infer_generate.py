@@ -185,3 +185,21 @@ def test_chat_skips_a_line_that_is_not_utf8_and_goes_on(tmp_path):
     assert out.returncode == 0, err
     assert "Traceback" not in err and err.count("error:") == 1 and "not UTF-8" in err
     assert out.stdout.endswith(b"\n")   # the reply to "hello"
+
+
+def test_fp16_weights_compute_in_fp32_on_the_cpu_unless_told(tmp_path, capsys):
+    """A CPU multiplies fp16 many times slower than fp32 or bf16: a model stored in fp16 (an
+    imported fp16 checkpoint) generates in fp32 by default, the tokens of `--dtype fp32`, and says so."""
+    from llmc.runtime.infer.cli import _load
+    from llmc.runtime.model.io import load_model, save_model
+    model, plan, tok = load_model(checkpoint(tmp_path))
+    half = save_model(model.half(), plan, tmp_path / "half", tok)
+    run = ["generate", str(half), "--prompt", "def wrap(text", "--max-new-tokens", "8", "--json", "--temperature", "0"]
+    assert llmc(run) == 0
+    default = capsys.readouterr()
+    assert f"note: {half} is stored in fp16, which CPUs multiply slowly: computing in fp32" in default.err
+    assert llmc(run + ["--dtype", "fp32"]) == 0
+    explicit = capsys.readouterr()
+    assert json.loads(default.out)["text"] == json.loads(explicit.out)["text"] and "fp16" not in explicit.err
+    assert {p.dtype for p in _load(half)[0].parameters()} == {torch.float32}
+    assert {p.dtype for p in _load(half, "bf16")[0].parameters()} == {torch.bfloat16}

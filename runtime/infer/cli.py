@@ -24,8 +24,14 @@ def _threads(model) -> None:
 
 
 def _load(path, dtype=None):
+    """(model, plan, tokenizer) on the CPU, computing in `dtype` (None: as stored, but fp16 weights
+    in fp32: a CPU multiplies fp16 many times slower than either)."""
     keep_freed_memory()
     model, plan, tokenizer = load_for_inference(path, "cpu", dtype)
+    if dtype is None and any(p.dtype == torch.float16 for p in model.parameters()):
+        print(f"note: {path} is stored in fp16, which CPUs multiply slowly: computing in fp32 "
+              "(--dtype bf16 takes half the memory)", file=sys.stderr)
+        model.float()
     _threads(model)
     if tokenizer is None:
         raise UserError(f"{path} has no tokenizer.json; generation needs one to encode prompts")
