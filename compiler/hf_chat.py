@@ -200,9 +200,11 @@ def _write(parts: dict[str, tuple[str, str]], trims: bool) -> str:
             f"{{% else %}}{branch('user')}{{% endif %}}")
 
 
-def conversation_template(template: str) -> str:
+def conversation_template(template: str, bos: bool = False) -> str:
     """A HF chat template (a whole conversation, `add_generation_prompt` included) that renders a
-    conversation as llmc's per-message `template` renders its messages one by one."""
+    conversation as llmc's per-message `template` renders its messages one by one; `bos`: it begins
+    with the BOS token, as llmc begins a text for a tokenizer that puts one first (transformers
+    tokenizes a rendered conversation without adding it)."""
     try:
         compiled = jinja2.Environment(keep_trailing_newline=True).from_string(chat_template_source(template))
     except jinja2.TemplateSyntaxError as e:
@@ -221,7 +223,7 @@ def conversation_template(template: str) -> str:
                        for i, r in enumerate(_ROLES))
     other = message(role)
     header = compiled.render(role="assistant", content=content).split(content)[0]
-    return ("{% for message in messages %}" + branches + "{% else %}{{ " + other + " }}{% endif %}{% endfor %}"
+    return (("{{ bos_token }}" if bos else "") + "{% for message in messages %}" + branches + "{% else %}{{ " + other + " }}{% endif %}{% endfor %}"
             "{% if add_generation_prompt %}{{ " + repr(header) + " }}{% endif %}")
 
 

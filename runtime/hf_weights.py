@@ -301,6 +301,7 @@ def export_checkpoint(checkpoint, out: Path) -> dict:
     from llmc.compiler.hf import model_to_hf
     from llmc.compiler.hf_chat import ChatTemplateError, conversation_template
 
+    from .data.tokenizer import text_prefix
     from .model.io import load_model, resolve_model_dir, tokenizer_file
 
     model_dir = resolve_model_dir(checkpoint)
@@ -328,7 +329,9 @@ def export_checkpoint(checkpoint, out: Path) -> dict:
             shutil.copyfile(tokenizer_json, tmp / "tokenizer.json")
             tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", **token_names}
             try:
-                tokenizer_config["chat_template"] = conversation_template(plan_chat_template(plan))
+                bos = token_names.get("bos_token")
+                begins = bos is not None and text_prefix(tokenizer) == [tokenizer.token_to_id(bos)]
+                tokenizer_config["chat_template"] = conversation_template(plan_chat_template(plan), bos=begins)
             except ChatTemplateError as e:
                 print(f"warning: data.tokenizer.chat_template is not exported: {e}", file=sys.stderr)
             (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config) + "\n")

@@ -222,3 +222,33 @@ def test_a_checkpoint_import_carries_the_template_and_export_writes_it_back(tmp_
     hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
     assert hf_tokenizer.apply_chat_template(CONVERSATION[:2], tokenize=False, add_generation_prompt=True) == \
         llmc_render(template, CONVERSATION[:2], generation_prompt=True)
+
+
+def test_an_exported_template_begins_with_the_bos_a_llama_tokenizer_puts_first(tmp_path):
+    """A tokenizer whose template puts <s> before a text (Llama's): llmc begins every conversation
+    with it, and transformers tokenizes a rendered conversation without adding special tokens, so
+    the exported template renders the BOS itself: once, first, as the imported folder's does."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    from llmc.runtime.data.chat import render_chat
+    from test_hf_weights import VOCAB, hf_model
+    folder = tmp_path / "hf"
+    hf_model("llama").save_pretrained(folder)
+    specials = ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<s>"]  # (Llama 3's markers are tokens)
+    vocab = {f"w{i}": i for i in range(VOCAB - 4)} | {t: VOCAB - 4 + i for i, t in enumerate(specials)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(specials)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", VOCAB - 1)])
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "chat_template": LLAMA3}))
+    assert llmc(["import", "hf", str(folder), "-o", str(tmp_path / "ckpt") + "/"]) == 0
+    assert llmc(["export", "hf", str(tmp_path / "ckpt"), "-o", str(tmp_path / "out")]) == 0
+    template = per_message_template(LLAMA3)[0]
+    messages = [{"role": "user", "content": "w5 w6"}, {"role": "assistant", "content": "w7"}, {"role": "user", "content": "w8"}]
+    for hf_folder in (folder, tmp_path / "out"):  # the original template, and llmc's exported one
+        hf_tokenizer = transformers.AutoTokenizer.from_pretrained(hf_folder)
+        ids = hf_tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+        ids = list(getattr(ids, "input_ids", ids))
+        assert ids == render_chat(messages, tok, ChatTemplate(template), generation_prompt=True)[0], hf_folder
+        assert ids.count(VOCAB - 1) == 1 and ids[0] == VOCAB - 1
