@@ -32,11 +32,10 @@ import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from .spec.data import CHATML, chat_template_source
+from .spec.data import CHATML, PADDED, chat_template_source, trims_content
 
 _PROBE = {role: f"\x00{role.upper()}{i}\x00" for role, i in (("system", 0), ("user", 1), ("assistant", 2))}
 _ROLES = ("system", "user", "assistant")
-_PAD = " \n{}\n "  # whitespace around a content, which a template that trims does not render
 
 
 class ChatTemplateError(ValueError):
@@ -149,11 +148,11 @@ def _trims(render, probe: list[dict]) -> bool | None:
     """Whether the template trims the whitespace around every content (True), none (False), or
     some only (None): the probe rendered with whitespace around its contents."""
     plain = render(probe)
-    padded = render([dict(m, content=_PAD.format(m["content"])) for m in probe])
+    padded = render([dict(m, content=PADDED.format(m["content"])) for m in probe])
     if padded == plain:
         return True
     for placeholder in _PROBE.values():
-        plain = plain.replace(placeholder, _PAD.format(placeholder))
+        plain = plain.replace(placeholder, PADDED.format(placeholder))
     return False if padded == plain else None
 
 
@@ -214,17 +213,15 @@ def conversation_template(template: str, bos: bool = False) -> str:
         raise ChatTemplateError("it does not use {{ content }} exactly once")
 
     def message(r: str) -> str:  # the expression of a message of role r (tool, ...: as the template says)
-        text = compiled.render(role=r, content=content)
-        trims = compiled.render(role=r, content=_PAD.format(content)) == text
-        fields = {role: "message['role']", content: "(message['content'] | trim)" if trims else "message['content']"}
-        return _expression(text, fields)
+        field = "(message['content'] | trim)" if trims_content(compiled, r, content) else "message['content']"
+        return _expression(compiled.render(role=r, content=content), {role: "message['role']", content: field})
 
     branches = "".join(f"{{% {'if' if i == 0 else 'elif'} message['role'] == '{r}' %}}{{{{ {message(r)} }}}}"
                        for i, r in enumerate(_ROLES))
     other = message(role)
     header = compiled.render(role="assistant", content=content).split(content)[0]
-    return (("{{ bos_token }}" if bos else "") + "{% for message in messages %}" + branches + "{% else %}{{ " + other + " }}{% endif %}{% endfor %}"
-            "{% if add_generation_prompt %}{{ " + repr(header) + " }}{% endif %}")
+    return (("{{ bos_token }}" if bos else "") + "{% for message in messages %}" + branches + "{% else %}{{ "
+            + other + " }}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ " + repr(header) + " }}{% endif %}")
 
 
 def _expression(text: str, fields: dict[str, str]) -> str:

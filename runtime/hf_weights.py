@@ -328,9 +328,9 @@ def export_checkpoint(checkpoint, out: Path) -> dict:
         if tokenizer_json is not None:
             shutil.copyfile(tokenizer_json, tmp / "tokenizer.json")
             tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", **token_names}
+            bos = token_names.get("bos_token")
+            begins = bos is not None and text_prefix(tokenizer) == [tokenizer.token_to_id(bos)]  # (Llama's)
             try:
-                bos = token_names.get("bos_token")
-                begins = bos is not None and text_prefix(tokenizer) == [tokenizer.token_to_id(bos)]
                 tokenizer_config["chat_template"] = conversation_template(plan_chat_template(plan), bos=begins)
             except ChatTemplateError as e:
                 print(f"warning: data.tokenizer.chat_template is not exported: {e}", file=sys.stderr)

@@ -27,7 +27,7 @@ def ids(tok, *words):
 
 def prompt(tok, messages, budget):
     template = ChatTemplate("chatml")   # the project's default: <|im_start|>{{ role }}\n{{ content }}<|im_end|>\n
-    return _chat_prompt(messages, template, template.parts("assistant")[0], tok, budget)
+    return _chat_prompt(messages, template, tok, budget)
 
 
 def user(words):
@@ -77,8 +77,8 @@ def test_a_prompt_begins_with_the_tokenizers_bos_cut_or_not(tok, capsys):
     one whose long last message keeps only its end too (the BOS counts against the budget)."""
     from tokenizers import processors
     tok.add_special_tokens(["<s>"])
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
     bos = ids(tok, "<s>")
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos[0])])
     assert prompt(tok, [user(WORDS[:3])], 100) == bos + framed(tok, WORDS[:3])
     out = prompt(tok, [user(WORDS[:50])], 20)
     assert out == bos + framed(tok, WORDS[36:50]) and len(out) == 20  # 1 + 2 + 14 + 1 + 2

@@ -159,7 +159,8 @@ def test_the_tokens_before_each_reply_are_the_prompt_transformers_gives_at_infer
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=[EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=[EOS],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     bpe.train_from_iterator([hf_render(hf_template, conversation)] * 50, trainer=trainer)
     hf = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=EOS)
     hf.chat_template = hf_template
@@ -245,7 +246,8 @@ def test_an_exported_template_begins_with_the_bos_a_llama_tokenizer_puts_first(t
     assert llmc(["import", "hf", str(folder), "-o", str(tmp_path / "ckpt") + "/"]) == 0
     assert llmc(["export", "hf", str(tmp_path / "ckpt"), "-o", str(tmp_path / "out")]) == 0
     template = per_message_template(LLAMA3)[0]
-    messages = [{"role": "user", "content": "w5 w6"}, {"role": "assistant", "content": "w7"}, {"role": "user", "content": "w8"}]
+    messages = [{"role": "user", "content": "w5 w6"}, {"role": "assistant", "content": "w7"},
+                {"role": "user", "content": "w8"}]
     for hf_folder in (folder, tmp_path / "out"):  # the original template, and llmc's exported one
         hf_tokenizer = transformers.AutoTokenizer.from_pretrained(hf_folder)
         ids = hf_tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)

@@ -7,11 +7,19 @@ from pydantic import Field
 from .base import Table
 
 CHATML = "<|im_start|>{{ role }}\n{{ content }}<|im_end|>\n"  # what data.tokenizer.chat_template = "chatml" means
+PADDED = " \n{}\n "  # a content with whitespace around it, which a template that trims renders bare
 
 
 def chat_template_source(template: str) -> str:
     """The jinja2 source of a data.tokenizer.chat_template value ("chatml" or a template)."""
     return CHATML if template == "chatml" else template
+
+
+def trims_content(template, role: str, placeholder: str) -> bool:
+    """Whether a compiled (jinja2) per-message template trims the whitespace around the content of
+    a message of `role` (`{{ content | trim }}`): `placeholder` renders alike with whitespace around it."""
+    padded, bare = (template.render(role=role, content=c) for c in (PADDED.format(placeholder), placeholder))
+    return padded == bare
 
 
 class SourceSpec(Table):

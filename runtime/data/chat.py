@@ -12,12 +12,11 @@ tokenized.
 import jinja2
 from tokenizers import Tokenizer
 
-from ...compiler.spec.data import chat_template_source
+from ...compiler.spec.data import chat_template_source, trims_content
 from .sources import DataError
 from .tokenizer import text_prefix
 
 _PLACEHOLDER = "\x00CONTENT\x00"
-_PADDED = f" \n{_PLACEHOLDER}\n "  # (as the placeholder renders when the template trims it)
 
 
 class ChatTemplate:
@@ -40,7 +39,7 @@ class ChatTemplate:
                 raise DataError("data.tokenizer.chat_template must use {{ content }} exactly once")
             header, footer = rendered.split(_PLACEHOLDER)
             self._parts[role] = (header, footer)
-            self._trims[role] = self._template.render(role=role, content=_PADDED) == rendered
+            self._trims[role] = trims_content(self._template, role, _PLACEHOLDER)
         return self._parts[role]
 
     def content(self, message: dict) -> str:

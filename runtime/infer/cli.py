@@ -114,8 +114,7 @@ def chat_main(args) -> int:
     template = ChatTemplate(plan_chat_template(plan))
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                             stop_tokens=_stop_ids(tokenizer), seed=0)
-    header, footer = template.parts("assistant")
-    end_of_turn = footer.strip()
+    end_of_turn = template.parts("assistant")[1].strip()
     if end_of_turn:
         params.stop_strings = (end_of_turn,)
     messages: list[dict] = []
@@ -139,7 +138,7 @@ def chat_main(args) -> int:
         # The reply gets at most half the context, so the conversation always has the other half
         # (generate caps the reply at the room the prompt leaves).
         reply_room = min(params.max_new_tokens, model.cfg.max_seq_len // 2)
-        ids = _chat_prompt(messages, template, header, tokenizer, model.cfg.max_seq_len - reply_room)
+        ids = _chat_prompt(messages, template, tokenizer, model.cfg.max_seq_len - reply_room)
         params.seed += 1
         reply = generate(model, [ids], params, tokenizer,
                          on_text=lambda _, chunk: (sys.stdout.write(chunk), sys.stdout.flush()))[0]
@@ -148,7 +147,7 @@ def chat_main(args) -> int:
     return 0
 
 
-def _chat_prompt(messages, template, header, tokenizer, budget: int) -> list[int]:
+def _chat_prompt(messages, template, tokenizer, budget: int) -> list[int]:
     """The conversation plus the assistant header in at most `budget` tokens, every message framed
     by its template's markers: the oldest turns go first, and a last message too long on its own
     keeps the end of its content (said on stderr), never a cut header."""
@@ -159,7 +158,6 @@ def _chat_prompt(messages, template, header, tokenizer, budget: int) -> list[int
     def encode(text: str) -> list[int]:
         return tokenizer.encode(text, add_special_tokens=False).ids if text else []
 
-    reply_header = encode(header)
     while True:
         ids = render_chat(messages, tokenizer, template, generation_prompt=True)[0]  # as SFT data is tokenized
         if len(ids) <= budget or len(messages) == 1:
@@ -170,6 +168,7 @@ def _chat_prompt(messages, template, header, tokenizer, budget: int) -> list[int
     (message,) = messages
     head, foot = (encode(part) for part in template.parts(message["role"]))
     head = text_prefix(tokenizer) + head  # (Llama's BOS)
+    reply_header = encode(template.parts("assistant")[0])
     frame = len(head) + len(foot) + len(reply_header)
     if frame >= budget:
         raise UserError(f"the chat template's markers alone take {counted(frame, 'token')}, and the prompt "
