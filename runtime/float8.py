@@ -24,6 +24,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.utils.weak import WeakTensorKeyDictionary
 
+from .model.linear import Linear
 from .model.mlp import gated
 from .model.moe import GroupedExperts
 
@@ -154,7 +155,7 @@ def apply_float8(model: nn.Module) -> int:
     changed = 0
     for block in [*model.layers.values(), *(m.block for m in model.mtp)]:
         for name, module in block.named_modules():
-            if type(module) is nn.Linear and not name.endswith(WIDE_LAYERS) and ".indexer." not in name:
+            if type(module) in (nn.Linear, Linear) and not name.endswith(WIDE_LAYERS) and ".indexer." not in name:
                 module.__class__ = Float8Linear
             elif type(module) is GroupedExperts and module.b1 is None:
                 module.__class__ = Float8GroupedExperts

@@ -13,6 +13,7 @@ from torch import nn
 from llmc.compiler.spec import load_spec
 from llmc.runtime.float8 import Float8GroupedExperts, Float8Linear, apply_float8
 from llmc.runtime.model import Transformer
+from llmc.runtime.model.linear import Linear
 from llmc.runtime.model.moe import GroupedExperts
 
 from train_helpers import llmc_train, metrics
@@ -95,8 +96,8 @@ def test_apply_float8_converts_the_blocks_linear_layers_and_keeps_gates_head_and
     kinds = {name: type(m) for name, m in model.named_modules()}
     fp8 = [n for n, k in kinds.items() if k in (Float8Linear, Float8GroupedExperts)]
     assert changed == len(fp8) > 0
-    assert all(kinds[n] is nn.Linear for n in kinds if n.endswith("router.gate"))
-    assert kinds["head"] is nn.Linear and kinds["mtp.0.eh_proj"] is nn.Linear
+    assert all(kinds[n] is Linear for n in kinds if n.endswith("router.gate"))
+    assert kinds["head"] is Linear and kinds["mtp.0.eh_proj"] is Linear
     assert any(n.startswith("mtp.0.block.") for n in fp8)
     assert any(k is Float8GroupedExperts for k in kinds.values())
 

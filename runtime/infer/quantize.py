@@ -25,6 +25,8 @@ from torch.nn.utils import parametrize
 
 from llmc.compiler.errors import UserError
 
+from ..model.linear import Linear
+
 SCALE_DTYPE = torch.bfloat16
 SCALE_BYTES = 2
 
@@ -219,7 +221,7 @@ def quantize_model(model: nn.Module, cfg: QuantConfig, structure_only: bool = Fa
     structure_only: build empty quantized buffers (to load a quantized state dict into)."""
     for parent in list(model.modules()):
         for child_name, child in list(parent.named_children()):
-            if type(child) is nn.Linear:
+            if type(child) in (nn.Linear, Linear):
                 if structure_only:
                     q = QuantLinear(child.in_features, child.out_features, child.bias is not None, cfg,
                                     child.weight.dtype)

@@ -8,8 +8,9 @@
 
 Files: norm (RMSNorm, LayerNorm), rope (RoPE + linear/llama3/YaRN scaling), attention (MHA/GQA/MQA
 and the KV-cache hook), mla (DeepSeek MLA + absorbed cached decode), indexer (DSA top-k
-selection), mlp, moe (router, grouped experts, shared experts), mtp, transformer (Block,
-Transformer), components (component_of), io (the checkpoint folder).
+selection), linear (the linear layers: fp32 CPU products on oneDNN), mlp, moe (router, grouped
+experts, shared experts), mtp, transformer (Block, Transformer), components (component_of), io
+(the checkpoint folder).
 """
 
 from .components import COMPONENTS, component_of, count_by_component

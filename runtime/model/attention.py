@@ -1,6 +1,6 @@
 """Multi-head attention with grouped / multi-query key-value heads (MHA, GQA, MQA).
 
-q, k, v are separate nn.Linear layers (tensor parallel splits them by heads from outside);
+q, k, v are separate linear layers (tensor parallel splits them by heads from outside);
 attention itself is F.scaled_dot_product_attention.
 
 KV-cache hook (used by llmc.runtime.infer): `forward(x, cos, sin, cache=None, start_pos=0)`.
@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .linear import Linear
 from .norm import RMSNorm
 from .rope import apply_rope
 
@@ -117,10 +118,10 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.dim_per_head
         d, hd = cfg.d_model, self.head_dim
-        self.wq = nn.Linear(d, self.n_heads * hd, bias=cfg.qkv_bias)
-        self.wk = nn.Linear(d, self.n_kv_heads * hd, bias=cfg.qkv_bias)
-        self.wv = nn.Linear(d, self.n_kv_heads * hd, bias=cfg.qkv_bias)
-        self.wo = nn.Linear(self.n_heads * hd, d, bias=cfg.out_bias)
+        self.wq = Linear(d, self.n_heads * hd, bias=cfg.qkv_bias)
+        self.wk = Linear(d, self.n_kv_heads * hd, bias=cfg.qkv_bias)
+        self.wv = Linear(d, self.n_kv_heads * hd, bias=cfg.qkv_bias)
+        self.wo = Linear(self.n_heads * hd, d, bias=cfg.out_bias)
         # Qwen3: RMSNorm over each head's query and key, before RoPE
         self.q_norm = RMSNorm(hd, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(hd, cfg.norm_eps) if cfg.qk_norm else None

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .attention import causal_keep
+from .linear import Linear
 from .rope import apply_rope
 
 
@@ -31,10 +32,10 @@ class Indexer(nn.Module):
         self.n_heads, self.head_dim, self.topk = a.index_n_heads, a.index_head_dim, a.index_topk
         self.rope_dim = a.qk_rope_head_dim
         q_in = a.q_lora_rank if a.q_lora_rank else cfg.d_model
-        self.wq_b = nn.Linear(q_in, self.n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.d_model, self.head_dim, bias=False)
+        self.wq_b = Linear(q_in, self.n_heads * self.head_dim, bias=False)
+        self.wk = Linear(cfg.d_model, self.head_dim, bias=False)
         self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6)
-        self.weights_proj = nn.Linear(cfg.d_model, self.n_heads, bias=False)
+        self.weights_proj = Linear(cfg.d_model, self.n_heads, bias=False)
         self.scale = self.head_dim ** -0.5
         self.last_loss = None  # alignment loss of the last training forward (set by MLA)
 

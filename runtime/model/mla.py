@@ -26,6 +26,7 @@ from torch import nn
 
 from .attention import causal_attention, causal_keep
 from .indexer import Indexer, alignment_loss
+from .linear import Linear
 from .norm import build_norm
 from .rope import apply_rope, softmax_scale_factor
 
@@ -42,15 +43,15 @@ class MLA(nn.Module):
         self.qk_dim = self.nope_dim + self.rope_dim
         d, H = cfg.d_model, cfg.n_heads
         if self.q_lora_rank:
-            self.wq_a = nn.Linear(d, self.q_lora_rank, bias=False)
+            self.wq_a = Linear(d, self.q_lora_rank, bias=False)
             self.q_norm = build_norm(cfg.norm, self.q_lora_rank, cfg.norm_eps)
-            self.wq_b = nn.Linear(self.q_lora_rank, H * self.qk_dim, bias=False)
+            self.wq_b = Linear(self.q_lora_rank, H * self.qk_dim, bias=False)
         else:
-            self.wq = nn.Linear(d, H * self.qk_dim, bias=False)
-        self.wkv_a = nn.Linear(d, self.kv_lora_rank + self.rope_dim, bias=False)
+            self.wq = Linear(d, H * self.qk_dim, bias=False)
+        self.wkv_a = Linear(d, self.kv_lora_rank + self.rope_dim, bias=False)
         self.kv_norm = build_norm(cfg.norm, self.kv_lora_rank, cfg.norm_eps)
-        self.wkv_b = nn.Linear(self.kv_lora_rank, H * (self.nope_dim + self.v_dim), bias=False)
-        self.wo = nn.Linear(H * self.v_dim, d, bias=cfg.out_bias)
+        self.wkv_b = Linear(self.kv_lora_rank, H * (self.nope_dim + self.v_dim), bias=False)
+        self.wo = Linear(H * self.v_dim, d, bias=cfg.out_bias)
         self.scale = self.qk_dim ** -0.5 * softmax_scale_factor(cfg.rope)
         if a.sparse:
             self.indexer = Indexer(cfg)

@@ -4,6 +4,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .linear import Linear
+
 ACTIVATIONS = {
     "swiglu": F.silu,
     "silu": F.silu,
@@ -47,9 +49,9 @@ class MLP(nn.Module):
     def __init__(self, d_model: int, hidden: int, activation: str, bias: bool = False):
         super().__init__()
         self.activation, self.act = activation, ACTIVATIONS[activation]
-        self.w1 = nn.Linear(d_model, hidden, bias=bias)
-        self.w3 = nn.Linear(d_model, hidden, bias=bias) if activation in GATED else None
-        self.w2 = nn.Linear(hidden, d_model, bias=bias)
+        self.w1 = Linear(d_model, hidden, bias=bias)
+        self.w3 = Linear(d_model, hidden, bias=bias) if activation in GATED else None
+        self.w2 = Linear(hidden, d_model, bias=bias)
 
     def forward(self, x):
         h = gated(self.activation, self.w1(x), self.w3(x)) if self.w3 is not None else self.act(self.w1(x))

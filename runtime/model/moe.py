@@ -12,10 +12,10 @@ After each forward the MoE keeps `last_counts` (tokens per expert, LongTensor [E
 """
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..precision import Fp32Buffers
+from .linear import Linear, linear
 from .mlp import ACTIVATIONS, GATED, MLP, gated
 
 
@@ -30,7 +30,7 @@ class Router(Fp32Buffers, nn.Module):
         self.n_experts, self.top_k = m.n_experts, m.top_k
         self.score, self.norm_topk, self.routed_scaling = m.score, m.norm_topk, m.routed_scaling
         self.n_groups, self.topk_groups = m.n_groups, m.topk_groups
-        self.gate = nn.Linear(cfg.d_model, m.n_experts, bias=m.router_bias)
+        self.gate = Linear(cfg.d_model, m.n_experts, bias=m.router_bias)
         # DeepSeek-V3 aux-loss-free balancing: a bias that only steers the top-k choice; updated by
         # a rule (update_bias), not by gradients, so it is a buffer (saved in the state dict).
         if m.balance == "aux_free":
@@ -102,12 +102,12 @@ class GroupedExperts(nn.Module):
     def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert e's FFN on its tokens x [n, D]."""
         b = lambda p: None if p is None else p[e]  # noqa: E731
-        h = F.linear(x, self.w1[e], b(self.b1))
+        h = linear(x, self.w1[e], b(self.b1))
         if self.w3 is not None:
-            h = gated(self.activation, h, F.linear(x, self.w3[e], b(self.b3)))
+            h = gated(self.activation, h, linear(x, self.w3[e], b(self.b3)))
         else:
             h = self.act(h)
-        return F.linear(h, self.w2[e], b(self.b2))
+        return linear(h, self.w2[e], b(self.b2))
 
     def forward(self, x_sorted: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         """x_sorted [M, D], rows grouped by expert in id order; tokens_per_expert [E] sums to M."""
@@ -153,7 +153,7 @@ class MoE(nn.Module):
         self.router = Router(cfg)
         self.experts = GroupedExperts(m.n_experts, cfg.d_model, m.expert_hidden, cfg.activation, cfg.mlp_bias)
         self.shared = MLP(cfg.d_model, m.shared_hidden, cfg.activation, cfg.mlp_bias) if m.shared_hidden else None
-        self.shared_gate = nn.Linear(cfg.d_model, 1, bias=False) if m.shared_expert_gate else None
+        self.shared_gate = Linear(cfg.d_model, 1, bias=False) if m.shared_expert_gate else None
         self.last_counts = None
         self.last_aux_loss = None
 

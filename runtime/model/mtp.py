@@ -10,6 +10,7 @@ and head are the main model's (shared, not parameters of the module).
 import torch
 from torch import nn
 
+from .linear import Linear
 from .norm import build_norm
 
 
@@ -20,7 +21,7 @@ class MTPModule(nn.Module):
         self.depth = depth
         self.enorm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
         self.hnorm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
-        self.eh_proj = nn.Linear(2 * cfg.d_model, cfg.d_model, bias=False)
+        self.eh_proj = Linear(2 * cfg.d_model, cfg.d_model, bias=False)
         # the block sits after the main stack: block index n_layers + depth - 1 decides MoE or dense
         self.block = Block(cfg, cfg.n_layers + depth - 1)
         self.norm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps)

@@ -12,11 +12,11 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..precision import Fp32Buffers, autocast_stream_dtype, compute_dtype
 from .attention import Attention
+from .linear import Linear, linear
 from .loss import chunked_cross_entropy, cross_entropy
 from .mlp import MLP
 from .norm import build_norm
@@ -75,7 +75,7 @@ class Transformer(Fp32Buffers, nn.Module):
         self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.positions == "learned" else None
         self.layers = nn.ModuleDict({str(i): Block(cfg, i) for i in range(cfg.n_layers)})
         self.norm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
-        self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.head = None if cfg.tie_embeddings else Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.mtp.depth:
             from .mtp import MTPModule
             self.mtp = nn.ModuleList(MTPModule(cfg, k) for k in range(1, cfg.mtp.depth + 1))
@@ -196,7 +196,7 @@ class Transformer(Fp32Buffers, nn.Module):
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """The head (the embedding matrix when tied), shared by the MTP modules."""
-        return self.head(x) if self.head is not None else F.linear(x, self.embed.weight)
+        return self.head(x) if self.head is not None else linear(x, self.embed.weight)
 
     def _mtp_loss(self, h, tokens, labels, cos, sin):
         """DeepSeek-V3 MTP: depth k at position t reads token t+k and predicts token t+k+1."""
