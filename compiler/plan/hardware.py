@@ -61,8 +61,9 @@ CATALOG: dict[str, Accelerator] = {a.name: a for a in [
                 note="PCIe 4.0 x16, 10 GbE"),
     Accelerator("RTX4090-24GB", 24 * GiB, 165.2, 330.3, 32.0, 3.0, 8, peak_tflops_fp32=82.6,
                 note="PCIe 4.0 x16, 25 GbE"),
-    # A CPU "device" is one process on a host: peak is a rough AVX-512 bf16 figure; links are memory copies.
-    Accelerator("CPU", 24 * GiB, 1.0, None, 10.0, 1.0, 64, kind="cpu", vendor="", peak_tflops_fp32=0.25,
+    # A CPU "device" is one process on a host: peak is a rough AVX-512 bf16 figure, fp32 half of it (what
+    # oneDNN reaches, runtime/model/linear.py; MKL about half that on AMD); links are memory copies.
+    Accelerator("CPU", 24 * GiB, 1.0, None, 10.0, 1.0, 64, kind="cpu", vendor="",
                 note="one process on a host; rough figures"),
 ]}
 
