@@ -18,14 +18,17 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from llmc.runtime.model.linear import linear
+
 TOKENS, D_MODEL = 512, 512
 SHAPES = {"q, k, v": [512, 256, 256], "gate, up": [1536, 1536]}
 
 
 def forward_backward(x, weights):
-    """The products x W^T of each weight, then their backward (a gradient of ones into each)."""
+    """The products x W^T of each weight (as llmc's layers multiply: runtime/model/linear.py), then
+    their backward (a gradient of ones into each)."""
     def step():
-        outs = [x @ w.t() for w in weights]
+        outs = [linear(x, w) for w in weights]
         torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
         x.grad = None
         for w in weights:
