@@ -3,19 +3,23 @@
 PyTorch multiplies fp32 matrices on the CPU with MKL's sgemm. On an AMD CPU with AVX-512 (this
 project's test machine, an EPYC) MKL runs at about half the rate the cores reach:
 bench/bench_model_step.py measured 210 GFLOP/s for a 2048^3 product on 2 cores, where oneDNN
-(Intel's deep-learning library, which torch ships for its bf16 products) reaches 450-480, on every
-shape of the model's layers and their gradients, decode's single rows included. Both compute in
-fp32 (no reduced-precision accumulation: about 1e-6 relative error against fp64, like MKL's).
+(Intel's deep-learning library, which torch ships for its bf16 products) reaches 450-480. So it
+is for the model's products and their gradients: 512 training rows of any layer, or a row of a
+4096 x 4096 layer, take oneDNN 0.45x - 0.55x as long. Both compute in fp32 (no reduced-precision
+accumulation: about 1e-6 relative error against fp64, like MKL's).
 
-So `linear` sends an fp32 product on an x86 CPU to oneDNN's matmul
-(`torch.ops.mkldnn._linear_pointwise`, the kernel Inductor itself uses on CPUs), wrapped as the
-custom op `llmc::matmul_nt` with its own backward: the input gradient g @ W and the weight
+So `linear` sends an fp32 product on an x86 CPU of at least MIN_MACS multiply-adds to oneDNN's
+matmul (`torch.ops.mkldnn._linear_pointwise`, the kernel Inductor itself uses on CPUs), wrapped
+as the custom op `llmc::matmul_nt` with its own backward: the input gradient g @ W and the weight
 gradient g^T @ x are oneDNN products too, of transposed views (no copies). As a custom op it is
 one opaque call to torch.compile, which would otherwise lower the kernel only for frozen weights.
 
 Everything else is `F.linear` as before: CUDA, bf16 and fp16 (and fp32 under autocast, which casts
-to bf16 first), tensor subclasses (DTensor under tensor or expert parallelism, fp8 weights), and
-CPUs of other architectures.
+to bf16 first), tensor subclasses (DTensor under tensor or expert parallelism, fp8 weights), CPUs
+of other architectures, and small products. A oneDNN call costs some 15-25 us more than MKL's (its
+primitive's lookup, the custom op's dispatch), which a product below about 8M multiply-adds does
+not win back: decoding 2 sequences of bench/bench_generate.py's 9.9M-parameter model (2 rows x
+256 x 704) runs faster on MKL, while 8 rows x 256 x 8192 take oneDNN 0.65x as long.
 """
 
 import platform
@@ -28,6 +32,7 @@ from torch import nn
 ONEDNN = (platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
           and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 _PLAIN = (torch.Tensor, nn.Parameter)
+MIN_MACS = 1 << 23  # multiply-adds of a product worth oneDNN's call (see the module docstring)
 
 
 @torch.library.custom_op("llmc::matmul_nt", mutates_args=())
@@ -59,10 +64,11 @@ matmul_nt.register_autograd(_backward, setup_context=_save)
 
 
 def on_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether x @ weight.T runs on oneDNN here (see the module docstring)."""
+    """Whether x @ weight.T (x [..., K], weight [N, K]) runs on oneDNN here (see the module docstring)."""
     return (ONEDNN and x.dtype == torch.float32 and weight.dtype == torch.float32
             and x.device.type == "cpu" and weight.device.type == "cpu"
-            and type(x) in _PLAIN and type(weight) in _PLAIN and not torch.is_autocast_enabled("cpu"))
+            and type(x) in _PLAIN and type(weight) in _PLAIN and not torch.is_autocast_enabled("cpu")
+            and x.numel() * weight.shape[0] >= MIN_MACS)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
