@@ -19,6 +19,7 @@ each row's tokens equal transformers' greedy tokens.
 
 import argparse
 import copy
+import shutil
 import sys
 import tempfile
 import time
@@ -158,6 +159,7 @@ def main() -> int:
         target_path, draft_path = train_pair(workdir, args.draft_steps, args.target_steps, args.distill_steps)
     target, _, tok = load_for_inference(target_path, dtype=torch.float32)
     draft = load_for_inference(draft_path, dtype=torch.float32)[0]
+    shutil.rmtree(workdir / "hf", ignore_errors=True)  # the target's export, from an earlier run of this bench
     export_checkpoint(target_path, workdir / "hf")
     hf = AutoModelForCausalLM.from_pretrained(workdir / "hf", dtype=torch.float32).eval()
 
