@@ -3,8 +3,8 @@
 PyTorch multiplies fp32 matrices on the CPU with MKL's sgemm. On an AMD CPU with AVX-512 (this
 project's test machine, an EPYC) MKL runs at about half the rate the cores reach:
 bench/bench_model_step.py measured 210 GFLOP/s for a 2048^3 product on 2 cores, where oneDNN
-(Intel's deep-learning library, which torch ships for its bf16 products) reaches 450-480. So it
-is for the model's products and their gradients: 512 training rows of any layer, or a row of a
+(Intel's deep-learning library, which torch ships for its bf16 products) reaches 450-480. The
+model's products and their gradients gain as much: 512 training rows of any layer, or a row of a
 4096 x 4096 layer, take oneDNN 0.45x - 0.55x as long. Both compute in fp32 (no reduced-precision
 accumulation: about 1e-6 relative error against fp64, like MKL's).
 
