@@ -79,11 +79,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
-def product_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b.T for 2-D a and b, on oneDNN where `linear` would be (for code that does its own backward)."""
-    return matmul_nt(a, b) if on_onednn(a, b) else a @ b.T
-
-
 class Linear(nn.Linear):
     """nn.Linear (same parameters, state-dict names and initialisation) whose forward is `linear`."""
 

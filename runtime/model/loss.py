@@ -10,7 +10,7 @@ makes the logits of `chunk` tokens at a time, in the forward for the loss (keepi
 per token) and again in the backward for the gradient, which it writes into the head's input
 gradient and an fp32 weight gradient chunk by chunk. It keeps x and its log-sum-exps for one more
 forward of the head, and casts fp32 weights to the compute dtype for each chunk (the cast is
-small beside the chunk's matmul) rather than keep a copy; its products are `linear.product_nt`'s
+small beside the chunk's matmul) rather than keep a copy; its products are `linear.linear`'s
 (oneDNN for fp32 on x86 CPUs). The training runtime uses it under `train.recompute`
 (compiler/plan/activations.loss_chunk_tokens); the plan counts both (compiler/plan/memory.py).
 
@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .linear import product_nt
+from .linear import linear
 
 IGNORE = -100
 
@@ -92,7 +92,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         lse = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
         picked = torch.empty_like(lse)
         for rows in _chunks(x.shape[0], chunk):
-            logits = product_nt(x[rows], weight.to(x.dtype)).float()
+            logits = linear(x[rows], weight.to(x.dtype)).float()
             _log_sum_exp_and_target(logits, labels[rows], offset, lse[rows], picked[rows])
             del logits
         lse, picked = _over_the_vocabulary(lse, picked, group)
@@ -173,7 +173,7 @@ def _over_the_vocabulary(lse, picked, group):
 def _chunk_gradients(x, weight, y, offset: int, lse, grad_total, grad_w) -> torch.Tensor:
     """The chunk's input gradient (through weight's columns); its weight gradient added to grad_w (fp32)."""
     w = weight.to(x.dtype)
-    p = product_nt(x, w).float().sub_(lse[:, None]).exp_()  # softmax
+    p = linear(x, w).float().sub_(lse[:, None]).exp_()  # softmax
     p[_targets_here(y, offset, weight.shape[0])] -= 1.0  # minus the one-hot target (its indices then freed)
     p.mul_(((y != IGNORE) * grad_total)[:, None])
     g = p.to(x.dtype)
@@ -182,4 +182,4 @@ def _chunk_gradients(x, weight, y, offset: int, lse, grad_total, grad_w) -> torc
         grad_w.addmm_(g.T, x)
     else:  # one product per chunk in the compute dtype, summed in fp32
         grad_w += g.T @ x
-    return product_nt(g, w.t())
+    return linear(g, w.t())
